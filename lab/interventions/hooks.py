@@ -1,0 +1,179 @@
+"""Install a Plan as forward hooks inside a context manager; leaving it restores the model exactly.
+
+Block ablation replaces a block's output (what it adds to the residual stream). Head ablation and
+sparsification act on the input of the attention output projection, so its bias survives.
+Phase: a position is "generation" when it is at or after the prompt length. The prompt length is
+given, or taken from the first call of a sequence (cached generate: the prefill call).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from lab.errors import LabError
+from lab.interventions.plan import Plan
+from lab.models.anatomy import ADAPTERS, Anatomy
+
+Means = dict[tuple, torch.Tensor]
+
+
+class PhaseTracker:
+    """Knows the absolute positions of the current forward call and which are in the plan's phase."""
+
+    def __init__(self, phase: str, prompt_len: int | None = None):
+        self.phase = phase
+        self.prompt_len = prompt_len  # set by callers that run a teacher-forced forward
+        self._auto_len: int | None = None
+        self.positions: torch.Tensor | None = None
+
+    def pre_hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs["inputs_embeds"][..., 0]
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            start = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+            positions = torch.arange(start, start + ids.shape[-1], device=ids.device)[None]
+        if positions.dim() == 3:  # multimodal rope layouts: (3, B, T)
+            positions = positions[0]
+        if int(positions[0, 0]) == 0:
+            self._auto_len = ids.shape[-1]
+        self.positions = positions
+
+    def mask(self) -> torch.Tensor | None:
+        """(B|1, T) bool: positions the plan acts on now; None means every position."""
+        if self.phase == "both":
+            return None
+        prompt_len = self.prompt_len if self.prompt_len is not None else self._auto_len
+        generation = self.positions >= (prompt_len if prompt_len is not None else 0)
+        return generation if self.phase == "generation" else ~generation
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output, value):
+    return (value,) + tuple(output[1:]) if isinstance(output, tuple) else value
+
+
+def _where(mask: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return new
+    return torch.where(mask.to(old.device)[..., None], new, old)
+
+
+def _block_hook(tracker: PhaseTracker, mean: torch.Tensor | None):
+    def hook(module, args, output):
+        out = _first(output)
+        new = torch.zeros_like(out) if mean is None else mean.to(out.device, out.dtype).expand_as(out)
+        return _replace_first(output, _where(tracker.mask(), new, out))
+
+    return hook
+
+
+def _head_mix(x: torch.Tensor, keep: torch.Tensor, heads: int, mean: torch.Tensor | None) -> torch.Tensor:
+    """Keep heads where keep==1 in x (B, T, H*D); others become 0 or their mean. keep: (H,) or (B, T, H)."""
+    shape = x.shape
+    xh = x.reshape(*shape[:-1], heads, -1)
+    keep = keep.to(x.device, x.dtype)[..., None]
+    dropped = 0 if mean is None else mean.to(x.device, x.dtype).reshape(heads, -1) * (1 - keep)
+    return (xh * keep + dropped).reshape(shape)
+
+
+def _static_heads_prehook(tracker: PhaseTracker, heads: int, removed: set[int], mean):
+    keep = torch.ones(heads)
+    keep[sorted(removed)] = 0
+
+    def pre(module, args):
+        x = args[0]
+        return (_where(tracker.mask(), _head_mix(x, keep, heads, mean), x),) + tuple(args[1:])
+
+    return pre
+
+
+class _Sparsifier:
+    """Dynamic top-k heads per token from the attention probabilities (the paper's method)."""
+
+    def __init__(self, tracker: PhaseTracker, proj: torch.nn.Linear, heads: int, k: int, metric: str, mean):
+        self.tracker, self.proj, self.heads, self.k, self.metric, self.mean = tracker, proj, heads, k, metric, mean
+        self.stash: torch.Tensor | None = None
+        self.recomputing = False
+
+    def pre(self, module, args):
+        if not self.recomputing:
+            self.stash = args[0]
+
+    def post(self, module, args, output):
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None or weights.dim() != 4:
+            raise LabError("sparsification needs attention probabilities; load the model with eager attention")
+        w = weights.float()
+        score = (w * torch.log2(w + 1e-12)).sum(-1) if self.metric == "entropy" else w.norm(dim=-1)  # (B, H, T)
+        keep = torch.zeros_like(score)
+        if self.k > 0:
+            keep.scatter_(1, score.topk(self.k, dim=1).indices, 1.0)
+        keep = keep.transpose(1, 2)  # (B, T, H)
+        mask = self.tracker.mask()
+        if mask is not None:
+            keep = torch.where(mask.to(keep.device)[..., None], keep, torch.ones_like(keep))
+        x, self.stash = self.stash, None
+        self.recomputing = True  # call the projection itself so accelerate's offload hooks still apply
+        try:
+            new = self.proj(_head_mix(x, keep.to(x.device), self.heads, self.mean))
+        finally:
+            self.recomputing = False
+        return _replace_first(output, new.to(_first(output).dtype))
+
+
+def base_module(model: torch.nn.Module, anatomy: Anatomy) -> torch.nn.Module:
+    """The decoder stack's owner (model.model or model.backbone), which receives position_ids."""
+    return model.get_submodule(ADAPTERS[anatomy.architecture].layers.rsplit(".", 1)[0])
+
+
+@contextmanager
+def apply_plan(model: torch.nn.Module, anatomy: Anatomy, plan: Plan, means: Means | None = None,
+               prompt_len: int | None = None) -> Iterator[PhaseTracker]:
+    """Install `plan` on `model`; yields the PhaseTracker (set .prompt_len for teacher forcing)."""
+    plan.validate(anatomy)
+    if plan.mode == "mean" and means is None and not plan.is_empty:
+        raise LabError("mean ablation needs calibration means: compute them with lab.interventions.calibrate")
+    means = means or {}
+    tracker = PhaseTracker(plan.phase, prompt_len)
+    handles = []
+    previous_impl = None
+    try:
+        if plan.is_empty:
+            yield tracker
+            return
+        handles.append(base_module(model, anatomy).register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
+        for layer, heads in plan.heads_removed(anatomy).items():
+            block = anatomy.attention(layer)
+            pre = _static_heads_prehook(tracker, block.heads, heads, means.get(("heads", layer)))
+            handles.append(model.get_submodule(block.out_proj).register_forward_pre_hook(pre))
+        if plan.sparsify is not None:
+            if model.config._attn_implementation != "eager":
+                previous_impl = model.config._attn_implementation
+                model.set_attn_implementation("eager")
+            for layer, block in anatomy.blocks("attention"):
+                if plan.sparsify.k >= block.heads:
+                    continue
+                proj = model.get_submodule(block.out_proj)
+                sparsifier = _Sparsifier(tracker, proj, block.heads, plan.sparsify.k, plan.sparsify.metric,
+                                         means.get(("heads", layer)))
+                handles.append(proj.register_forward_pre_hook(sparsifier.pre))
+                handles.append(model.get_submodule(block.path).register_forward_hook(sparsifier.post))
+        for layer, kind in plan.blocks_off(anatomy):
+            block = anatomy.layers[layer].block(kind)
+            hook = _block_hook(tracker, means.get(("block", layer, kind)))
+            handles.append(model.get_submodule(block.path).register_forward_hook(hook))
+        yield tracker
+    finally:
+        for handle in handles:
+            handle.remove()
+        if previous_impl is not None:
+            model.set_attn_implementation(previous_impl)

@@ -1,0 +1,202 @@
+"""A Plan: what is switched off, kept or sparsified. Plain data that round-trips through TOML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from lab.errors import LabError
+from lab.models.anatomy import BLOCK_KINDS, Anatomy
+
+MODES = ("zero", "mean")
+PHASES = ("prefill", "generation", "both")
+METRICS = ("entropy", "l2")
+PLAN_KEYS = {"off", "heads_off", "kv_heads_off", "keep_heads", "sparsify", "mode", "phase"}
+
+
+@dataclass(frozen=True)
+class BlocksOff:
+    """Blocks of one kind switched off, in `layers` (None: every layer that has that kind)."""
+
+    kind: str
+    layers: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Sparsify:
+    """The paper's dynamic sparsification: per token and attention layer keep the k best heads."""
+
+    k: int
+    metric: str = "entropy"  # entropy: lowest-entropy rows kept; l2: highest L2 norm kept
+
+
+Head = tuple[int, int]  # (layer, query head)
+
+
+@dataclass(frozen=True)
+class Plan:
+    off: tuple[BlocksOff, ...] = ()
+    heads_off: tuple[Head, ...] = ()
+    keep_heads: tuple[Head, ...] | None = None  # static keep-set: every other head is off
+    sparsify: Sparsify | None = None
+    mode: str = "zero"
+    phase: str = "both"
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.off or self.heads_off or self.keep_heads is not None or self.sparsify)
+
+    # ---- resolution against a model -------------------------------------------------------
+    def validate(self, anatomy: Anatomy) -> Plan:
+        """Check every layer, head and kind against the model; return self or raise LabError."""
+        if self.mode not in MODES:
+            raise LabError(f"plan.mode: {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.phase not in PHASES:
+            raise LabError(f"plan.phase: {self.phase!r} is not one of {', '.join(PHASES)}")
+        for entry in self.off:
+            if entry.kind not in BLOCK_KINDS:
+                raise LabError(f"plan.off: kind {entry.kind!r} is not one of {', '.join(BLOCK_KINDS)}")
+            for layer in entry.layers or ():
+                if not 0 <= layer < anatomy.num_layers:
+                    raise LabError(f"plan.off: layer {layer} is out of range (0..{anatomy.num_layers - 1})")
+                if anatomy.layers[layer].block(entry.kind) is None:
+                    raise LabError(f"plan.off: layer {layer} has no {entry.kind} block")
+        for key, heads in (("heads_off", self.heads_off), ("keep_heads", self.keep_heads or ())):
+            for layer, head in heads:
+                block = _attention(anatomy, layer, key)
+                if not 0 <= head < block.heads:
+                    raise LabError(f"plan.{key}: head {head} is out of range for layer {layer} (0..{block.heads - 1})")
+        if self.sparsify is not None:
+            if self.sparsify.metric not in METRICS:
+                raise LabError(f"plan.sparsify.metric: {self.sparsify.metric!r} is not one of {', '.join(METRICS)}")
+            most = max((b.heads for _, b in anatomy.blocks("attention")), default=0)
+            if not 0 <= self.sparsify.k <= most:
+                raise LabError(f"plan.sparsify.k: {self.sparsify.k} is out of range (0..{most})")
+        return self
+
+    def blocks_off(self, anatomy: Anatomy) -> list[tuple[int, str]]:
+        """(layer, kind) of every block this plan switches off."""
+        result = []
+        for entry in self.off:
+            for layer, _ in anatomy.blocks(entry.kind):
+                if entry.layers is None or layer in entry.layers:
+                    result.append((layer, entry.kind))
+        return sorted(set(result))
+
+    def heads_removed(self, anatomy: Anatomy) -> dict[int, set[int]]:
+        """Statically removed query heads per attention layer (heads_off plus complement of keep_heads)."""
+        removed: dict[int, set[int]] = {}
+        for layer, head in self.heads_off:
+            removed.setdefault(layer, set()).add(head)
+        if self.keep_heads is not None:
+            keep = set(self.keep_heads)
+            for layer, block in anatomy.blocks("attention"):
+                gone = {h for h in range(block.heads) if (layer, h) not in keep}
+                if gone:
+                    removed.setdefault(layer, set()).update(gone)
+        return removed
+
+    def describe(self, anatomy: Anatomy) -> str:
+        """The plan in words, e.g. 'attention off in 8/8 layers, generation only'."""
+        parts = []
+        for kind in BLOCK_KINDS:
+            total = len(anatomy.blocks(kind))
+            n = sum(1 for _, k in self.blocks_off(anatomy) if k == kind)
+            if n:
+                parts.append(f"{kind} off in {n}/{total} layers")
+        removed = self.heads_removed(anatomy)
+        if removed:
+            n = sum(len(v) for v in removed.values())
+            parts.append(f"{n}/{anatomy.total_heads} heads off")
+        if self.sparsify:
+            parts.append(f"sparsify k={self.sparsify.k} by {self.sparsify.metric}")
+        if not parts:
+            return "base model (nothing switched off)"
+        if self.mode == "mean":
+            parts.append("mean-ablated")
+        phase = {"both": "", "prefill": "prefill only", "generation": "generation only"}[self.phase]
+        return ", ".join(parts + ([phase] if phase else []))
+
+    # ---- TOML ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data: dict = {"mode": self.mode, "phase": self.phase}
+        if self.off:
+            data["off"] = [{"kind": e.kind, **({"layers": list(e.layers)} if e.layers is not None else {})}
+                           for e in self.off]
+        if self.heads_off:
+            data["heads_off"] = [list(h) for h in self.heads_off]
+        if self.keep_heads is not None:
+            data["keep_heads"] = [list(h) for h in self.keep_heads]
+        if self.sparsify:
+            data["sparsify"] = {"k": self.sparsify.k, "metric": self.sparsify.metric}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, anatomy: Anatomy | None = None) -> Plan:
+        """Parse the [plan] table strictly (unknown keys are errors). `kv_heads_off` needs an anatomy."""
+        unknown = set(data) - PLAN_KEYS
+        if unknown:
+            raise LabError(f"plan: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(PLAN_KEYS))})")
+        off = []
+        for i, entry in enumerate(_list(data, "off")):
+            if not isinstance(entry, dict) or "kind" not in entry or set(entry) - {"kind", "layers"}:
+                raise LabError(f"plan.off[{i}]: expected {{kind = \"attention\", layers = [..]}} (layers optional)")
+            layers = entry.get("layers")
+            off.append(BlocksOff(str(entry["kind"]), None if layers is None else tuple(_ints(layers, "plan.off"))))
+        heads = [_head(h, "heads_off") for h in _list(data, "heads_off")]
+        if "kv_heads_off" in data:
+            if anatomy is None:
+                raise LabError("plan.kv_heads_off needs the model's anatomy")
+            for layer, group in (_head(h, "kv_heads_off") for h in _list(data, "kv_heads_off")):
+                heads.extend(kv_group_heads(anatomy, layer, group))
+        keep = data.get("keep_heads")
+        sparsify = data.get("sparsify")
+        if sparsify is not None:
+            if not isinstance(sparsify, dict) or "k" not in sparsify or set(sparsify) - {"k", "metric"}:
+                raise LabError("plan.sparsify: expected {k = N, metric = \"entropy\"|\"l2\"}")
+            sparsify = Sparsify(int(sparsify["k"]), str(sparsify.get("metric", "entropy")))
+        plan = cls(off=tuple(off), heads_off=tuple(dict.fromkeys(heads)),
+                   keep_heads=None if keep is None else tuple(_head(h, "keep_heads") for h in keep),
+                   sparsify=sparsify, mode=str(data.get("mode", "zero")), phase=str(data.get("phase", "both")))
+        return plan.validate(anatomy) if anatomy is not None else plan
+
+    def with_(self, **changes) -> Plan:
+        return replace(self, **changes)
+
+
+def kv_group_heads(anatomy: Anatomy, layer: int, group: int) -> list[Head]:
+    """The query heads that share KV head `group` in `layer` (GQA/MQA)."""
+    block = _attention(anatomy, layer, "kv_heads_off")
+    if not 0 <= group < block.kv_heads:
+        raise LabError(f"plan.kv_heads_off: KV head {group} is out of range for layer {layer} (0..{block.kv_heads - 1})")
+    size = block.heads // block.kv_heads
+    return [(layer, h) for h in range(group * size, (group + 1) * size)]
+
+
+def _attention(anatomy: Anatomy, layer: int, key: str):
+    try:
+        return anatomy.attention(layer)
+    except LabError as error:
+        raise LabError(f"plan.{key}: {error}") from None
+
+
+def _list(data: dict, key: str) -> list:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise LabError(f"plan.{key}: expected a list")
+    return value
+
+
+def _ints(values, key: str) -> list[int]:
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise LabError(f"{key}: expected a list of integers")
+    return values
+
+
+def _head(value, key: str) -> Head:
+    if not (isinstance(value, list) and len(value) == 2):
+        raise LabError(f"plan.{key}: expected [layer, head] pairs, got {value!r}")
+    layer, head = _ints(value, f"plan.{key}")
+    return (layer, head)
+
+
+__all__ = ["BlocksOff", "Head", "Plan", "Sparsify", "kv_group_heads", "MODES", "PHASES", "METRICS"]
