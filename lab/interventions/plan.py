@@ -132,7 +132,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict, anatomy: Anatomy | None = None) -> Plan:
-        """Parse the [plan] table strictly (unknown keys are errors). `kv_heads_off` needs an anatomy."""
+        """Parse the [plan] table strictly; with an anatomy also expand KV groups and check ranges."""
         unknown = set(data) - PLAN_KEYS
         if unknown:
             raise LabError(f"plan: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(PLAN_KEYS))})")
@@ -143,10 +143,8 @@ class Plan:
             layers = entry.get("layers")
             off.append(BlocksOff(str(entry["kind"]), None if layers is None else tuple(_ints(layers, "plan.off"))))
         heads = [_head(h, "heads_off") for h in _list(data, "heads_off")]
-        if "kv_heads_off" in data:
-            if anatomy is None:
-                raise LabError("plan.kv_heads_off needs the model's anatomy")
-            for layer, group in (_head(h, "kv_heads_off") for h in _list(data, "kv_heads_off")):
+        for layer, group in (_head(h, "kv_heads_off") for h in _list(data, "kv_heads_off")):
+            if anatomy is not None:  # without a model only the format can be checked
                 heads.extend(kv_group_heads(anatomy, layer, group))
         keep = data.get("keep_heads")
         sparsify = data.get("sparsify")

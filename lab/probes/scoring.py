@@ -1,0 +1,36 @@
+"""Scoring of needle outputs: exact containment, the paper's 0-5 score, RULER's fraction found."""
+
+from __future__ import annotations
+
+import re
+import string
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+# The paper's partial credit for its default needle (LongAlign fork): phrase -> points.
+PAPER_RUBRIC = (("eat a sandwich", 1.0), ("dolores park", 0.5), ("sit in dolores park", 0.5), ("on a sunny day", 1.0))
+
+
+def normalise(text: str) -> str:
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def exact(output: str, answer: str) -> float:
+    """1.0 if the normalised answer is contained in the normalised output."""
+    return float(bool(normalise(answer)) and normalise(answer) in normalise(output))
+
+
+def paper_score(output: str, answer: str, rubric=PAPER_RUBRIC) -> float:
+    """0..5: 5 if the whole needle is in the output, else the rubric's partial credit."""
+    if exact(output, answer):
+        return 5.0
+    clean = normalise(output)
+    return min(5.0, sum(points for phrase, points in rubric if phrase in clean))
+
+
+def fraction_found(output: str, values: list[str]) -> float:
+    """RULER's string_match_all: the fraction of expected values found (case-insensitive)."""
+    if not values:
+        return 0.0
+    low = output.lower()
+    return sum(v.lower() in low for v in values) / len(values)

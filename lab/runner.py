@@ -1,0 +1,145 @@
+"""One runner for the CLI and the console: drives a preset's probes under its plan, streams events.
+
+Every batch is written to the store before the next starts, so cancel, Ctrl-C or a dropped SSH
+link lose nothing already computed; running the same preset again resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from lab.errors import LabError
+from lab.interventions import Plan, apply_plan, calibrate
+from lab.models import Loaded, load
+from lab.presets import Preset
+from lab.probes import mmlu as mmlu_probe
+from lab.probes import needle as needle_probe
+from lab.probes.haystack import sentences
+from lab.store import Store
+from lab.summary import summarize
+
+
+@dataclass
+class Started:
+    run_id: int
+    total: int
+    skipped: int
+    plan: str
+
+
+@dataclass
+class Progress:
+    probe: str
+    rows: list[dict]
+    done: int
+    total: int
+    eta_s: float | None
+
+
+@dataclass
+class Finished:
+    run_id: int
+    status: str  # done | cancelled
+    summary: dict
+
+
+Event = Started | Progress | Finished
+
+
+def versions() -> dict:
+    import transformers
+
+    import lab
+
+    return {"lab": lab.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+            else platform.processor() or "cpu"}
+
+
+def _needle_jobs(loaded: Loaded, spec, done: set[str]):
+    builder = needle_probe.PromptBuilder(loaded.tokenizer, spec)
+    todo = [c for c in spec.cells() if needle_probe.trial_key(spec.task, *c) not in done]
+    for length in dict.fromkeys(n for n, _, _ in todo):
+        cells = [c for c in todo if c[0] == length]
+        for i in range(0, len(cells), spec.batch_size):
+            batch = cells[i:i + spec.batch_size]
+            yield len(batch), lambda tracker, batch=batch: needle_probe.run_batch(
+                loaded, spec, [builder.build(*c) for c in batch], tracker)
+
+
+def _mmlu_jobs(loaded: Loaded, spec, done: set[str]):
+    questions, dev = mmlu_probe.load_questions(spec)
+    scorer = mmlu_probe.Scorer(loaded.tokenizer, spec.shots)
+    items = [(q, scorer.ids(q, dev[q.subject])) for q in questions if q.key not in done]
+    items.sort(key=lambda item: -len(item[1]))  # longest first: out-of-memory shows up at once
+    for i in range(0, len(items), spec.batch_size):
+        batch = items[i:i + spec.batch_size]
+        yield len(batch), lambda tracker, batch=batch: mmlu_probe.run_batch(loaded, scorer, batch, tracker)
+
+
+def _count(preset: Preset, loaded: Loaded) -> int:
+    """Trials in the preset; also builds the shortest needle prompt so a bad length fails up front."""
+    total = 0
+    if preset.needle:
+        needle_probe.PromptBuilder(loaded.tokenizer, preset.needle).build(min(preset.needle.lengths), 0, 0)
+        total += len(preset.needle.cells())
+    if preset.mmlu:
+        total += len(mmlu_probe.load_questions(preset.mmlu)[0])
+    return total
+
+
+def _means(loaded: Loaded, plan: Plan):
+    if plan.mode != "mean" or plan.is_empty:
+        return None
+    stream = sentences(seed=12345)
+    text = " ".join(next(stream) for _ in range(400))
+    ids = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :1024]
+    return calibrate(loaded.model, loaded.anatomy, plan, [ids])
+
+
+def run(preset: Preset, store: Store, loaded: Loaded | None = None,
+        cancel: threading.Event | None = None) -> Iterator[Event]:
+    """Run every probe the preset names; yields Started, Progress per batch, then Finished."""
+    if preset.needle is None and preset.mmlu is None:
+        raise LabError("the preset names no probe: add a [needle] or [mmlu] table")
+    loaded = loaded or load(preset.model)
+    plan = preset.plan_for(loaded.anatomy)
+    total = _count(preset, loaded)
+    run_id = store.open_run(preset.fingerprint(), preset.name, preset.model.name, plan.to_dict(),
+                            preset.to_toml(), versions())
+    probes = [(name, spec, jobs) for name, spec, jobs in
+              (("needle", preset.needle, _needle_jobs), ("mmlu", preset.mmlu, _mmlu_jobs)) if spec is not None]
+    done_keys = {name: store.done_keys(run_id, name) for name, _, _ in probes}
+    done = sum(len(k) for k in done_keys.values())
+    yield Started(run_id, total, done, plan.describe(loaded.anatomy))
+    means = _means(loaded, plan)
+    status = "failed"
+    started, fresh = time.monotonic(), 0
+    try:
+        for name, spec, jobs in probes:
+            with apply_plan(loaded.model, loaded.anatomy, plan, means) as tracker:
+                for size, job in jobs(loaded, spec, done_keys[name]):
+                    if cancel is not None and cancel.is_set():
+                        status = "cancelled"
+                        break
+                    rows = job(tracker)
+                    store.add_trials(run_id, name, rows)
+                    done, fresh = done + size, fresh + size
+                    rate = (time.monotonic() - started) / fresh
+                    yield Progress(name, rows, done, total, rate * (total - done))
+            if status == "cancelled":
+                break
+        else:
+            status = "done"
+    except KeyboardInterrupt:
+        status = "cancelled"
+        raise
+    finally:
+        store.finish_run(run_id, status)
+    yield Finished(run_id, status, summarize(store.trials(run_id)))

@@ -1,0 +1,1 @@
+"""Builtin toy hybrids and the data they are trained and measured on."""
