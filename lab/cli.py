@@ -42,6 +42,115 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _store(args):
+    from lab.store import Store
+
+    return Store(args.db)
+
+
+def cmd_run(args) -> int:
+    from lab import presets
+    from lab.runner import Finished, Progress, Started, run
+    from lab.report import progress_bar, summary_tables
+
+    preset = presets.load(args.preset)
+    if args.model:
+        preset = preset.with_model(args.model)
+    store = _store(args)
+    quiet = args.json or not sys.stderr.isatty()
+    bar = None if quiet else progress_bar()
+    final = None
+    try:
+        for event in run(preset, store):
+            if isinstance(event, Started):
+                if bar is not None:
+                    bar.start()
+                    task = bar.add_task(event.plan, total=event.total, completed=event.skipped)
+                elif not args.json:
+                    print(f"run {event.run_id}: {event.plan}; {event.skipped}/{event.total} trials already done",
+                          file=sys.stderr)
+            elif isinstance(event, Progress) and bar is not None:
+                bar.update(task, completed=event.done)
+            elif isinstance(event, Finished):
+                final = event
+    finally:
+        if bar is not None:
+            bar.stop()
+    if args.json:
+        print(json.dumps(final.summary, indent=1))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        console.print(f"run {final.run_id} ({final.status}), results in {store.path}")
+        for table in summary_tables(final.summary):
+            console.print(table)
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from rich.console import Console
+
+    from lab.report import runs_table
+
+    runs = _store(args).runs()
+    if args.json:
+        print(json.dumps(runs, indent=1))
+    else:
+        Console().print(runs_table(runs))
+    return 0
+
+
+def cmd_export(args) -> int:
+    import csv
+
+    store = _store(args)
+    run = store.run(args.run)
+    rows = store.trials(args.run)
+    if args.format == "json":
+        from lab.summary import summarize
+
+        json.dump({"run": {k: run[k] for k in ("id", "name", "model", "status", "started", "finished")},
+                   "plan": json.loads(run["plan"]), "summary": summarize(rows), "trials": rows}, sys.stdout, indent=1)
+        print()
+    else:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+    return 0
+
+
+def cmd_heads(args) -> int:
+    from lab import presets
+    from lab.interventions import Plan
+    from lab.models import load
+    from lab.probes.heads import head_scores, keep_set, ranking
+    from lab.probes.needle import NeedleSpec
+    from lab.report import heads_table
+
+    loaded = load(_spec(args))
+    spec = NeedleSpec(task=args.task, lengths=tuple(args.lengths), depths=tuple(args.depths), trials=args.trials,
+                      max_new_tokens=args.max_new_tokens)
+    ranked = ranking(head_scores(loaded, spec), args.score)
+    keep = keep_set(ranked, float(args.keep.rstrip("%")) / 100) if args.keep else []
+    if args.json:
+        print(json.dumps({"score": args.score, "ranking": [{"layer": l, "head": h, "value": v} for (l, h), v in ranked],
+                          "keep": [list(k) for k in keep]}))
+    else:
+        from rich.console import Console
+
+        Console().print(heads_table(ranked, args.score, set(keep), args.top))
+    if args.write:
+        if not keep:
+            raise LabError("--write needs --keep to choose the heads")
+        base = presets.Preset(name=f"{args.model}: keep {args.keep} of heads by {args.score}", model=_spec(args))
+        path = presets.save(base.with_plan(Plan(keep_heads=tuple(keep))), args.write)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lab", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -50,6 +159,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--pretty", action="store_true", help="indent the JSON")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run", help="run a preset headless: probes, results database, summary")
+    p.add_argument("preset", help="a .toml file or a name from presets/")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--model", help="override the preset's model")
+    p.add_argument("--db", help="results database (default: $LAB_DB or ~/.local/share/lab/results.sqlite)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("runs", help="list runs in the results database")
+    p.add_argument("--db")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("export", help="export one run's trials")
+    p.add_argument("run", type=int)
+    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.add_argument("--db")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("heads", help="score attention heads on needle prompts and rank them")
+    _model_args(p)
+    p.add_argument("--score", default="retrieval", help="retrieval, entropy or needle_mass")
+    p.add_argument("--keep", help="percentage of heads to keep, e.g. 15%%")
+    p.add_argument("--write", help="write a preset whose plan keeps those heads")
+    p.add_argument("--task", default="passkey")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512])
+    p.add_argument("--depths", type=float, nargs="+", default=[10, 50, 90])
+    p.add_argument("--trials", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--top", type=int, default=30, help="rows to print")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_heads)
     return parser
 
 
@@ -67,3 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lab: interrupted; results written so far are kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0

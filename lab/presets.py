@@ -33,6 +33,9 @@ class Preset:
     def plan_for(self, anatomy: Anatomy) -> Plan:
         return Plan.from_dict(self.plan, anatomy)
 
+    def with_model(self, name: str) -> Preset:
+        return replace(self, model=replace(self.model, name=name))
+
     def with_plan(self, plan: Plan) -> Preset:
         return replace(self, plan=plan.to_dict())
 

@@ -79,6 +79,7 @@ class Trial:
     answer: str  # text expected right after the prompt
     values: list[str]  # what must appear in the output
     needle_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of the real needle
+    contexts: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each context copy
 
 
 def trial_key(task: str, length: int, depth: float, index: int) -> str:
@@ -160,12 +161,13 @@ class PromptBuilder:
                            f"(needs at least {fixed + copies * needle_tokens} tokens)")
         hay, bounds = self._haystack(budget + spare, rng)
         context = self._insert(hay[:budget], [b for b in bounds if b <= budget], needles, depth, rng)
-        ids, spans = list(self.bos), []
+        ids, spans, contexts = list(self.bos), [], []
         for piece in pieces:
             if piece is CTX:
                 offset = len(ids)
                 ids += context[0]
                 spans += [(offset + s, offset + e) for s, e in context[1]]
+                contexts.append((offset, len(ids)))
             else:
                 ids += self.encode(piece)
         if spare:  # odd leftover from splitting the budget between JRT copies: pad the first context
@@ -173,9 +175,11 @@ class PromptBuilder:
             at = len(self.bos) + sum(len(self.encode(p)) for p in pieces[:first])
             ids[at:at] = hay[budget:budget + spare]
             spans = [(s + spare, e + spare) for s, e in spans]
+            contexts = [(contexts[0][0], contexts[0][1] + spare)] + [(s + spare, e + spare) for s, e in contexts[1:]]
         assert len(ids) == length, (len(ids), length)
         values = [answer.strip()] if spec.task in ("sentence", "passkey", "multikey") else answer.strip().split(", ")
-        return Trial(trial_key(spec.task, length, depth, index), length, depth, index, ids, answer, values, spans)
+        return Trial(trial_key(spec.task, length, depth, index), length, depth, index, ids, answer, values, spans,
+                     contexts)
 
     def _haystack(self, budget: int, rng: random.Random) -> tuple[list[int], list[int]]:
         ids, bounds = [], [0]

@@ -1,0 +1,168 @@
+import json
+import threading
+
+import pytest
+
+from lab import presets
+from lab.cli import main
+from lab.errors import LabError
+from lab.interventions import BlocksOff, Plan, Sparsify
+from lab.runner import Finished, Progress, Started, run
+from lab.store import Store
+
+from conftest import tiny
+
+PRESET = """
+name = "demo"
+[model]
+name = "random:jamba"
+[plan]
+off = [{kind = "attention"}]
+phase = "generation"
+[needle]
+task = "passkey"
+lengths = [300, 400]
+depths = [0, 50, 100]
+max_new_tokens = 6
+batch_size = 2
+[mmlu]
+limit = 2
+shots = 1
+"""
+
+
+def test_plan_roundtrips_through_toml():
+    plan = Plan(off=(BlocksOff("attention"), BlocksOff("ssm", (0, 3))), heads_off=((2, 1),), keep_heads=((2, 0),),
+                sparsify=Sparsify(1, "l2"), mode="mean", phase="prefill")
+    preset = presets.Preset(name="x").with_plan(plan)
+    again = presets.parse(preset.to_toml())
+    assert again.plan_for(tiny("jamba").anatomy) == plan
+    assert again == preset
+
+
+def test_preset_roundtrips():
+    preset = presets.parse(PRESET)
+    assert presets.parse(preset.to_toml()) == preset
+    assert preset.needle.lengths == (300, 400) and preset.mmlu.shots == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ("nmae = 'x'", "unknown preset key 'nmae'"),
+    ("[model]\nnmae = 'x'", r"\[model\]: unknown key 'nmae'"),
+    ("[plan]\nof = []", "plan: unknown key 'of'"),
+    ("[needle]\ntask = 'haystack'", "needle.task"),
+    ("[needle]\nlengths = 5", "needle.lengths: expected a list"),
+    ("[plan]\nheads_off = [[1]]", "expected \\[layer, head\\] pairs"),
+    ("[plan\n", "malformed TOML"),
+    ("[mmlu]\nshots = 9", "mmlu.shots"),
+])
+def test_bad_presets_name_the_key(text, message):
+    with pytest.raises(LabError, match=message):
+        presets.parse(text)
+
+
+@pytest.mark.parametrize("plan, message", [
+    ({"off": [{"kind": "attention", "layers": [7]}]}, "layer 7 is out of range"),
+    ({"off": [{"kind": "attention", "layers": [0]}]}, "layer 0 has no attention"),
+    ({"heads_off": [[2, 9]]}, "head 9 is out of range"),
+    ({"heads_off": [[1, 0]]}, "layer 1 has no attention heads"),
+    ({"sparsify": {"k": 5}}, "sparsify.k: 5 is out of range"),
+    ({"phase": "decode"}, "plan.phase"),
+])
+def test_plans_out_of_range(plan, message):
+    with pytest.raises(LabError, match=message):
+        Plan.from_dict(plan, tiny("jamba").anatomy)
+
+
+def _run(preset, store, **kwargs):
+    return list(run(preset, store, loaded=tiny("jamba"), **kwargs))
+
+
+def test_run_streams_and_resumes(tmp_path):
+    store = Store(tmp_path / "r.sqlite")
+    preset = presets.parse(PRESET)
+    events = _run(preset, store)
+    assert isinstance(events[0], Started) and events[0].skipped == 0 and events[0].total == 6 + 8
+    assert isinstance(events[-1], Finished) and events[-1].status == "done"
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert progress[-1].done == 14 and all(e.eta_s is not None for e in progress)
+    summary = events[-1].summary
+    assert summary["needle"]["trials"] == 6 and set(summary["needle"]["by_length"]) == {"300", "400"}
+    assert summary["mmlu"]["questions"] == 8
+    # remove two trials: a rerun computes only those
+    store.db.execute("DELETE FROM trials WHERE key IN ('passkey/L400/d100/t0', 'stem__toy_minerals/1')")
+    again = _run(preset, store)
+    assert again[0].skipped == 12 and again[0].run_id == events[0].run_id
+    assert sum(len(e.rows) for e in again if isinstance(e, Progress)) == 2
+    assert again[-1].summary == summary
+
+
+def test_cancel_keeps_finished_batches(tmp_path):
+    store = Store(tmp_path / "r.sqlite")
+    cancel = threading.Event()
+    finished = None
+    for event in run(presets.parse(PRESET), store, loaded=tiny("jamba"), cancel=cancel):
+        if isinstance(event, Progress):
+            cancel.set()
+        finished = event
+    assert finished.status == "cancelled"
+    assert len(store.trials(finished.run_id)) == 2  # the one batch that finished
+    assert store.run(finished.run_id)["status"] == "cancelled"
+
+
+def test_cli_run_json_runs_and_export(tmp_path, capsys):
+    path = tmp_path / "p.toml"
+    path.write_text(PRESET)
+    db = str(tmp_path / "r.sqlite")
+    assert main(["run", str(path), "--db", db, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary) == {"needle", "mmlu"}
+    assert set(summary["needle"]) == {"accuracy", "score", "trials", "by_length", "by_depth"}
+    assert set(summary["mmlu"]) == {"accuracy", "questions", "by_category", "by_subject"}
+    assert main(["runs", "--db", db, "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert runs[0]["name"] == "demo" and runs[0]["trials"] == 14
+    assert main(["export", "1", "--db", db, "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("probe,key") and len(lines) == 15
+    assert main(["export", "1", "--db", db, "--format", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["trials"]) == 14
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "nope.toml"], "preset nope.toml not found"),
+    (["inspect", "random:gpt2"], "no tiny config"),
+    (["export", "99"], "no run 99"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
+    assert main(args + (["--db", str(tmp_path / "r.sqlite")] if args[0] in ("export",) else [])) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_bad_preset_is_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text(PRESET.replace("[plan]", "[plan]\nheads_off = [[2, 7]]"))
+    assert main(["run", str(path), "--db", str(tmp_path / "r.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert "head 7 is out of range" in err and err.count("\n") == 1
+
+
+def test_cli_inspect_json(capsys):
+    assert main(["inspect", "random:recurrent_gemma", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["architecture"] == "recurrent_gemma" and data["num_layers"] == 6
+    assert data["layers"][2]["blocks"][0] == {"kind": "attention", "flavour": "sliding", "heads": 4, "kv_heads": 1,
+                                              "head_dim": 16, "window": 32, "path": "model.layers.2.temporal_block"}
+
+
+def test_cli_heads_writes_a_keep_preset(tmp_path, capsys):
+    out = tmp_path / "keep.toml"
+    assert main(["heads", "random:jamba", "--score", "entropy", "--keep", "50%", "--lengths", "300",
+                 "--depths", "50", "--trials", "1", "--max-new-tokens", "3", "--json", "--write", str(out)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["ranking"]) == 4 and len(data["keep"]) == 2
+    values = [r["value"] for r in data["ranking"]]
+    assert values == sorted(values)  # entropy: lowest first
+    plan = presets.load(str(out)).plan_for(tiny("jamba").anatomy)
+    assert plan.keep_heads == tuple(tuple(k) for k in data["keep"])
