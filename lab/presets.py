@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -52,7 +53,7 @@ class Preset:
         return data
 
     def to_toml(self) -> str:
-        return tomli_w.dumps(self.to_dict())
+        return _compact_arrays(tomli_w.dumps(self.to_dict()))
 
     def fingerprint(self) -> str:
         """Identity of the results: what changes them (not batch sizes)."""
@@ -62,6 +63,20 @@ class Preset:
             if key in data:
                 data[key].pop("batch_size", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+
+
+def _compact_arrays(text: str) -> str:
+    """Write arrays of numbers (and of number pairs) on one line: [250, 677] and [[2, 0], [2, 1]]."""
+    while True:
+        new = re.sub(r"\[\s*([-\d.]+(?:,\s*[-\d.]+)*),?\s*\]", lambda m: "[" + ", ".join(
+            x.strip() for x in m.group(1).split(",")) + "]", text)
+        new = re.sub(r"\[\s*(\[[-\d., ]*\](?:,\s*\[[-\d., ]*\])*),?\s*\]",
+                     lambda m: "[" + ", ".join(x.strip() for x in re.findall(r"\[[^\]]*\]", m.group(1))) + "]", new)
+        if new == text:
+            return text
+        text = new
 
 
 def _section(cls, data, section: str):
