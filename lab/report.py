@@ -1,4 +1,4 @@
-"""Rich tables for the CLI (no textual here)."""
+"""Rich tables and progress for the CLI."""
 
 from __future__ import annotations
 
