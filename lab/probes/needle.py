@@ -40,7 +40,7 @@ class NeedleSpec:
     lengths: tuple[int, ...] = PAPER_LENGTHS
     depths: tuple[float, ...] = PAPER_DEPTHS
     trials: int = 1
-    mode: str = "generate"  # generate: greedy with cache; fast: one teacher-forced forward
+    mode: str = "generate"  # generate: greedy with cache; fast: teacher-forced, every answer token greedy
     max_new_tokens: int = 40
     chat: bool = False  # wrap in the tokenizer's chat template (instruct models)
     jrt: bool = False  # just-read-twice: the context block appears twice
@@ -241,8 +241,13 @@ def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[di
         logits = model(input_ids=full, use_cache=False).logits
         preds = logits[:, prompt.shape[1] - 1: prompt.shape[1] - 1 + width].argmax(-1).tolist()
         outputs = [tok.decode(p[:len(a)], skip_special_tokens=True) for p, a in zip(preds, answers)]
+        # Teacher forcing shows the model the answer, so text containment would reward copying the input:
+        # a trial passes only if every answer token is the greedy choice.
+        matched = [sum(x == y for x, y in zip(p, a)) / len(a) for p, a in zip(preds, answers)]
     rows = []
-    for trial, output in zip(trials, outputs):
+    for i, (trial, output) in enumerate(zip(trials, outputs)):
+        scores = score(trial, output, spec.task) if spec.mode == "generate" else \
+            {"exact": float(matched[i] == 1.0), "score": matched[i]}
         rows.append({"key": trial.key, "length": trial.length, "depth": trial.depth, "trial": trial.index,
-                     "output": output, "answer": trial.answer.strip(), **score(trial, output, spec.task)})
+                     "output": output, "answer": trial.answer.strip(), **scores})
     return rows
