@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lab.errors import LabError
@@ -151,8 +152,38 @@ def cmd_heads(args) -> int:
     return 0
 
 
+COLORS = {"auto": "auto", "truecolor": "truecolor", "256": "256", "16": "standard", "mono": "standard"}
+
+
+def console(args) -> int:
+    """Open the console (needs a terminal)."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise LabError("the console needs a terminal (try ssh -t); for headless runs use: lab run PRESET")
+    os.environ["TEXTUAL_COLOR_SYSTEM"] = COLORS[args.color]
+    if args.color == "mono":
+        os.environ["NO_COLOR"] = "1"
+    from lab import presets
+    from lab.models import ModelSpec
+    from lab.store import Store
+    from lab.tui.app import LabApp
+
+    preset = presets.load(args.preset) if args.preset else None
+    spec = preset.model if preset else ModelSpec()
+    if args.model:
+        spec = ModelSpec(args.model) if preset is None else preset.with_model(args.model).model
+    app = LabApp(spec, preset.with_model(spec.name) if preset else None, Store(args.db), args.preset)
+    app.run(mouse=not args.no_mouse)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lab", description=__doc__)
+    parser.add_argument("--model", help="model for the console (default: the preset's, else toy-recurrentgemma)")
+    parser.add_argument("--preset", help="open the console with this preset")
+    parser.add_argument("--no-mouse", action="store_true", help="no mouse tracking (kinder to flaky SSH links)")
+    parser.add_argument("--color", choices=tuple(COLORS), default="auto",
+                        help="colour depth (sets TEXTUAL_COLOR_SYSTEM); NO_COLOR is honoured")
+    parser.add_argument("--db", help="results database (default: $LAB_DB or ~/.local/share/lab/results.sqlite)")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("inspect", help="print a model's layers, blocks and heads")
     _model_args(p)
@@ -197,11 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
     try:
-        return args.func(args)
+        return args.func(args) if args.command else console(args)
     except LabError as error:
         print(f"lab: {error}", file=sys.stderr)
         return 2

@@ -111,7 +111,8 @@ def run(preset: Preset, store: Store, loaded: Loaded | None = None,
     loaded = loaded or load(preset.model)
     plan = preset.plan_for(loaded.anatomy)
     total = _count(preset, loaded)
-    run_id = store.open_run(preset.fingerprint(), preset.name, preset.model.name, plan.to_dict(),
+    name = f"{preset.name} · {plan.describe(loaded.anatomy)}"
+    run_id = store.open_run(preset.fingerprint(), name, preset.model.name, plan.to_dict(),
                             preset.to_toml(), versions())
     probes = [(name, spec, jobs) for name, spec, jobs in
               (("needle", preset.needle, _needle_jobs), ("mmlu", preset.mmlu, _mmlu_jobs)) if spec is not None]

@@ -81,14 +81,19 @@ class Sampler:
         return ids, mask
 
     def knowledge(self, length: int) -> tuple[list[int], list[int]]:
+        """Facts (every token counts) and MMLU-format questions (only the answer letter counts)."""
         ids: list[int] = []
+        mask: list[int] = []
         while len(ids) < length:
             if self.rng.random() < 0.5:
-                text = " ".join(self.rng.sample(self.facts, 8))
+                doc = self.tok(" ".join(self.rng.sample(self.facts, 8)), add_special_tokens=False)["input_ids"]
+                weights = [1] * len(doc)
             else:
-                text = self._question()
-            ids += self.tok(text, add_special_tokens=False)["input_ids"] + [EOS]
-        return ids[:length], [1] * length
+                doc = self.tok(self._question(), add_special_tokens=False)["input_ids"]
+                weights = [0] * (len(doc) - 1) + [1]
+            ids += doc + [EOS]
+            mask += weights + [1]
+        return ids[:length], mask[:length]
 
     def _question(self) -> str:
         subject = self.rng.choice(list(self.questions))
@@ -148,10 +153,14 @@ def evaluate(folder: Path, device: str) -> dict:
     return results
 
 
-def train(name: str, out: Path, seconds: float, batch_tokens: int, seed: int, device: str, lr: float) -> dict:
+def train(name: str, out: Path, seconds: float, batch_tokens: int, seed: int, device: str, lr: float,
+          init: Path | None = None, bf16: bool = True) -> dict:
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     tok = byte_tokenizer()
-    model = build_model(name).to(device)
+    model = (AutoModelForCausalLM.from_pretrained(init / name, dtype=torch.float32) if init else build_model(name))
+    model = model.to(device)
     model.train()
     _use_mambapy(model, True)  # Mamba's parallel scan for training, when the mambapy package is importable
     sampler = Sampler(tok, seed)
@@ -166,7 +175,7 @@ def train(name: str, out: Path, seconds: float, batch_tokens: int, seed: int, de
         step_lr = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
         for group in opt.param_groups:
             group["lr"] = step_lr
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=bf16 and device.startswith("cuda")):
             logits = model(input_ids=ids, use_cache=False).logits.float()
         loss_all = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1),
                                                      reduction="none").view(ids.shape[0], -1)
@@ -186,7 +195,9 @@ def train(name: str, out: Path, seconds: float, batch_tokens: int, seed: int, de
     folder = out / name
     model.to(torch.float32).save_pretrained(folder)
     tok.save_pretrained(folder)
+    previous = json.loads((init / name / "training.json").read_text()) if init else None
     facts = {"model": name, "parameters": sum(p.numel() for p in model.parameters()), "steps": step, "lr": lr,
+             "precision": "bf16 autocast" if bf16 else "fp32", "continued_from": previous,
              "seconds": round(time.time() - start, 1), "batch_tokens": batch_tokens, "seed": seed,
              "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
              "torch": torch.__version__, "final_loss": log[-1]["loss"] if log else None, "log": log}
@@ -204,6 +215,8 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=32768)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--init", help="continue from the models in this folder")
+    parser.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     from lab import fast
@@ -212,7 +225,8 @@ def main() -> None:
     quiet_hf()
     fast.enable()
     for name in args.models:
-        train(name, Path(args.out), args.seconds, args.batch_tokens, args.seed, args.device, args.lr)
+        train(name, Path(args.out), args.seconds, args.batch_tokens, args.seed, args.device, args.lr,
+              Path(args.init) if args.init else None, not args.fp32)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The lab console (Textual). Nothing outside this package imports textual."""

@@ -1,0 +1,496 @@
+"""The lab console: a thin App and one main screen (Posting's layout), blocking work in thread
+workers whose results arrive as messages (Harlequin). Probe logic lives in lab.runner, not here."""
+
+from __future__ import annotations
+
+import os
+import threading
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import (DataTable, Footer, Header, Input, Label, LoadingIndicator, ProgressBar, Select, Static,
+                             TabbedContent, TabPane)
+from textual.worker import Worker, WorkerState
+
+from lab import presets
+from lab.errors import LabError
+from lab.interventions import Plan
+from lab.interventions import edit
+from lab.models import Loaded, ModelSpec, load
+from lab.probes import needle as needle_probe
+from lab.probes.heads import head_scores
+from lab.probes.mmlu import MMLUSpec
+from lab.runner import Finished, Progress, Started, run
+from lab.store import Store
+from lab.summary import heatmap, summarize
+from lab.tui.charts import Heatmap, MMLUChart, NeedleChart
+from lab.tui.grid import LayerGrid
+from lab.tui.help import HelpScreen
+from lab.tui.messages import CellToggled, Failed, ModelLoaded, ProbeEvent, ScoresReady
+
+CONSOLE_NEEDLE = needle_probe.NeedleSpec(task="passkey", lengths=(256, 512, 1024, 2048), depths=(0, 25, 50, 75, 100),
+                                         max_new_tokens=8)
+OVERLAYS = (None, "retrieval", "entropy", "needle_mass", "effect")
+KEYMAP = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "lab" / "keymap.toml"
+
+
+class PathDialog(ModalScreen[str | None]):
+    """Ask for a preset path (open or save)."""
+
+    BINDINGS = [Binding("escape,ctrl+q", "cancel", "Cancel", id="dialog.cancel")]
+    DEFAULT_CSS = """
+    PathDialog { align: center middle; }
+    PathDialog > Vertical { width: 70; height: auto; border: round $accent; background: $surface; padding: 1; }
+    """
+
+    def __init__(self, title: str, value: str):
+        super().__init__()
+        self.title_text, self.value = title, value
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.title_text)
+            yield Input(self.value, id="path")
+            yield Label("Enter accepts, Esc or Ctrl+Q cancels", classes="hint")
+
+    @on(Input.Submitted)
+    def accept(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class MainScreen(Screen):
+    BINDINGS = [
+        Binding("a", "toggle_kind('attention')", "All attn", tooltip="All attention blocks off/on", id="plan.attention"),
+        Binding("s", "toggle_kind('ssm')", "All SSM", tooltip="All SSM/recurrent blocks off/on", id="plan.ssm"),
+        Binding("m", "toggle_kind('mlp')", "All MLP", tooltip="All MLP blocks off/on", id="plan.mlp"),
+        Binding("e", "toggle_kind('moe')", "All MoE", show=False, tooltip="All MoE blocks off/on", id="plan.moe"),
+        Binding("t", "toggle_layer", "Layer", tooltip="Every block of the cursor's layer off/on", id="plan.layer"),
+        Binding("minus", "sparsify(-1)", "k-", tooltip="Sparsify: keep one head fewer per token", id="plan.k_down"),
+        Binding("plus,equals_sign", "sparsify(1)", "k+", show=False, tooltip="Sparsify: keep one head more",
+                id="plan.k_up"),
+        Binding("p", "phase", "Phase", tooltip="Cycle phase: both, prefill, generation", id="plan.phase"),
+        Binding("z", "mode", "Mode", show=False, tooltip="Zero or mean ablation", id="plan.mode"),
+        Binding("c", "clear", "Clear", tooltip="Back to the base model", id="plan.clear"),
+        Binding("n", "run_probe('needle')", "Needle", tooltip="Run the needle probe in the background",
+                id="probe.needle"),
+        Binding("u", "run_probe('mmlu')", "MMLU", tooltip="Run the MMLU probe in the background", id="probe.mmlu"),
+        Binding("x", "cancel_probe", "Cancel", tooltip="Stop the probe (finished trials are kept)",
+                id="probe.cancel"),
+        Binding("r", "score_heads", "Scores", show=False, tooltip="Score heads on needle prompts", id="probe.heads"),
+        Binding("o", "overlay", "Overlay", tooltip="Colour heads by a score or the last probe's effect",
+                id="view.overlay"),
+        Binding("ctrl+o", "open_preset", "Open", tooltip="Open a preset", id="preset.open"),
+        Binding("ctrl+s", "save_preset", "Save", tooltip="Save model, plan and probe settings", id="preset.save"),
+    ]
+
+    def __init__(self, spec: ModelSpec, preset: presets.Preset, store: Store):
+        super().__init__()
+        self.spec, self.preset, self.store = spec, preset, store
+        self.loaded: Loaded | None = None
+        self.plan = Plan()
+        self.dirty = False
+        self.preset_path: str | None = None
+        self.cancel_event = threading.Event()
+        self.rows: dict[str, list[dict]] = {"needle": [], "mmlu": []}
+        self.compare: set[int] = set()
+        self.scores: dict | None = None
+        self.overlay: str | None = None
+        self.last_needle_run: tuple[Plan, float] | None = None
+
+    # ---- layout ---------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="body"):
+            with Vertical(id="left"):
+                yield Static("", id="plan")
+                yield LoadingIndicator(id="loading")
+            with Vertical(id="right"):
+                yield Static("no probe running", id="status")
+                yield ProgressBar(id="progress", show_eta=False)
+                with TabbedContent(id="tabs"):
+                    with TabPane("Needle", id="tab-needle"):
+                        yield NeedleChart(id="needle-chart")
+                    with TabPane("Heatmap", id="tab-heatmap"):
+                        yield Heatmap("no needle trials yet", id="heatmap")
+                    with TabPane("MMLU", id="tab-mmlu"):
+                        yield MMLUChart(id="mmlu-chart")
+                    with TabPane("Runs", id="tab-runs"):
+                        yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
+                    with TabPane("Probe", id="tab-probe"):
+                        yield from self._form()
+        yield Footer()
+
+    def _form(self) -> ComposeResult:
+        n = self.preset.needle or CONSOLE_NEEDLE
+        m = self.preset.mmlu or MMLUSpec()
+        yield Label("needle task / mode")
+        with Horizontal(classes="row"):
+            yield Select([(t, t) for t in needle_probe.TASKS], value=n.task, allow_blank=False, id="f-task")
+            yield Select([(t, t) for t in needle_probe.MODES], value=n.mode, allow_blank=False, id="f-mode")
+        yield Label("lengths (tokens)")
+        yield Input(" ".join(map(str, n.lengths)), id="f-lengths")
+        yield Label("depths (%) / trials / new tokens")
+        with Horizontal(classes="row"):
+            yield Input(" ".join(f"{d:g}" for d in n.depths), id="f-depths")
+            yield Input(str(n.trials), id="f-trials", type="integer")
+            yield Input(str(n.max_new_tokens), id="f-new", type="integer")
+        yield Label("mmlu source / shots / limit per subject")
+        with Horizontal(classes="row"):
+            yield Input(m.source, id="f-source")
+            yield Input(str(m.shots), id="f-shots", type="integer")
+            yield Input(str(m.limit), id="f-limit", type="integer")
+
+    def on_mount(self) -> None:
+        self.title = "lab"
+        self.sub_title = f"loading {self.spec.name}..."
+        self.query_one("#runs", DataTable).add_columns("id", "name", "model", "status", "trials")
+        self._refresh_runs()
+        self._show_plan()
+        self.load_model(self.spec)
+
+    # ---- workers --------------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False, description="Loading the model")
+    def load_model(self, spec: ModelSpec) -> None:
+        try:
+            self.post_message(ModelLoaded(load(spec)))
+        except LabError as error:
+            self.post_message(Failed("load", str(error)))
+
+    @work(thread=True, exclusive=True, group="probe", exit_on_error=False, description="Running a probe")
+    def probe_worker(self, probe: str, preset: presets.Preset) -> None:
+        try:
+            for event in run(preset, self.store, self.loaded, self.cancel_event):
+                self.post_message(ProbeEvent(probe, event))
+        except LabError as error:
+            self.post_message(Failed(probe, str(error)))
+
+    @work(thread=True, exclusive=True, group="probe", exit_on_error=False, description="Scoring heads")
+    def scores_worker(self, spec: needle_probe.NeedleSpec, plan: Plan) -> None:
+        try:
+            self.post_message(ScoresReady("heads", head_scores(self.loaded, spec, plan)))
+        except LabError as error:
+            self.post_message(Failed("heads", str(error)))
+
+    @on(Worker.StateChanged)
+    def worker_failed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR:
+            self.notify(f"{event.worker.description} failed: {event.worker.error}", severity="error", timeout=10)
+            self._status("failed; see the notification")
+
+    # ---- messages -------------------------------------------------------------------------------
+    @on(ModelLoaded)
+    def model_loaded(self, message: ModelLoaded) -> None:
+        self.loaded = message.loaded
+        anatomy = self.loaded.anatomy
+        self.sub_title = (f"{self.loaded.spec.name} · {anatomy.architecture} · {anatomy.num_layers} layers · "
+                          f"{anatomy.total_heads} heads")
+        try:
+            self.plan = self.preset.plan_for(anatomy)
+        except LabError as error:
+            self.notify(f"preset plan ignored: {error}", severity="error", timeout=10)
+            self.plan = Plan()
+        for old in self.query("#loading, LayerGrid"):
+            old.remove()
+        grid = LayerGrid(anatomy, self.plan, id="grid")
+        self.query_one("#left").mount(grid)
+        grid.focus()
+        self._show_plan()
+        if anatomy.notes:
+            self.notify("; ".join(anatomy.notes), timeout=6)
+
+    @on(Failed)
+    def failed(self, message: Failed) -> None:
+        self.notify(message.error, title=f"{message.what} failed", severity="error", timeout=10)
+        if message.what == "load":
+            self.query_one("#loading").display = False
+            self.query_one("#plan", Static).update(f"[b]could not load the model[/b]: {message.error}")
+        self._status(f"{message.what} failed")
+
+    @on(CellToggled)
+    def cell_toggled(self, message: CellToggled) -> None:
+        if message.head is None:
+            self._set_plan(edit.toggle_block(self.plan, self.loaded.anatomy, message.layer, message.kind))
+        else:
+            self._set_plan(edit.toggle_head(self.plan, self.loaded.anatomy, message.layer, message.head))
+
+    @on(ProbeEvent)
+    def probe_event(self, message: ProbeEvent) -> None:
+        event, probe = message.event, message.probe
+        bar = self.query_one("#progress", ProgressBar)
+        if isinstance(event, Started):
+            self.rows[probe] = []
+            bar.update(total=event.total, progress=event.skipped)
+            self._status(f"{probe} run {event.run_id}: {event.plan}")
+            self.current_run = event.run_id
+        elif isinstance(event, Progress):
+            self.rows[probe].extend(event.rows)
+            bar.update(progress=event.done)
+            eta = f", about {event.eta_s:.0f} s left" if event.eta_s is not None else ""
+            self._status(f"{probe}: {event.done}/{event.total} trials{eta}")
+            self._replot()
+        elif isinstance(event, Finished):
+            self.rows[probe] = [r for r in self.store.trials(event.run_id, probe)]
+            summary = event.summary.get(probe, {})
+            self._status(f"{probe} run {event.run_id} {event.status}: accuracy "
+                         f"{100 * summary.get('accuracy', 0):.1f} %")
+            if probe == "needle" and summary:
+                self.last_needle_run = (self.plan, summary["accuracy"])
+            self._refresh_runs()
+            self._replot()
+
+    @on(ScoresReady)
+    def scores_ready(self, message: ScoresReady) -> None:
+        self.scores = message.scores
+        self._status(f"scored {len(message.scores)} heads; press o to colour the grid")
+        if self.overlay is None:
+            self.action_overlay()
+
+    @on(DataTable.RowSelected, "#runs")
+    def run_selected(self, event: DataTable.RowSelected) -> None:
+        run_id = int(event.row_key.value)
+        self.compare ^= {run_id}
+        self._status(f"comparing runs {sorted(self.compare) or 'none'}")
+        self._replot()
+
+    # ---- actions --------------------------------------------------------------------------------
+    def _ready(self) -> bool:
+        if self.loaded is None:
+            self.notify("the model is still loading", severity="warning")
+        return self.loaded is not None
+
+    def action_toggle_kind(self, kind: str) -> None:
+        if self._ready():
+            self._set_plan(edit.toggle_kind(self.plan, self.loaded.anatomy, kind))
+
+    def action_toggle_layer(self) -> None:
+        if self._ready():
+            layer, _ = self.query_one(LayerGrid).current
+            self._set_plan(edit.toggle_layer(self.plan, self.loaded.anatomy, layer))
+
+    def action_sparsify(self, delta: int) -> None:
+        if self._ready():
+            self._set_plan(edit.step_sparsify(self.plan, self.loaded.anatomy, delta))
+
+    def action_phase(self) -> None:
+        self._set_plan(edit.next_phase(self.plan))
+
+    def action_mode(self) -> None:
+        self._set_plan(edit.next_mode(self.plan))
+
+    def action_clear(self) -> None:
+        self._set_plan(Plan(mode=self.plan.mode, phase=self.plan.phase))
+
+    def action_run_probe(self, probe: str) -> None:
+        if not self._ready():
+            return
+        try:
+            preset = self.current_preset()
+        except LabError as error:
+            self.notify(str(error), title="probe settings", severity="error")
+            return
+        preset = replace(preset, mmlu=None) if probe == "needle" else replace(preset, needle=None)
+        self.cancel_event = threading.Event()
+        self.query_one("#tabs", TabbedContent).active = "tab-needle" if probe == "needle" else "tab-mmlu"
+        self._status(f"starting {probe}...")
+        self.probe_worker(probe, preset)
+
+    def action_cancel_probe(self) -> None:
+        self.cancel_event.set()
+        self._status("cancelling after the current batch (finished trials are kept)")
+
+    def action_score_heads(self) -> None:
+        if self._ready():
+            try:
+                spec = replace(self.current_preset().needle, mode="generate", trials=1)
+            except LabError as error:
+                self.notify(str(error), severity="error")
+                return
+            self._status("scoring heads on needle prompts...")
+            self.scores_worker(spec, self.plan)
+
+    def action_overlay(self) -> None:
+        if not self._ready():
+            return
+        self.overlay = OVERLAYS[(OVERLAYS.index(self.overlay) + 1) % len(OVERLAYS)]
+        values = self._overlay_values(self.overlay)
+        if self.overlay is not None and values is None:
+            self.notify(f"no data for the {self.overlay} overlay yet (r scores heads; n runs the needle probe)")
+        self.query_one(LayerGrid).set_overlay(values)
+        self._show_plan()
+
+    def action_open_preset(self) -> None:
+        def opened(path: str | None) -> None:
+            if path:
+                self.open_preset(path)
+        self.app.push_screen(PathDialog("open preset", self.preset_path or "presets/"), opened)
+
+    def action_save_preset(self) -> None:
+        def chosen(path: str | None) -> None:
+            if path:
+                try:
+                    saved = presets.save(self.current_preset(), path)
+                except (LabError, OSError) as error:
+                    self.notify(str(error), title="save failed", severity="error")
+                    return
+                self.preset_path, self.dirty = str(saved), False
+                self._show_plan()
+                self.notify(f"saved {saved}")
+        self.app.push_screen(PathDialog("save preset as", self.preset_path or "my-preset.toml"), chosen)
+
+    def open_preset(self, path: str) -> None:
+        try:
+            preset = presets.load(path)
+        except LabError as error:
+            self.notify(str(error), title="bad preset", severity="error", timeout=10)
+            return
+        self.preset, self.preset_path = preset, path
+        for widget in self.query("#tab-probe > *"):
+            widget.remove()
+        self.query_one("#tab-probe").mount_all(list(self._form()))
+        if preset.model.name != (self.loaded.spec.name if self.loaded else self.spec.name):
+            self.spec, self.loaded = preset.model, None
+            self.load_model(preset.model)
+            return
+        try:
+            self._set_plan(preset.plan_for(self.loaded.anatomy))
+        except LabError as error:
+            self.notify(str(error), title="bad preset", severity="error", timeout=10)
+            return
+        self.dirty = False
+        self._show_plan()
+
+    # ---- helpers --------------------------------------------------------------------------------
+    def current_preset(self) -> presets.Preset:
+        """The preset as edited: current model, plan and probe form."""
+        def ints(widget_id: str) -> tuple[int, ...]:
+            return tuple(int(v) for v in self.query_one(widget_id, Input).value.split())
+        try:
+            needle = replace(self.preset.needle or CONSOLE_NEEDLE, task=self.query_one("#f-task", Select).value,
+                             mode=self.query_one("#f-mode", Select).value, lengths=ints("#f-lengths"),
+                             depths=tuple(float(v) for v in self.query_one("#f-depths", Input).value.split()),
+                             trials=ints("#f-trials")[0], max_new_tokens=ints("#f-new")[0]).validate()
+            mmlu = replace(self.preset.mmlu or MMLUSpec(), source=self.query_one("#f-source", Input).value.strip(),
+                           shots=ints("#f-shots")[0], limit=ints("#f-limit")[0]).validate()
+        except (ValueError, IndexError):
+            raise LabError("probe settings: lengths, depths, trials, tokens, shots and limit must be numbers") from None
+        model = self.loaded.spec if self.loaded else self.spec
+        return replace(self.preset, model=model, plan=self.plan.to_dict(), needle=needle, mmlu=mmlu)
+
+    def _set_plan(self, plan: Plan) -> None:
+        self.plan, self.dirty = plan, True
+        if self.loaded is not None:
+            self.query_one(LayerGrid).set_plan(plan)
+        self._show_plan()
+
+    def _show_plan(self) -> None:
+        words = self.plan.describe(self.loaded.anatomy) if self.loaded else "loading..."
+        name = Path(self.preset_path).name if self.preset_path else self.preset.name
+        flags = " [b]*unsaved*[/b]" if self.dirty else ""
+        overlay = f" · overlay: {self.overlay}" if self.overlay else ""
+        bias = ""
+        if self.loaded and self.plan.heads_removed(self.loaded.anatomy) and any(
+                b.out_bias for _, b in self.loaded.anatomy.blocks("attention")):
+            bias = "\n[i]o_proj bias survives head ablation[/i]"
+        self.query_one("#plan", Static).update(
+            f"[b]plan[/b]: {words} · mode {self.plan.mode}{overlay}\npreset: {name}{flags}{bias}")
+
+    def _status(self, text: str) -> None:
+        self.query_one("#status", Static).update(text)
+
+    def _refresh_runs(self) -> None:
+        table = self.query_one("#runs", DataTable)
+        table.clear()
+        for run in reversed(self.store.runs()):
+            mark = "▶ " if run["id"] in self.compare else ""
+            table.add_row(f"{mark}{run['id']}", run["name"][:28], run["model"][:24], run["status"], str(run["trials"]),
+                          key=str(run["id"]))
+
+    def _series(self, probe: str, key: str) -> list[tuple[str, dict]]:
+        series = []
+        for run_id in sorted(self.compare):
+            run = self.store.run(run_id)
+            summary = summarize(self.store.trials(run_id)).get(probe)
+            if summary:
+                series.append((f"#{run_id} {run['name']}", summary[key]))
+        rows = self.rows[probe]
+        if rows:
+            summary = summarize([{**r, "probe": probe} for r in rows])[probe]
+            series.append(("current", summary[key]))
+        return series
+
+    def _replot(self) -> None:
+        with self.app.batch_update():
+            self.query_one(NeedleChart).show(self._series("needle", "by_length"))
+            self.query_one(MMLUChart).show(self._series("mmlu", "by_category"))
+            self.query_one(Heatmap).show(*heatmap(self.rows["needle"]))
+            self._refresh_runs()
+
+    def _overlay_values(self, name: str | None) -> dict | None:
+        if name is None:
+            return None
+        if name == "effect":
+            if self.last_needle_run is None or not self.compare:
+                return None
+            plan, accuracy = self.last_needle_run
+            base = [summarize(self.store.trials(r)).get("needle", {}).get("accuracy") for r in sorted(self.compare)]
+            base = [b for b in base if b is not None]
+            if not base:
+                return None
+            drop = max(0.0, max(base) - accuracy)
+            return {(l, h): drop for l, heads in plan.heads_removed(self.loaded.anatomy).items() for h in heads}
+        if not self.scores:
+            return None
+        values = {key: v[name] for key, v in self.scores.items()}
+        low, high = min(values.values()), max(values.values())
+        span = (high - low) or 1.0
+        if name == "entropy":  # peaked (low entropy) heads are the bright ones
+            return {k: (high - v) / span for k, v in values.items()}
+        return {k: (v - low) / span for k, v in values.items()}
+
+
+class LabApp(App):
+    """Thin app: theme, keymap, global bindings; the work happens in MainScreen."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "lab"
+    BINDINGS = [
+        Binding("q", "quit", "Quit", id="app.quit"),
+        Binding("f1,question_mark", "help", "Help", tooltip="Show every binding and its id", id="app.help"),
+        Binding("f8", "screenshot_here", "Screenshot", show=False, tooltip="Save an SVG into ./screenshots",
+                id="app.screenshot"),
+    ]
+
+    def __init__(self, spec: ModelSpec, preset: presets.Preset | None = None, store: Store | None = None,
+                 preset_path: str | None = None):
+        super().__init__()
+        self.spec = spec
+        self.preset = preset or presets.Preset(model=spec)
+        self.store = store or Store()
+        self.preset_path = preset_path
+
+    def on_mount(self) -> None:
+        if KEYMAP.is_file():
+            try:
+                self.set_keymap(tomllib.loads(KEYMAP.read_text()))
+            except (tomllib.TOMLDecodeError, OSError) as error:
+                self.notify(f"keymap {KEYMAP} ignored: {error}", severity="warning")
+        screen = MainScreen(self.spec, self.preset, self.store)
+        screen.preset_path = self.preset_path
+        self.push_screen(screen)
+
+    def action_help(self) -> None:
+        bindings = [b for b in list(self.BINDINGS) + list(MainScreen.BINDINGS) + list(LayerGrid.BINDINGS)]
+        self.push_screen(HelpScreen(bindings))
+
+    def action_screenshot_here(self) -> None:
+        path = self.save_screenshot(path="screenshots")
+        self.notify(f"saved {path}")

@@ -1,0 +1,65 @@
+"""Live charts: needle accuracy by context length, a depth x length heatmap, MMLU by category."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import Static
+from textual_plotext import PlotextPlot
+
+from lab.tui.grid import heat
+
+
+class NeedleChart(PlotextPlot):
+    """One line per run: accuracy (%) against context length."""
+
+    def show(self, series: list[tuple[str, dict[str, float]]]) -> None:
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title("needle accuracy by context length")
+        plt.xlabel("tokens")
+        plt.ylim(-5, 125)  # head room for the legend
+        plt.yticks([0, 25, 50, 75, 100])
+        for name, by_length in series:
+            if by_length:
+                xs = [int(k) for k in by_length]
+                plt.plot(xs, [100 * v for v in by_length.values()], label=name[:24], marker="braille")
+        self.refresh()
+
+
+class MMLUChart(PlotextPlot):
+    """Accuracy (%) per MMLU category, one bar group per run."""
+
+    def show(self, series: list[tuple[str, dict[str, float]]]) -> None:
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title("MMLU accuracy by category")
+        series = [(n, s) for n, s in series if s]
+        if series:
+            categories = sorted({c for _, s in series for c in s})
+            labels = [c.replace("social_sciences", "social").replace("humanities", "human.") for c in categories]
+            values = [[100 * s.get(c, 0.0) for c in categories] for _, s in series]
+            plt.multiple_bar(labels, values, labels=[n[:24] for n, _ in series])
+            plt.ylim(0, 100)
+        self.refresh()
+
+
+class Heatmap(Static):
+    """Needle score by depth (rows) and context length (columns), as in the paper's figures."""
+
+    def show(self, lengths: list[int], depths: list[float], grid: list[list[float | None]]) -> None:
+        if not lengths:
+            self.update("no needle trials yet")
+            return
+        text = Text("depth\\len " + "".join(f"{n:>6}" for n in lengths) + "\n", style="bold")
+        for depth, row in zip(depths, grid):
+            text.append(f"{depth:>8g}% ")
+            for value in row:
+                if value is None:
+                    text.append("     ·")
+                else:
+                    text.append(" ")
+                    text.append(f"{100 * value:>4.0f} ", style=f"black on {heat(value).name}")
+            text.append("\n")
+        self.update(text)

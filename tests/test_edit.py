@@ -1,0 +1,44 @@
+from lab.interventions import BlocksOff, Plan, Sparsify
+from lab.interventions import edit
+
+from conftest import tiny
+
+
+def test_toggles_produce_the_right_plan():
+    anatomy = tiny("jamba").anatomy  # attention in layer 2; ssm in 0, 1, 3; moe in 1, 3
+    plan = edit.toggle_block(Plan(), anatomy, 2, "attention")
+    assert plan.off == (BlocksOff("attention"),)  # the only attention layer: "all attention"
+    plan = edit.toggle_block(plan, anatomy, 1, "ssm")
+    assert plan.off == (BlocksOff("attention"), BlocksOff("ssm", (1,)))
+    plan = edit.toggle_block(plan, anatomy, 2, "attention")
+    assert plan.off == (BlocksOff("ssm", (1,)),)
+    plan = edit.toggle_kind(plan, anatomy, "ssm")
+    assert plan.off == (BlocksOff("ssm"),)
+    plan = edit.toggle_kind(plan, anatomy, "ssm")
+    assert plan.is_empty
+    plan = edit.toggle_layer(Plan(), anatomy, 3)
+    assert plan.blocks_off(anatomy) == [(3, "moe"), (3, "ssm")]
+    assert edit.toggle_layer(plan, anatomy, 3).is_empty
+
+
+def test_head_toggles_and_keep_sets():
+    anatomy = tiny("jamba").anatomy
+    plan = edit.toggle_head(Plan(), anatomy, 2, 1)
+    assert plan.heads_off == ((2, 1),) and edit.is_head_off(plan, anatomy, 2, 1)
+    assert edit.toggle_head(plan, anatomy, 2, 1).heads_off == ()
+    keep = Plan(keep_heads=((2, 0),))
+    flipped = edit.toggle_head(keep, anatomy, 2, 0)
+    assert flipped.keep_heads is None and flipped.heads_off == ((2, 0), (2, 1), (2, 2), (2, 3))
+
+
+def test_sparsify_phase_and_mode_steps():
+    anatomy = tiny("jamba").anatomy  # 4 heads
+    plan = edit.step_sparsify(Plan(), anatomy, -1)
+    assert plan.sparsify == Sparsify(3)
+    assert edit.step_sparsify(plan, anatomy, +1).sparsify is None
+    assert edit.step_sparsify(Plan(sparsify=Sparsify(0)), anatomy, -1).sparsify == Sparsify(0)
+    assert edit.next_phase(Plan()).phase == "prefill"
+    assert edit.next_phase(edit.next_phase(Plan())).phase == "generation"
+    assert edit.next_mode(Plan()).mode == "mean"
+    assert Plan(off=(BlocksOff("attention"),), phase="generation").describe(anatomy) == \
+        "attention off in 1/1 layers, generation only"
