@@ -121,7 +121,7 @@ def test_cli_run_json_runs_and_export(tmp_path, capsys):
     assert set(summary["mmlu"]) == {"accuracy", "questions", "by_category", "by_subject"}
     assert main(["runs", "--db", db, "--json"]) == 0
     runs = json.loads(capsys.readouterr().out)
-    assert runs[0]["name"] == "demo · attention off in 2/2 layers, generation only" and runs[0]["trials"] == 14
+    assert runs[0]["name"] == "demo · attention off in 1/1 layers, generation only" and runs[0]["trials"] == 14
     assert main(["export", "1", "--db", db, "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("probe,key") and len(lines) == 15

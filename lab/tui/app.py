@@ -67,6 +67,34 @@ class PathDialog(ModalScreen[str | None]):
         self.dismiss(None)
 
 
+class ProbeForm(Vertical):
+    """The probe settings of the current preset, editable."""
+
+    def __init__(self, preset: presets.Preset):
+        super().__init__()
+        self.preset = preset
+
+    def compose(self) -> ComposeResult:
+        n = self.preset.needle or CONSOLE_NEEDLE
+        m = self.preset.mmlu or MMLUSpec()
+        yield Label("needle task / mode")
+        with Horizontal(classes="row"):
+            yield Select([(t, t) for t in needle_probe.TASKS], value=n.task, allow_blank=False, id="f-task")
+            yield Select([(t, t) for t in needle_probe.MODES], value=n.mode, allow_blank=False, id="f-mode")
+        yield Label("lengths (tokens)")
+        yield Input(" ".join(map(str, n.lengths)), id="f-lengths")
+        yield Label("depths (%) / trials / new tokens")
+        with Horizontal(classes="row"):
+            yield Input(" ".join(f"{d:g}" for d in n.depths), id="f-depths")
+            yield Input(str(n.trials), id="f-trials", type="integer")
+            yield Input(str(n.max_new_tokens), id="f-new", type="integer")
+        yield Label("mmlu source / shots / limit per subject")
+        with Horizontal(classes="row"):
+            yield Input(m.source, id="f-source")
+            yield Input(str(m.shots), id="f-shots", type="integer")
+            yield Input(str(m.limit), id="f-limit", type="integer")
+
+
 class MainScreen(Screen):
     BINDINGS = [
         Binding("a", "toggle_kind('attention')", "All attn", tooltip="All attention blocks off/on", id="plan.attention"),
@@ -115,7 +143,7 @@ class MainScreen(Screen):
                 yield LoadingIndicator(id="loading")
             with Vertical(id="right"):
                 yield Static("no probe running", id="status")
-                yield ProgressBar(id="progress", show_eta=False)
+                yield ProgressBar(total=1, id="progress", show_eta=False)
                 with TabbedContent(id="tabs"):
                     with TabPane("Needle", id="tab-needle"):
                         yield NeedleChart(id="needle-chart")
@@ -126,28 +154,8 @@ class MainScreen(Screen):
                     with TabPane("Runs", id="tab-runs"):
                         yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
                     with TabPane("Probe", id="tab-probe"):
-                        yield from self._form()
+                        yield ProbeForm(self.preset)
         yield Footer()
-
-    def _form(self) -> ComposeResult:
-        n = self.preset.needle or CONSOLE_NEEDLE
-        m = self.preset.mmlu or MMLUSpec()
-        yield Label("needle task / mode")
-        with Horizontal(classes="row"):
-            yield Select([(t, t) for t in needle_probe.TASKS], value=n.task, allow_blank=False, id="f-task")
-            yield Select([(t, t) for t in needle_probe.MODES], value=n.mode, allow_blank=False, id="f-mode")
-        yield Label("lengths (tokens)")
-        yield Input(" ".join(map(str, n.lengths)), id="f-lengths")
-        yield Label("depths (%) / trials / new tokens")
-        with Horizontal(classes="row"):
-            yield Input(" ".join(f"{d:g}" for d in n.depths), id="f-depths")
-            yield Input(str(n.trials), id="f-trials", type="integer")
-            yield Input(str(n.max_new_tokens), id="f-new", type="integer")
-        yield Label("mmlu source / shots / limit per subject")
-        with Horizontal(classes="row"):
-            yield Input(m.source, id="f-source")
-            yield Input(str(m.shots), id="f-shots", type="integer")
-            yield Input(str(m.limit), id="f-limit", type="integer")
 
     def on_mount(self) -> None:
         self.title = "lab"
@@ -188,7 +196,7 @@ class MainScreen(Screen):
 
     # ---- messages -------------------------------------------------------------------------------
     @on(ModelLoaded)
-    def model_loaded(self, message: ModelLoaded) -> None:
+    async def model_loaded(self, message: ModelLoaded) -> None:
         self.loaded = message.loaded
         anatomy = self.loaded.anatomy
         self.sub_title = (f"{self.loaded.spec.name} · {anatomy.architecture} · {anatomy.num_layers} layers · "
@@ -198,10 +206,9 @@ class MainScreen(Screen):
         except LabError as error:
             self.notify(f"preset plan ignored: {error}", severity="error", timeout=10)
             self.plan = Plan()
-        for old in self.query("#loading, LayerGrid"):
-            old.remove()
+        await self.query("#loading, LayerGrid").remove()
         grid = LayerGrid(anatomy, self.plan, id="grid")
-        self.query_one("#left").mount(grid)
+        await self.query_one("#left").mount(grid)
         grid.focus()
         self._show_plan()
         if anatomy.notes:
@@ -353,9 +360,8 @@ class MainScreen(Screen):
             self.notify(str(error), title="bad preset", severity="error", timeout=10)
             return
         self.preset, self.preset_path = preset, path
-        for widget in self.query("#tab-probe > *"):
-            widget.remove()
-        self.query_one("#tab-probe").mount_all(list(self._form()))
+        self.query_one(ProbeForm).remove()
+        self.query_one("#tab-probe").mount(ProbeForm(preset))
         if preset.model.name != (self.loaded.spec.name if self.loaded else self.spec.name):
             self.spec, self.loaded = preset.model, None
             self.load_model(preset.model)

@@ -1,0 +1,152 @@
+"""The console, driven by Textual's Pilot on a tiny random model (no GPU, no download)."""
+
+import pytest
+
+from lab import presets
+from lab.interventions import BlocksOff, Plan
+from lab.models import ModelSpec
+from lab.probes.mmlu import MMLUSpec
+from lab.probes.needle import NeedleSpec
+from lab.runner import Finished, Progress
+from lab.store import Store
+from lab.tui.app import LabApp
+from lab.tui.charts import NeedleChart
+from lab.tui.grid import LayerGrid
+from lab.tui.messages import ProbeEvent
+
+SIZE = (120, 36)
+
+
+def make_app(tmp_path, **needle):
+    spec = ModelSpec("random:jamba")
+    preset = presets.Preset(name="t", model=spec, needle=NeedleSpec(
+        **{"task": "passkey", "lengths": (300, 400), "depths": (0, 50, 100), "mode": "fast", "batch_size": 1,
+           **needle}), mmlu=MMLUSpec(limit=1, shots=0))
+    return LabApp(spec, preset, Store(tmp_path / "r.sqlite"))
+
+
+async def ready(app, pilot):
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def test_toggles_produce_the_right_plan(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        screen = app.screen
+        assert screen.query_one(LayerGrid).has_focus
+        await pilot.press("down", "down", "space")  # layer 2's attention block
+        assert screen.plan.off == (BlocksOff("attention"),)
+        await pilot.press("right", "right", "space")  # layer 2, head 0 (after ATTN, MLP)
+        assert screen.plan.heads_off == ((2, 0),)
+        await pilot.press("s")
+        assert BlocksOff("ssm") in screen.plan.off
+        await pilot.press("minus", "p")
+        assert screen.plan.sparsify.k == 3 and screen.plan.phase == "prefill"
+        assert "*unsaved*" in str(screen.query_one("#plan").render())
+        await pilot.press("c")
+        assert screen.plan == Plan(phase="prefill")
+
+
+async def test_probe_run_fills_the_chart(tmp_path):
+    app = make_app(tmp_path)
+    events = []
+    async with app.run_test(size=SIZE, message_hook=events.append) as pilot:
+        await ready(app, pilot)
+        await pilot.press("a", "n")
+        await ready(app, pilot)
+        probe_events = list({id(m.event): m.event for m in events if isinstance(m, ProbeEvent)}.values())
+        assert sum(isinstance(e, Progress) for e in probe_events) == 6
+        finished = probe_events[-1]
+        assert isinstance(finished, Finished) and finished.status == "done"
+        screen = app.screen
+        assert len(screen.rows["needle"]) == 6
+        chart = screen.query_one(NeedleChart)
+        assert chart.plt._active.monitor.x  # the chart has data points
+        assert "attention off" in app.screen.store.runs()[0]["name"]
+
+
+async def test_cancel_stops_the_probe_and_keeps_trials(tmp_path):
+    app = make_app(tmp_path, lengths=(300, 400, 500, 600), depths=(0, 25, 50, 75, 100))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        screen = app.screen
+        screen.cancel_event.set()  # cancelled before the first batch finishes: nothing runs
+        original = screen.action_run_probe
+
+        def run_and_cancel(probe):
+            original(probe)
+            screen.cancel_event.set()
+        screen.action_run_probe = run_and_cancel
+        await pilot.press("n")
+        await ready(app, pilot)
+        run = screen.store.runs()[0]
+        assert run["status"] == "cancelled"
+        assert run["trials"] < 20
+
+
+async def test_bad_preset_shows_an_error_not_a_crash(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nname = 'random:jamba'\n[plan]\nheads_off = [[0, 0]]\n")
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        app.screen.open_preset(str(bad))
+        await pilot.pause()
+        notes = [n.message for n in app._notifications]
+        assert any("layer 0 has no attention" in n for n in notes)
+        app.screen.open_preset(str(tmp_path / "missing.toml"))
+        await pilot.pause()
+        assert any("not found" in n.message for n in app._notifications)
+        assert app.screen.plan == Plan()
+        other = tmp_path / "other.toml"  # a preset for another model reloads the grid
+        other.write_text("[model]\nname = 'random:bamba'\n[plan]\noff = [{kind = 'ssm'}]\n")
+        app.screen.open_preset(str(other))
+        await ready(app, pilot)
+        assert app.screen.loaded.anatomy.architecture == "bamba"
+        assert app.screen.plan.off == (BlocksOff("ssm"),)
+        assert len(app.screen.query(LayerGrid)) == 1
+
+
+async def test_save_and_reopen_preset(tmp_path):
+    app = make_app(tmp_path)
+    path = tmp_path / "saved.toml"
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("a", "ctrl+s")
+        await pilot.pause()
+        app.screen.query_one("#path").value = str(path)
+        await pilot.press("enter")
+        await pilot.pause()
+    saved = presets.load(str(path))
+    assert saved.plan["off"] == [{"kind": "attention"}] and saved.model.name == "random:jamba"
+    assert saved.needle.lengths == (300, 400)
+
+
+async def test_help_lists_binding_ids(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f1")
+        await pilot.pause()
+        table = app.screen.query_one("#help-box")
+        ids = {table.get_row_at(i)[2] for i in range(table.row_count)}
+        assert {"plan.attention", "probe.needle", "grid.toggle", "app.quit"} <= ids
+
+
+@pytest.mark.parametrize("size", [(80, 24), (200, 60)])
+async def test_small_and_large_terminals(tmp_path, size):
+    app = make_app(tmp_path)
+    async with app.run_test(size=size) as pilot:
+        await ready(app, pilot)
+        grid = app.screen.query_one(LayerGrid)
+        assert grid.size.width > 20 and grid.size.height > 3
+
+
+def test_no_terminal_refuses_in_one_line(capsys):
+    from lab.cli import main
+
+    assert main([]) == 2  # pytest's stdin is not a terminal
+    err = capsys.readouterr().err
+    assert "needs a terminal" in err and "lab run" in err
