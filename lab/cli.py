@@ -152,6 +152,21 @@ def cmd_heads(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from lab.bench import load_for_bench, run_bench
+    from lab.report import bench_tables
+
+    results = run_bench(load_for_bench(args.model, args.device, args.dtype), quick=args.quick)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        from rich.console import Console
+
+        for table in bench_tables(results):
+            Console().print(table)
+    return 0
+
+
 COLORS = {"auto": "auto", "truecolor": "truecolor", "256": "256", "16": "standard", "mono": "standard"}
 
 
@@ -222,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=30, help="rows to print")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_heads)
+
+    p = sub.add_parser("bench", help="time lab's probe paths against the reference paths")
+    p.add_argument("model", nargs="?", default="random:recurrent_gemma",
+                   help="a model spec, or config:recurrentgemma-2b / config:recurrentgemma-9b / config:jamba-mini-1.6 "
+                        "(published configs with random weights)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--quick", action="store_true", help="a small needle grid even on a GPU")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

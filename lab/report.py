@@ -78,3 +78,23 @@ def heads_table(ranked: list, score: str, keep: set, top: int) -> Table:
     for rank, ((layer, head), value) in enumerate(ranked[:top], 1):
         table.add_row(str(rank), str(layer), str(head), f"{value:.4f}", "yes" if (layer, head) in keep else "")
     return table
+
+
+def bench_tables(results: dict) -> list[Table]:
+    table = Table(title=f"lab bench: {results['model']} ({results['parameters'] / 1e6:.1f} M parameters, "
+                        f"{results['dtype']}) on {results['device']}", title_justify="left")
+    table.add_column("measure")
+    table.add_column("lab", justify="right")
+    table.add_column("reference", justify="right")
+    table.add_column("ratio", justify="right")
+    n, m, p, f = results["needle_grid"], results["mmlu"], results["plan_overhead"], results["prefill"]
+    table.add_row(f"needle grid, {n['prompts']} prompts x {n['new_tokens']} tokens", f"{n['lab_s']:.2f} s",
+                  f"{n['reference_s']:.2f} s ({n['reference_measured_prompts']} timed)", f"{n['speedup']:.1f}x")
+    table.add_row(f"MMLU 5-shot, {m['questions']} questions", f"{m['lab_qps']:.1f} q/s",
+                  f"{m['per_choice_qps']:.1f} q/s", f"{m['speedup']:.1f}x")
+    table.add_row(f"plan overhead, heads off ({p['length']} tokens)", f"{100 * p['heads_off_overhead']:+.1f} %", "", "")
+    table.add_row("plan overhead, sparsify (vs eager)", f"{100 * p['sparsify_overhead_vs_eager']:+.1f} %", "", "")
+    peak = f", {100 * f['fraction_of_bf16_peak']:.0f} % of bf16 peak" if "fraction_of_bf16_peak" in f else ""
+    table.add_row(f"prefill {f['batch']} x {f['length']} tokens", f"{f['tokens_per_s']:,} tok/s",
+                  f"{f['tflops']} TFLOP/s{peak}", "")
+    return [table]

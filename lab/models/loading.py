@@ -29,6 +29,7 @@ class ModelSpec:
     attn_implementation: str | None = None  # None: transformers' default (sdpa where supported)
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    fast: bool = True  # lab's parallel scans in place of the reference recurrences (lab.fast)
 
 
 @dataclass
@@ -137,8 +138,11 @@ def load(spec: ModelSpec | str) -> Loaded:
     """Load a model and tokenizer and compute its anatomy; every failure is a one-line LabError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lab import fast
+
     spec = ModelSpec(spec) if isinstance(spec, str) else spec
     quiet_hf()
+    fast.enable(spec.fast)
     device = resolve_device(spec.device)
     dtype = _dtype(spec)
     if spec.name.startswith("random:"):

@@ -1,0 +1,214 @@
+"""`lab bench`: lab's probe paths against the reference paths, measured in the same run.
+
+1. the paper's needle grid: lab (prompts of one length batched, parallel scans) versus the way the
+   paper's harness runs (one prompt at a time, generate(), transformers' reference recurrences);
+2. MMLU-format throughput: one forward scores all four choices versus one forward per choice;
+3. the overhead of an active plan (heads off; sparsification) on a forward pass;
+4. prefill tokens/s and, on a GPU, the fraction of its bf16 peak.
+Models are given by a preset/spec, or published configs instantiated with random weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lab import fast
+from lab.errors import LabError
+from lab.interventions import Plan, Sparsify, apply_plan
+from lab.models import Loaded, build_anatomy, load
+from lab.models.tiny import byte_tokenizer
+from lab.probes import mmlu as mmlu_probe
+from lab.probes import needle as needle_probe
+
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM
+PUBLISHED = {  # configs built in code: no download
+    "recurrentgemma-2b": ("recurrent_gemma", {}),  # RecurrentGemmaConfig's defaults are the 2B model
+    "recurrentgemma-9b": ("recurrent_gemma", dict(hidden_size=4096, lru_width=4096, num_hidden_layers=38,
+                                                  num_attention_heads=16, intermediate_size=12288 * 2)),
+    "jamba-mini-1.6": ("jamba", {}),  # JambaConfig's defaults: 32 layers, 16 experts (52 B parameters)
+}
+
+
+@dataclass
+class Timer:
+    device: torch.device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+
+
+def load_published(name: str, device: str, dtype: str) -> Loaded:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lab.models import ModelSpec, quiet_hf
+    from lab.models.loading import DTYPES, resolve_device
+
+    if name not in PUBLISHED:
+        raise LabError(f"unknown published config {name!r}; known: {', '.join(PUBLISHED)}")
+    quiet_hf()
+    model_type, overrides = PUBLISHED[name]
+    config = AutoConfig.for_model(model_type, vocab_size=260, pad_token_id=256, eos_token_id=257, bos_token_id=258,
+                                  **overrides)
+    target = resolve_device(device)
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if target.startswith("cuda") else torch.float32)
+    with torch.device(target):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype).eval()
+    return Loaded(model, byte_tokenizer(), build_anatomy(model), ModelSpec(f"config:{name}", device=target))
+
+
+def _needle_trials(loaded: Loaded, lengths, depths):
+    spec = needle_probe.NeedleSpec(task="passkey", lengths=tuple(lengths), depths=tuple(depths), max_new_tokens=40)
+    builder = needle_probe.PromptBuilder(loaded.tokenizer, spec)
+    return spec, [builder.build(*cell) for cell in spec.cells()]
+
+
+@torch.inference_mode()
+def _generate(loaded: Loaded, batch: list, new_tokens: int) -> None:
+    ids = torch.tensor([t.ids for t in batch], device=loaded.device)
+    loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=256, eos_token_id=None)
+
+
+def bench_needle(loaded: Loaded, lengths, depths, batch_size: int, reference_sample: int) -> dict:
+    """Grid time for lab versus one-prompt-at-a-time generate() on the reference recurrences."""
+    spec, trials = _needle_trials(loaded, lengths, depths)
+    was = fast.enabled()
+    _generate(loaded, trials[:1], 2)  # warm-up
+    try:
+        fast.enable(True)
+        with Timer(loaded.device) as lab_time:
+            for length in spec.lengths:
+                same = [t for t in trials if t.length == length]
+                for i in range(0, len(same), batch_size):
+                    _generate(loaded, same[i:i + batch_size], spec.max_new_tokens)
+        fast.enable(False)
+        step = max(1, len(trials) // reference_sample)
+        sample = trials[::step][:reference_sample]
+        with Timer(loaded.device) as ref_time:
+            for trial in sample:
+                _generate(loaded, [trial], spec.max_new_tokens)
+    finally:
+        fast.enable(was)
+    reference = ref_time.seconds * len(trials) / len(sample)
+    return {"prompts": len(trials), "new_tokens": spec.max_new_tokens, "lab_s": round(lab_time.seconds, 3),
+            "reference_s": round(reference, 3), "reference_measured_prompts": len(sample),
+            "speedup": round(reference / lab_time.seconds, 2)}
+
+
+@torch.inference_mode()
+def bench_mmlu(loaded: Loaded, questions: int, batch_size: int) -> dict:
+    qs, dev = mmlu_probe.load_questions(mmlu_probe.MMLUSpec(shots=5))
+    qs = qs[:questions]
+    scorer = mmlu_probe.Scorer(loaded.tokenizer, 5)
+    items = sorted(((q, scorer.ids(q, dev[q.subject])) for q in qs), key=lambda item: -len(item[1]))
+    plan = Plan()
+    with apply_plan(loaded.model, loaded.anatomy, plan) as tracker, Timer(loaded.device) as lab_time:
+        for i in range(0, len(items), batch_size):
+            mmlu_probe.run_batch(loaded, scorer, items[i:i + batch_size], tracker)
+    with Timer(loaded.device) as per_choice:
+        for q, ids in items:
+            for letter_id in scorer.choice_ids[1]:
+                loaded.model(input_ids=torch.tensor([ids + [letter_id]], device=loaded.device), use_cache=False)
+    return {"questions": len(items), "lab_qps": round(len(items) / lab_time.seconds, 2),
+            "per_choice_qps": round(len(items) / per_choice.seconds, 2),
+            "speedup": round(per_choice.seconds / lab_time.seconds, 2)}
+
+
+@torch.inference_mode()
+def bench_plans(loaded: Loaded, length: int, repeats: int) -> dict:
+    anatomy = loaded.anatomy
+    ids = torch.randint(0, 256, (1, length), device=loaded.device)
+    heads = {(l, 0) for l in anatomy.attention_layers}
+    most = max((b.heads for _, b in anatomy.blocks("attention")), default=1)
+    plans = {"none": None, "heads_off": Plan(heads_off=tuple(sorted(heads))),
+             "sparsify": Plan(sparsify=Sparsify(max(1, most // 7)))}
+    results = {}
+    eager = loaded.model.config._attn_implementation
+    for name, plan in plans.items():
+        times = []
+        for _ in range(repeats + 1):
+            with Timer(loaded.device) as timer:
+                if plan is None:
+                    loaded.model(input_ids=ids, use_cache=False)
+                else:
+                    with apply_plan(loaded.model, anatomy, plan):
+                        loaded.model(input_ids=ids, use_cache=False)
+            times.append(timer.seconds)
+        results[name] = sorted(times[1:])[len(times[1:]) // 2]
+    # sparsification needs eager attention: compare it against eager without a plan too
+    loaded.model.set_attn_implementation("eager")
+    try:
+        times = []
+        for _ in range(repeats + 1):
+            with Timer(loaded.device) as timer:
+                loaded.model(input_ids=ids, use_cache=False)
+            times.append(timer.seconds)
+    finally:
+        loaded.model.set_attn_implementation(eager)
+    eager_base = sorted(times[1:])[len(times[1:]) // 2]
+    return {"length": length, "base_s": round(results["none"], 5),
+            "heads_off_overhead": round(results["heads_off"] / results["none"] - 1, 4),
+            "sparsify_overhead_vs_eager": round(results["sparsify"] / eager_base - 1, 4),
+            "sparsify_overhead_vs_default": round(results["sparsify"] / results["none"] - 1, 4)}
+
+
+@torch.inference_mode()
+def bench_prefill(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
+    ids = torch.randint(0, 256, (batch, length), device=loaded.device)
+    loaded.model(input_ids=ids[:, :128], use_cache=False)
+    times = []
+    for _ in range(repeats):
+        with Timer(loaded.device) as timer:
+            loaded.model(input_ids=ids, use_cache=False)
+        times.append(timer.seconds)
+    seconds = sorted(times)[len(times) // 2]
+    params = loaded.num_params - loaded.model.get_input_embeddings().weight.numel()
+    flops = 2 * params * batch * length
+    for layer, block in loaded.anatomy.blocks("attention"):  # QK^T and PV, causal (window-limited)
+        span = min(length, block.window or length)
+        flops += 2 * 2 * batch * block.heads * block.head_dim * length * span / 2
+    out = {"length": length, "batch": batch, "tokens_per_s": round(batch * length / seconds), "tflops": round(
+        flops / seconds / 1e12, 2)}
+    if loaded.device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+        if peak:
+            out["fraction_of_bf16_peak"] = round(flops / seconds / 1e12 / peak, 3)
+    return out
+
+
+def run_bench(loaded: Loaded, quick: bool) -> dict:
+    on_gpu = loaded.device.type == "cuda"
+    lengths = needle_probe.PAPER_LENGTHS if on_gpu and not quick else (256, 512, 768, 1024)
+    depths = needle_probe.PAPER_DEPTHS if on_gpu and not quick else (0, 50, 100)
+    return {
+        "model": loaded.spec.name, "parameters": loaded.num_params,
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "needle_grid": bench_needle(loaded, lengths, depths, batch_size=10 if on_gpu else 4,
+                                    reference_sample=10 if on_gpu else 4),
+        "mmlu": bench_mmlu(loaded, questions=64 if on_gpu else 16, batch_size=16 if on_gpu else 8),
+        "plan_overhead": bench_plans(loaded, length=4096 if on_gpu else 1024, repeats=5 if on_gpu else 3),
+        "prefill": bench_prefill(loaded, length=4096 if on_gpu else 1024, batch=8 if on_gpu else 1,
+                                 repeats=5 if on_gpu else 3),
+    }
+
+
+def load_for_bench(model: str, device: str, dtype: str) -> Loaded:
+    if model.startswith("config:"):
+        return load_published(model.split(":", 1)[1], device, dtype)
+    from lab.models import ModelSpec
+
+    return load(ModelSpec(model, device=device, dtype=dtype))
