@@ -9,14 +9,20 @@ from textual_plotext import PlotextPlot
 from lab.tui.grid import heat
 
 
+def _fresh(widget: PlotextPlot, title: str):
+    """The widget's own plot, emptied, with a title."""
+    plt = widget.plt
+    plt.clear_data()
+    plt.clear_figure()
+    plt.title(title)
+    return plt
+
+
 class NeedleChart(PlotextPlot):
     """One line per run: accuracy (%) against context length."""
 
     def show(self, series: list[tuple[str, dict[str, float]]]) -> None:
-        plt = self.plt
-        plt.clear_data()
-        plt.clear_figure()
-        plt.title("needle accuracy by context length")
+        plt = _fresh(self, "needle accuracy by context length")
         plt.xlabel("tokens")
         plt.ylim(-5, 125)  # head room for the legend
         plt.yticks([0, 25, 50, 75, 100])
@@ -31,10 +37,7 @@ class MMLUChart(PlotextPlot):
     """Accuracy (%) per MMLU category, one bar group per run."""
 
     def show(self, series: list[tuple[str, dict[str, float]]]) -> None:
-        plt = self.plt
-        plt.clear_data()
-        plt.clear_figure()
-        plt.title("MMLU accuracy by category")
+        plt = _fresh(self, "MMLU accuracy by category")
         series = [(n, s) for n, s in series if s]
         if series:
             categories = sorted({c for _, s in series for c in s})

@@ -1,0 +1,77 @@
+"""The shipped toy model: loads offline through the normal path and shows the paper's effect."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lab.interventions import BlocksOff, Plan, apply_plan
+from lab.models import load
+from lab.models.loading import BUILTIN_DIR
+from lab.probes import needle
+from lab.probes.needle import NeedleSpec, PromptBuilder
+
+TOY = "toy-recurrentgemma"
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load(TOY)
+
+
+def test_shipped_files_load_offline(toy):
+    folder = BUILTIN_DIR / TOY
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)  # safetensors only
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 25 * 2**20
+    anatomy = toy.anatomy
+    assert anatomy.architecture == "recurrent_gemma" and anatomy.attention_layers == [2, 5]
+    assert anatomy.attention(2).heads == 8 and anatomy.attention(2).window == 2048
+    facts = json.loads((folder / "training.json").read_text())
+    assert facts["parameters"] == toy.num_params
+
+
+def _run(toy, plan, spec, cells):
+    builder = PromptBuilder(toy.tokenizer, spec)
+    trials = [builder.build(*c) for c in cells]
+    with apply_plan(toy.model, toy.anatomy, plan) as tracker:
+        return needle.run_batch(toy, spec, trials, tracker)
+
+
+@pytest.mark.parametrize("length", [256, 1024, 2048])
+def test_base_retrieves_and_attention_off_does_not(toy, length):
+    spec = NeedleSpec(task="passkey", mode="fast")
+    cells = [(length, depth, 0) for depth in (0, 50, 100)]
+    assert [r["exact"] for r in _run(toy, Plan(), spec, cells)] == [1.0, 1.0, 1.0]
+    assert [r["exact"] for r in _run(toy, Plan(off=(BlocksOff("attention"),)), spec, cells)] == [0.0, 0.0, 0.0]
+
+
+def test_generation_answers_the_pass_key(toy):
+    spec = NeedleSpec(task="passkey", mode="generate", max_new_tokens=8)
+    rows = _run(toy, Plan(), spec, [(768, 30, 0), (768, 70, 1)])
+    assert all(r["exact"] == 1.0 and r["answer"] in r["output"] for r in rows)
+
+
+def test_fast_mode_does_not_reward_copying_the_input():
+    """A model that predicts its own input token sees the answer under teacher forcing; it must not pass."""
+    loaded = load("random:jamba")
+
+    class Echo(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, **kwargs):
+            out = self.inner(input_ids=input_ids, **kwargs)
+            out.logits = torch.nn.functional.one_hot(input_ids, out.logits.shape[-1]).float()
+            return out
+
+    echo = type(loaded)(Echo(loaded.model), loaded.tokenizer, loaded.anatomy, loaded.spec)
+    spec = NeedleSpec(task="sentence", mode="fast")
+    trial = PromptBuilder(loaded.tokenizer, spec).build(600, 50, 0)
+    with apply_plan(loaded.model, loaded.anatomy, Plan()) as tracker:
+        row = needle.run_batch(echo, spec, [trial], tracker)[0]
+    assert needle.PAPER_NEEDLE[:-1] in row["output"] + "."  # the shifted echo contains the needle text...
+    assert row["exact"] == 0.0 and row["score"] < 0.2  # ...but not as the greedy continuation
