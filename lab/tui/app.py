@@ -426,7 +426,7 @@ class MainScreen(Screen):
             run = self.store.run(run_id)
             summary = summarize(self.store.trials(run_id)).get(probe)
             if summary:
-                series.append((f"#{run_id} {run['name']}", summary[key]))
+                series.append((f"#{run_id} {run['name'].split(' · ')[-1]}", summary[key]))  # its plan, in words
         rows = self.rows[probe]
         if rows:
             summary = summarize([{**r, "probe": probe} for r in rows])[probe]

@@ -29,7 +29,7 @@ class NeedleChart(PlotextPlot):
         for name, by_length in series:
             if by_length:
                 xs = [int(k) for k in by_length]
-                plt.plot(xs, [100 * v for v in by_length.values()], label=name[:24], marker="braille")
+                plt.plot(xs, [100 * v for v in by_length.values()], label=name[:30], marker="braille")
         self.refresh()
 
 
@@ -43,7 +43,7 @@ class MMLUChart(PlotextPlot):
             categories = sorted({c for _, s in series for c in s})
             labels = [c.replace("social_sciences", "social").replace("humanities", "human.") for c in categories]
             values = [[100 * s.get(c, 0.0) for c in categories] for _, s in series]
-            plt.multiple_bar(labels, values, labels=[n[:24] for n, _ in series])
+            plt.multiple_bar(labels, values, labels=[n[:30] for n, _ in series])
             plt.ylim(0, 100)
         self.refresh()
 
