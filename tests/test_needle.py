@@ -123,3 +123,20 @@ def test_fast_mode_agrees_with_generation_on_which_trials_pass():
     gen = _run(loaded, gen_spec, trials)
     fast = _run(loaded, NeedleSpec(task="passkey", mode="fast", max_new_tokens=5), trials)
     assert [r["exact"] for r in gen] == [r["exact"] for r in fast] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_chat_template_prompt_keeps_exact_length(tok):
+    from lab.models.tiny import byte_tokenizer
+
+    chat = byte_tokenizer()
+    chat.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    builder = PromptBuilder(chat, NeedleSpec(chat=True))
+    trial = builder.build(1200, 50, 0)
+    text = chat.decode(trial.ids)
+    assert len(trial.ids) == 1200
+    assert text.startswith("<|user|>\nCONTEXT:") and "<|assistant|>\nANSWER: Here is the most relevant" in text
+    start, end = trial.needle_spans[0]
+    assert needle.PAPER_NEEDLE in chat.decode(trial.ids[start:end])
+    with pytest.raises(LabError, match="no chat template"):
+        PromptBuilder(tok, NeedleSpec(chat=True)).build(1200, 50, 0)
