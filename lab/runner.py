@@ -62,15 +62,36 @@ def versions() -> dict:
             else platform.processor() or "cpu"}
 
 
+def auto_batch_size(requested: int, loaded: Loaded) -> int:
+    """0 means automatic: a large first try on a GPU (halved on out-of-memory), 8 on a CPU."""
+    if requested:
+        return requested
+    return 64 if loaded.device.type == "cuda" else 8
+
+
+def run_halving(fn, items: list, tracker) -> list[dict]:
+    """fn(items, tracker), splitting the batch in halves and retrying on out-of-memory."""
+    try:
+        return fn(items, tracker)
+    except torch.OutOfMemoryError:
+        if len(items) == 1:
+            raise LabError("out of memory on a single prompt; use shorter lengths, --dtype bfloat16 or "
+                           "--device device_map") from None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(items) // 2
+        return run_halving(fn, items[:half], tracker) + run_halving(fn, items[half:], tracker)
+
+
 def _needle_jobs(loaded: Loaded, spec, done: set[str]):
     builder = needle_probe.PromptBuilder(loaded.tokenizer, spec)
     todo = [c for c in spec.cells() if needle_probe.trial_key(spec.task, *c) not in done]
+    size = auto_batch_size(spec.batch_size, loaded)
+    answer = lambda cells, tracker: needle_probe.run_batch(loaded, spec, [builder.build(*c) for c in cells], tracker)  # noqa: E731
     for length in dict.fromkeys(n for n, _, _ in todo):
         cells = [c for c in todo if c[0] == length]
-        for i in range(0, len(cells), spec.batch_size):
-            batch = cells[i:i + spec.batch_size]
-            yield len(batch), lambda tracker, batch=batch: needle_probe.run_batch(
-                loaded, spec, [builder.build(*c) for c in batch], tracker)
+        for i in range(0, len(cells), size):
+            yield answer, cells[i:i + size]
 
 
 def _mmlu_jobs(loaded: Loaded, spec, done: set[str]):
@@ -78,9 +99,10 @@ def _mmlu_jobs(loaded: Loaded, spec, done: set[str]):
     scorer = mmlu_probe.Scorer(loaded.tokenizer, spec.shots)
     items = [(q, scorer.ids(q, dev[q.subject])) for q in questions if q.key not in done]
     items.sort(key=lambda item: -len(item[1]))  # longest first: out-of-memory shows up at once
-    for i in range(0, len(items), spec.batch_size):
-        batch = items[i:i + spec.batch_size]
-        yield len(batch), lambda tracker, batch=batch: mmlu_probe.run_batch(loaded, scorer, batch, tracker)
+    size = auto_batch_size(spec.batch_size, loaded)
+    answer = lambda batch, tracker: mmlu_probe.run_batch(loaded, scorer, batch, tracker)  # noqa: E731
+    for i in range(0, len(items), size):
+        yield answer, items[i:i + size]
 
 
 def _count(preset: Preset, loaded: Loaded) -> int:
@@ -125,13 +147,13 @@ def run(preset: Preset, store: Store, loaded: Loaded | None = None,
     try:
         for name, spec, jobs in probes:
             with apply_plan(loaded.model, loaded.anatomy, plan, means) as tracker:
-                for size, job in jobs(loaded, spec, done_keys[name]):
+                for answer, batch in jobs(loaded, spec, done_keys[name]):
                     if cancel is not None and cancel.is_set():
                         status = "cancelled"
                         break
-                    rows = job(tracker)
+                    rows = run_halving(answer, batch, tracker)
                     store.add_trials(run_id, name, rows)
-                    done, fresh = done + size, fresh + size
+                    done, fresh = done + len(batch), fresh + len(batch)
                     rate = (time.monotonic() - started) / fresh
                     yield Progress(name, rows, done, total, rate * (total - done))
             if status == "cancelled":

@@ -166,3 +166,27 @@ def test_cli_heads_writes_a_keep_preset(tmp_path, capsys):
     assert values == sorted(values)  # entropy: lowest first
     plan = presets.load(str(out)).plan_for(tiny("jamba").anatomy)
     assert plan.keep_heads == tuple(tuple(k) for k in data["keep"])
+
+
+def test_out_of_memory_halves_the_batch():
+    import torch
+
+    from lab.runner import run_halving
+
+    sizes = []
+
+    def answer(items, tracker):
+        sizes.append(len(items))
+        if len(items) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return [{"key": i} for i in items]
+
+    rows = run_halving(answer, list(range(7)), tracker=None)
+    assert [r["key"] for r in rows] == list(range(7))
+    assert sizes == [7, 3, 1, 2, 4, 2, 2]  # 7 -> 3 + 4; 3 -> 1 + 2; 4 -> 2 + 2
+
+    def always(items, tracker):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(LabError, match="out of memory on a single prompt"):
+        run_halving(always, [1, 2], tracker=None)

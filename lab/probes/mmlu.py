@@ -62,13 +62,13 @@ class MMLUSpec:
     subjects: tuple[str, ...] = ()  # empty: all
     limit: int = 0  # questions per subject, 0: all
     split: str = "test"
-    batch_size: int = 8
+    batch_size: int = 0  # 0: automatic (halved and retried on out-of-memory)
 
     def validate(self) -> MMLUSpec:
         if not 0 <= self.shots <= 5:
             raise LabError(f"mmlu.shots: {self.shots} is out of range (0..5)")
-        if self.limit < 0 or self.batch_size < 1:
-            raise LabError("mmlu: limit must be >= 0 and batch_size >= 1")
+        if self.limit < 0 or self.batch_size < 0:
+            raise LabError("mmlu: limit and batch_size must be >= 0 (batch_size 0: automatic)")
         if self.split not in ("test", "val", "validation", "dev"):
             raise LabError(f"mmlu.split: {self.split!r} is not test, val or dev")
         return self

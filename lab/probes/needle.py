@@ -50,7 +50,7 @@ class NeedleSpec:
     question: str = PAPER_QUESTION
     answer_prefix: str = PAPER_ANSWER_PREFIX
     keys: int = 4  # RULER: needles per prompt (keys, values or queries)
-    batch_size: int = 8
+    batch_size: int = 0  # 0: automatic (halved and retried on out-of-memory)
 
     def validate(self) -> NeedleSpec:
         if self.task not in TASKS:
@@ -61,8 +61,8 @@ class NeedleSpec:
             raise LabError("needle.lengths: give positive token counts")
         if not self.depths or any(not 0 <= d <= 100 for d in self.depths):
             raise LabError("needle.depths: give percentages between 0 and 100")
-        if self.trials < 1 or self.batch_size < 1 or self.max_new_tokens < 1 or self.keys < 1:
-            raise LabError("needle: trials, batch_size, max_new_tokens and keys must be at least 1")
+        if self.trials < 1 or self.batch_size < 0 or self.max_new_tokens < 1 or self.keys < 1:
+            raise LabError("needle: trials, max_new_tokens and keys must be at least 1, batch_size >= 0 (0: auto)")
         return self
 
     def cells(self) -> list[tuple[int, float, int]]:
