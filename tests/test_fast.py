@@ -53,3 +53,28 @@ def test_recurrentgemma_fast_path_matches_reference_with_plans():
     for reference, quick in zip(outs[False], outs[True]):
         assert torch.allclose(reference, quick, atol=1e-4)
     assert fast.enabled()
+
+
+def test_jamba_parallel_selective_scan_matches_reference(monkeypatch):
+    from lab.fast import mamba
+
+    monkeypatch.setattr(mamba, "PARALLEL_DEVICES", {"cuda", "cpu"})  # CI has no GPU: run that path here
+    loaded = load("random:jamba")
+    model, anatomy = loaded.model, loaded.anatomy
+    x = ids(2, 160)
+    plan = Plan(off=(BlocksOff("attention"),), heads_off=(), phase="generation")
+    outs = {}
+    try:
+        for on in (False, True):
+            fast.enable(on)
+            with torch.no_grad():
+                full = model(input_ids=x).logits
+                with apply_plan(model, anatomy, plan, prompt_len=100):
+                    planned = model(input_ids=x).logits
+                gen = model.generate(x[:, :40], max_new_tokens=5, do_sample=False, output_logits=True,
+                                     return_dict_in_generate=True, pad_token_id=256, eos_token_id=None)
+            outs[on] = (full, planned, torch.stack(gen.logits, 1))
+    finally:
+        fast.enable(True)
+    for reference, quick in zip(outs[False], outs[True]):
+        assert torch.allclose(reference, quick, atol=1e-4)

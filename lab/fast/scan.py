@@ -36,9 +36,12 @@ def _rglru_scan(self, hidden_states, recurrent_gate, reset, recurrent_states, ac
 
 
 def enable(on: bool = True) -> None:
-    """Switch lab's fast RG-LRU scan on (default) or back to transformers' reference loop."""
+    """Switch lab's parallel scans on (default) or back to transformers' reference loops."""
     from transformers.models.recurrent_gemma import modeling_recurrent_gemma as rg
 
+    from lab.fast import mamba
+
+    mamba.enable(on)
     if _state["original"] is None:
         _state["original"] = rg.RecurrentGemmaRglru._rnn_scan
     rg.RecurrentGemmaRglru._rnn_scan = _rglru_scan if on else _state["original"]
