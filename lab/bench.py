@@ -126,54 +126,46 @@ def bench_mmlu(loaded: Loaded, questions: int, batch_size: int) -> dict:
             "speedup": round(per_choice.seconds / lab_time.seconds, 2)}
 
 
+def _median_seconds(loaded: Loaded, fn, repeats: int) -> float:
+    """Median wall time of fn() over `repeats` runs after one warm-up."""
+    times = []
+    for _ in range(repeats + 1):
+        with Timer(loaded.device) as timer:
+            fn()
+        times.append(timer.seconds)
+    times = sorted(times[1:])
+    return times[len(times) // 2]
+
+
 @torch.inference_mode()
 def bench_plans(loaded: Loaded, length: int, repeats: int) -> dict:
-    anatomy = loaded.anatomy
+    anatomy, model = loaded.anatomy, loaded.model
     ids = torch.randint(0, 256, (1, length), device=loaded.device)
-    heads = {(l, 0) for l in anatomy.attention_layers}
     most = max((b.heads for _, b in anatomy.blocks("attention")), default=1)
-    plans = {"none": None, "heads_off": Plan(heads_off=tuple(sorted(heads))),
+    plans = {"none": Plan(), "heads_off": Plan(heads_off=tuple((l, 0) for l in anatomy.attention_layers)),
              "sparsify": Plan(sparsify=Sparsify(max(1, most // 7)))}
-    results = {}
-    eager = loaded.model.config._attn_implementation
-    for name, plan in plans.items():
-        times = []
-        for _ in range(repeats + 1):
-            with Timer(loaded.device) as timer:
-                if plan is None:
-                    loaded.model(input_ids=ids, use_cache=False)
-                else:
-                    with apply_plan(loaded.model, anatomy, plan):
-                        loaded.model(input_ids=ids, use_cache=False)
-            times.append(timer.seconds)
-        results[name] = sorted(times[1:])[len(times[1:]) // 2]
-    # sparsification needs eager attention: compare it against eager without a plan too
-    loaded.model.set_attn_implementation("eager")
+
+    def forward(plan: Plan) -> None:
+        with apply_plan(model, anatomy, plan):
+            model(input_ids=ids, use_cache=False)
+
+    seconds = {name: _median_seconds(loaded, lambda plan=plan: forward(plan), repeats) for name, plan in plans.items()}
+    default = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # sparsification needs eager attention: compare against eager too
     try:
-        times = []
-        for _ in range(repeats + 1):
-            with Timer(loaded.device) as timer:
-                loaded.model(input_ids=ids, use_cache=False)
-            times.append(timer.seconds)
+        eager = _median_seconds(loaded, lambda: forward(Plan()), repeats)
     finally:
-        loaded.model.set_attn_implementation(eager)
-    eager_base = sorted(times[1:])[len(times[1:]) // 2]
-    return {"length": length, "base_s": round(results["none"], 5),
-            "heads_off_overhead": round(results["heads_off"] / results["none"] - 1, 4),
-            "sparsify_overhead_vs_eager": round(results["sparsify"] / eager_base - 1, 4),
-            "sparsify_overhead_vs_default": round(results["sparsify"] / results["none"] - 1, 4)}
+        model.set_attn_implementation(default)
+    return {"length": length, "base_s": round(seconds["none"], 5),
+            "heads_off_overhead": round(seconds["heads_off"] / seconds["none"] - 1, 4),
+            "sparsify_overhead_vs_eager": round(seconds["sparsify"] / eager - 1, 4),
+            "sparsify_overhead_vs_default": round(seconds["sparsify"] / seconds["none"] - 1, 4)}
 
 
 @torch.inference_mode()
 def bench_prefill(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
     ids = torch.randint(0, 256, (batch, length), device=loaded.device)
-    loaded.model(input_ids=ids[:, :128], use_cache=False)
-    times = []
-    for _ in range(repeats):
-        with Timer(loaded.device) as timer:
-            loaded.model(input_ids=ids, use_cache=False)
-        times.append(timer.seconds)
-    seconds = sorted(times)[len(times) // 2]
+    seconds = _median_seconds(loaded, lambda: loaded.model(input_ids=ids, use_cache=False), repeats)
     params = loaded.num_params - loaded.model.get_input_embeddings().weight.numel()
     flops = 2 * params * batch * length
     for layer, block in loaded.anatomy.blocks("attention"):  # QK^T and PV, causal (window-limited)

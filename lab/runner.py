@@ -87,7 +87,10 @@ def _needle_jobs(loaded: Loaded, spec, done: set[str]):
     builder = needle_probe.PromptBuilder(loaded.tokenizer, spec)
     todo = [c for c in spec.cells() if needle_probe.trial_key(spec.task, *c) not in done]
     size = auto_batch_size(spec.batch_size, loaded)
-    answer = lambda cells, tracker: needle_probe.run_batch(loaded, spec, [builder.build(*c) for c in cells], tracker)  # noqa: E731
+
+    def answer(cells, tracker):
+        return needle_probe.run_batch(loaded, spec, [builder.build(*c) for c in cells], tracker)
+
     for length in dict.fromkeys(n for n, _, _ in todo):
         cells = [c for c in todo if c[0] == length]
         for i in range(0, len(cells), size):
@@ -100,7 +103,10 @@ def _mmlu_jobs(loaded: Loaded, spec, done: set[str]):
     items = [(q, scorer.ids(q, dev[q.subject])) for q in questions if q.key not in done]
     items.sort(key=lambda item: -len(item[1]))  # longest first: out-of-memory shows up at once
     size = auto_batch_size(spec.batch_size, loaded)
-    answer = lambda batch, tracker: mmlu_probe.run_batch(loaded, scorer, batch, tracker)  # noqa: E731
+
+    def answer(batch, tracker):
+        return mmlu_probe.run_batch(loaded, scorer, batch, tracker)
+
     for i in range(0, len(items), size):
         yield answer, items[i:i + size]
 

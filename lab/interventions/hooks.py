@@ -86,6 +86,7 @@ def _head_mix(x: torch.Tensor, keep: torch.Tensor, heads: int, mean: torch.Tenso
 
 
 def _static_heads_prehook(tracker: PhaseTracker, heads: int, removed: set[int], mean):
+    """Idempotent (x*keep + mean*(1-keep) twice is the same), so the sparsifier may call o_proj again."""
     keep = torch.ones(heads)
     keep[sorted(removed)] = 0
 

@@ -237,7 +237,6 @@ class MainScreen(Screen):
             self.rows[probe] = []
             bar.update(total=event.total, progress=event.skipped)
             self._status(f"{probe} run {event.run_id}: {event.plan}")
-            self.current_run = event.run_id
         elif isinstance(event, Progress):
             self.rows[probe].extend(event.rows)
             bar.update(progress=event.done)
@@ -494,8 +493,7 @@ class LabApp(App):
         self.push_screen(screen)
 
     def action_help(self) -> None:
-        bindings = [b for b in list(self.BINDINGS) + list(MainScreen.BINDINGS) + list(LayerGrid.BINDINGS)]
-        self.push_screen(HelpScreen(bindings))
+        self.push_screen(HelpScreen(list(self.BINDINGS) + MainScreen.BINDINGS + LayerGrid.BINDINGS))
 
     def action_screenshot_here(self) -> None:
         path = self.save_screenshot(path="screenshots")
