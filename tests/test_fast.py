@@ -32,26 +32,30 @@ def test_gradients_are_finite_through_resets():
     assert torch.isfinite(a.grad).all() and torch.isfinite(x.grad).all()
 
 
-def test_recurrentgemma_fast_path_matches_reference_with_plans():
-    loaded = load("random:recurrent_gemma")
+def _reference_vs_fast(loaded, x, plan, prompt_len, prompt):
+    """(full logits, planned logits, cached-generate step logits) with lab.fast off and on."""
     model, anatomy = loaded.model, loaded.anatomy
-    x = ids(2, 200)
-    plan = Plan(off=(BlocksOff("attention"),), phase="generation")
     outs = {}
     try:
         for on in (False, True):
             fast.enable(on)
             with torch.no_grad():
                 full = model(input_ids=x).logits
-                with apply_plan(model, anatomy, plan, prompt_len=150):
+                with apply_plan(model, anatomy, plan, prompt_len=prompt_len):
                     planned = model(input_ids=x).logits
-                gen = model.generate(x[:, :50], max_new_tokens=5, do_sample=False, output_logits=True,
+                gen = model.generate(x[:, :prompt], max_new_tokens=5, do_sample=False, output_logits=True,
                                      return_dict_in_generate=True, pad_token_id=256, eos_token_id=None)
             outs[on] = (full, planned, torch.stack(gen.logits, 1))
     finally:
         fast.enable(True)
-    for reference, quick in zip(outs[False], outs[True]):
-        assert torch.allclose(reference, quick, atol=1e-4)
+    return outs[False], outs[True]
+
+
+def test_recurrentgemma_fast_path_matches_reference_with_plans():
+    plan = Plan(off=(BlocksOff("attention"),), phase="generation")
+    reference, quick = _reference_vs_fast(load("random:recurrent_gemma"), ids(2, 200), plan, 150, 50)
+    for a, b in zip(reference, quick):
+        assert torch.allclose(a, b, atol=1e-4)
     assert fast.enabled()
 
 
@@ -59,22 +63,7 @@ def test_jamba_parallel_selective_scan_matches_reference(monkeypatch):
     from lab.fast import mamba
 
     monkeypatch.setattr(mamba, "PARALLEL_DEVICES", {"cuda", "cpu"})  # CI has no GPU: run that path here
-    loaded = load("random:jamba")
-    model, anatomy = loaded.model, loaded.anatomy
-    x = ids(2, 160)
-    plan = Plan(off=(BlocksOff("attention"),), heads_off=(), phase="generation")
-    outs = {}
-    try:
-        for on in (False, True):
-            fast.enable(on)
-            with torch.no_grad():
-                full = model(input_ids=x).logits
-                with apply_plan(model, anatomy, plan, prompt_len=100):
-                    planned = model(input_ids=x).logits
-                gen = model.generate(x[:, :40], max_new_tokens=5, do_sample=False, output_logits=True,
-                                     return_dict_in_generate=True, pad_token_id=256, eos_token_id=None)
-            outs[on] = (full, planned, torch.stack(gen.logits, 1))
-    finally:
-        fast.enable(True)
-    for reference, quick in zip(outs[False], outs[True]):
-        assert torch.allclose(reference, quick, atol=1e-4)
+    plan = Plan(off=(BlocksOff("attention"),), phase="generation")
+    reference, quick = _reference_vs_fast(load("random:jamba"), ids(2, 160), plan, 100, 40)
+    for a, b in zip(reference, quick):
+        assert torch.allclose(a, b, atol=1e-4)
