@@ -27,7 +27,7 @@ class PhaseTracker:
         self.phase = phase
         self.prompt_len = prompt_len  # set by callers that run a teacher-forced forward
         self._auto_len: int | None = None
-        self.positions: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
 
     def pre_hook(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -42,15 +42,13 @@ class PhaseTracker:
             positions = positions[0]
         if int(positions[0, 0]) == 0:
             self._auto_len = ids.shape[-1]
-        self.positions = positions
+        prompt_len = self.prompt_len if self.prompt_len is not None else self._auto_len
+        generation = positions >= (prompt_len if prompt_len is not None else 0)
+        self._mask = generation if self.phase == "generation" else ~generation  # once per forward call
 
     def mask(self) -> torch.Tensor | None:
         """(B|1, T) bool: positions the plan acts on now; None means every position."""
-        if self.phase == "both":
-            return None
-        prompt_len = self.prompt_len if self.prompt_len is not None else self._auto_len
-        generation = self.positions >= (prompt_len if prompt_len is not None else 0)
-        return generation if self.phase == "generation" else ~generation
+        return None if self.phase == "both" else self._mask
 
 
 def _first(output):
@@ -151,7 +149,8 @@ def apply_plan(model: torch.nn.Module, anatomy: Anatomy, plan: Plan, means: Mean
         if plan.is_empty:
             yield tracker
             return
-        handles.append(base_module(model, anatomy).register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
+        if plan.phase != "both":  # positions only matter when the plan acts on one phase
+            handles.append(base_module(model, anatomy).register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
         for layer, heads in plan.heads_removed(anatomy).items():
             block = anatomy.attention(layer)
             pre = _static_heads_prehook(tracker, block.heads, heads, means.get(("heads", layer)))
