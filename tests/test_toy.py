@@ -75,3 +75,16 @@ def test_fast_mode_does_not_reward_copying_the_input():
         row = needle.run_batch(echo, spec, [trial], tracker)[0]
     assert needle.PAPER_NEEDLE[:-1] in row["output"] + "."  # the shifted echo contains the needle text...
     assert row["exact"] == 0.0 and row["score"] < 0.2  # ...but not as the greedy continuation
+
+
+def test_top_retrieval_heads_carry_retrieval(toy):
+    """Keeping only the top 15 % of heads by retrieval score keeps the pass key; removing them loses it."""
+    from lab.probes.heads import head_scores, keep_set, ranking
+
+    scores = head_scores(toy, NeedleSpec(task="passkey", lengths=(512,), depths=(20, 80), max_new_tokens=8))
+    keep = keep_set(ranking(scores, "retrieval"), 0.15)
+    assert len(keep) == 3
+    spec = NeedleSpec(task="passkey", mode="fast")
+    cells = [(1024, depth, 1) for depth in (10, 50, 90)]
+    assert [r["exact"] for r in _run(toy, Plan(keep_heads=tuple(keep)), spec, cells)] == [1.0, 1.0, 1.0]
+    assert [r["exact"] for r in _run(toy, Plan(heads_off=tuple(keep)), spec, cells)] == [0.0, 0.0, 0.0]

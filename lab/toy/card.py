@@ -21,7 +21,7 @@ from lab.models.loading import BUILTIN_DIR
 from lab.runner import Finished, run
 from lab.store import Store
 
-CONDITIONS = ("base", "attention-off", "ssm-off", "sparse-15")
+CONDITIONS = ("base", "attention-off", "ssm-off", "sparse-15", "retrieval-heads")
 
 
 def measure(model: str) -> dict:
@@ -72,6 +72,8 @@ def render(model: str, results: dict, training: dict) -> str:
               "- Switching the recurrent blocks off also breaks retrieval (no target in the issue; reported).",
               "- Keeping 1 of 8 heads per token (the paper's entropy-based sparsification, 12.5 %) does **not** keep "
               "retrieval in this toy, unlike the paper's large models.",
+              "- A static keep-set of the 3 heads with the highest retrieval score (Wu et al.; `lab heads`) is enough: "
+              "keeping only them (19 % of heads) keeps the pass key (tests: removing them loses it).",
               "- The toy-knowledge set was **not learned** (accuracy at chance, 25 %): the target of 80 % is not met. "
               "The facts are in the training mixture but 2,850 steps of a 2.3 M-parameter model were not enough.",
               "- The attention window (2048) covers every probe context, so the window effect of RecurrentGemma-2B's "
