@@ -183,10 +183,10 @@ def console(args) -> int:
     from lab.tui.app import LabApp
 
     preset = presets.load(args.preset) if args.preset else None
-    spec = preset.model if preset else ModelSpec()
-    if args.model:
-        spec = ModelSpec(args.model) if preset is None else preset.with_model(args.model).model
-    app = LabApp(spec, preset.with_model(spec.name) if preset else None, Store(args.db), args.preset)
+    if preset and args.model:
+        preset = preset.with_model(args.model)
+    spec = preset.model if preset else ModelSpec(args.model or ModelSpec().name)
+    app = LabApp(spec, preset, Store(args.db), args.preset)
     app.run(mouse=not args.no_mouse)
     return 0
 

@@ -97,8 +97,7 @@ def _needle_jobs(loaded: Loaded, spec, done: set[str]):
             yield answer, cells[i:i + size]
 
 
-def _mmlu_jobs(loaded: Loaded, spec, done: set[str]):
-    questions, dev = mmlu_probe.load_questions(spec)
+def _mmlu_jobs(loaded: Loaded, spec, done: set[str], questions: list, dev: dict):
     scorer = mmlu_probe.Scorer(loaded.tokenizer, spec.shots)
     items = [(q, scorer.ids(q, dev[q.subject])) for q in questions if q.key not in done]
     items.sort(key=lambda item: -len(item[1]))  # longest first: out-of-memory shows up at once
@@ -111,15 +110,18 @@ def _mmlu_jobs(loaded: Loaded, spec, done: set[str]):
         yield answer, items[i:i + size]
 
 
-def _count(preset: Preset, loaded: Loaded) -> int:
-    """Trials in the preset; also builds the shortest needle prompt so a bad length fails up front."""
-    total = 0
+def _probes(preset: Preset, loaded: Loaded) -> list[tuple[str, int, object]]:
+    """(name, trials, jobs(done keys)) per probe; bad lengths or missing data fail here, up front."""
+    probes = []
     if preset.needle:
-        needle_probe.PromptBuilder(loaded.tokenizer, preset.needle).build(min(preset.needle.lengths), 0, 0)
-        total += len(preset.needle.cells())
+        spec = preset.needle
+        needle_probe.PromptBuilder(loaded.tokenizer, spec).build(min(spec.lengths), 0, 0)
+        probes.append(("needle", len(spec.cells()), lambda done: _needle_jobs(loaded, spec, done)))
     if preset.mmlu:
-        total += len(mmlu_probe.load_questions(preset.mmlu)[0])
-    return total
+        questions, dev = mmlu_probe.load_questions(preset.mmlu)
+        probes.append(("mmlu", len(questions),
+                       lambda done: _mmlu_jobs(loaded, preset.mmlu, done, questions, dev)))
+    return probes
 
 
 def _means(loaded: Loaded, plan: Plan):
@@ -138,22 +140,21 @@ def run(preset: Preset, store: Store, loaded: Loaded | None = None,
         raise LabError("the preset names no probe: add a [needle] or [mmlu] table")
     loaded = loaded or load(preset.model)
     plan = preset.plan_for(loaded.anatomy)
-    total = _count(preset, loaded)
-    name = f"{preset.name} · {plan.describe(loaded.anatomy)}"
-    run_id = store.open_run(preset.fingerprint(), name, preset.model.name, plan.to_dict(),
+    words = plan.describe(loaded.anatomy)
+    probes = _probes(preset, loaded)
+    total = sum(trials for _, trials, _ in probes)
+    run_id = store.open_run(preset.fingerprint(), f"{preset.name} · {words}", preset.model.name, plan.to_dict(),
                             preset.to_toml(), versions())
-    probes = [(name, spec, jobs) for name, spec, jobs in
-              (("needle", preset.needle, _needle_jobs), ("mmlu", preset.mmlu, _mmlu_jobs)) if spec is not None]
     done_keys = {name: store.done_keys(run_id, name) for name, _, _ in probes}
     done = sum(len(k) for k in done_keys.values())
-    yield Started(run_id, total, done, plan.describe(loaded.anatomy))
+    yield Started(run_id, total, done, words)
     means = _means(loaded, plan)
     status = "failed"
     started, fresh = time.monotonic(), 0
     try:
-        for name, spec, jobs in probes:
+        for name, _, jobs in probes:
             with apply_plan(loaded.model, loaded.anatomy, plan, means) as tracker:
-                for answer, batch in jobs(loaded, spec, done_keys[name]):
+                for answer, batch in jobs(done_keys[name]):
                     if cancel is not None and cancel.is_set():
                         status = "cancelled"
                         break

@@ -64,14 +64,8 @@ def retrieval_hits(top: list[int], ids: list[int], answer: list[int], span: set[
 
 
 def _greedy(loaded, plan: Plan, prompt: list[int], max_new_tokens: int) -> list[int]:
-    tok = loaded.tokenizer
-    ids = torch.tensor([prompt], device=loaded.device)
     with apply_plan(loaded.model, loaded.anatomy, plan):
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                    do_sample=False, eos_token_id=tok.eos_token_id,
-                                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    answer = out[0, len(prompt):].tolist()
-    return answer[: answer.index(tok.eos_token_id)] if tok.eos_token_id in answer else answer
+        return needle_probe.greedy(loaded, torch.tensor([prompt], device=loaded.device), max_new_tokens)[0]
 
 
 def _answer_attention(loaded, plan: Plan, prompt: list[int], answer: list[int]) -> dict[int, torch.Tensor]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lab.errors import LabError
+from lab.probes.needle import pad_id
 
 LETTERS = ("A", "B", "C", "D")
 TOY_DIR = Path(__file__).resolve().parent.parent / "toy" / "data" / "toy-knowledge"
@@ -204,7 +205,7 @@ class Scorer:
 def run_batch(loaded, scorer: Scorer, batch: list[tuple[Question, list[int]]], tracker) -> list[dict]:
     """Score a batch (right-padded, one forward); return one result row per question."""
     tok = loaded.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     width = max(len(ids) for _, ids in batch)
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for _, ids in batch], device=loaded.device)
     mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for _, ids in batch], device=loaded.device)

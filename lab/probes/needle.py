@@ -219,6 +219,21 @@ def score(trial: Trial, output: str, task: str) -> dict:
     return result
 
 
+def pad_id(tok) -> int:
+    """The tokenizer's pad id, else its eos id, else 0 (right padding and generate's filler)."""
+    return next(v for v in (tok.pad_token_id, tok.eos_token_id, 0) if v is not None)
+
+
+@torch.inference_mode()
+def greedy(loaded, prompt: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations with cache (under whatever plan is active), each cut at eos."""
+    tok = loaded.tokenizer
+    out = loaded.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=pad_id(tok), eos_token_id=tok.eos_token_id)
+    rows = out[:, prompt.shape[1]:].tolist()
+    return [row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row for row in rows]
+
+
 @torch.inference_mode()
 def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[dict]:
     """Answer a batch of same-length trials under the active plan; return one result row each."""
@@ -227,15 +242,11 @@ def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[di
     prompt = torch.tensor([t.ids for t in trials], device=device)
     if spec.mode == "generate":
         tracker.prompt_len = None  # the prefill call defines the prompt
-        eos = tok.eos_token_id
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=spec.max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
-                             eos_token_id=eos)
-        outputs = [tok.decode(row[prompt.shape[1]:], skip_special_tokens=True) for row in out]
+        outputs = [tok.decode(ids, skip_special_tokens=True) for ids in greedy(loaded, prompt, spec.max_new_tokens)]
     else:
         answers = [tok(t.answer, add_special_tokens=False)["input_ids"] for t in trials]
         width = max(len(a) for a in answers)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad = pad_id(tok)
         full = torch.tensor([t.ids + a + [pad] * (width - len(a)) for t, a in zip(trials, answers)], device=device)
         tracker.prompt_len = prompt.shape[1]
         logits = model(input_ids=full, use_cache=False).logits

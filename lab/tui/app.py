@@ -244,7 +244,7 @@ class MainScreen(Screen):
             self._status(f"{probe}: {event.done}/{event.total} trials{eta}")
             self._replot()
         elif isinstance(event, Finished):
-            self.rows[probe] = [r for r in self.store.trials(event.run_id, probe)]
+            self.rows[probe] = self.store.trials(event.run_id, probe)
             summary = event.summary.get(probe, {})
             self._status(f"{probe} run {event.run_id} {event.status}: accuracy "
                          f"{100 * summary.get('accuracy', 0):.1f} %")
