@@ -57,6 +57,7 @@ def load_published(name: str, device: str, dtype: str) -> Loaded:
     if name not in PUBLISHED:
         raise LabError(f"unknown published config {name!r}; known: {', '.join(PUBLISHED)}")
     quiet_hf()
+    fast.enable(True)  # as load() does for every model
     model_type, overrides = PUBLISHED[name]
     config = AutoConfig.for_model(model_type, vocab_size=260, pad_token_id=256, eos_token_id=257, bos_token_id=258,
                                   **overrides)
@@ -75,30 +76,31 @@ def _needle_trials(loaded: Loaded, lengths, depths):
 
 
 @torch.inference_mode()
-def _generate(loaded: Loaded, batch: list, new_tokens: int) -> None:
-    ids = torch.tensor([t.ids for t in batch], device=loaded.device)
-    loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=256, eos_token_id=None)
+def _reference_generate(loaded: Loaded, trial, new_tokens: int) -> None:
+    """One prompt through transformers' generate() (stops at eos), as the paper's harness runs it."""
+    needle_probe.greedy(loaded, torch.tensor([trial.ids], device=loaded.device), new_tokens)
 
 
 def bench_needle(loaded: Loaded, lengths, depths, batch_size: int, reference_sample: int) -> dict:
-    """Grid time for lab versus one-prompt-at-a-time generate() on the reference recurrences."""
+    """Grid time for lab's needle probe versus one-prompt-at-a-time generate() on the reference recurrences."""
     spec, trials = _needle_trials(loaded, lengths, depths)
     was = fast.enabled()
-    _generate(loaded, trials[:1], 2)  # warm-up
     try:
         fast.enable(True)
-        with Timer(loaded.device) as lab_time:
-            for length in spec.lengths:
-                same = [t for t in trials if t.length == length]
-                for i in range(0, len(same), batch_size):
-                    _generate(loaded, same[i:i + batch_size], spec.max_new_tokens)
+        with apply_plan(loaded.model, loaded.anatomy, Plan()) as tracker:
+            needle_probe.run_batch(loaded, spec, trials[:2], tracker)  # warm-up
+            with Timer(loaded.device) as lab_time:
+                for length in spec.lengths:
+                    same = [t for t in trials if t.length == length]
+                    for i in range(0, len(same), batch_size):
+                        needle_probe.run_batch(loaded, spec, same[i:i + batch_size], tracker)
         fast.enable(False)
+        _reference_generate(loaded, trials[0], 2)  # warm-up
         step = max(1, len(trials) // reference_sample)
         sample = trials[::step][:reference_sample]
         with Timer(loaded.device) as ref_time:
             for trial in sample:
-                _generate(loaded, [trial], spec.max_new_tokens)
+                _reference_generate(loaded, trial, spec.max_new_tokens)
     finally:
         fast.enable(was)
     reference = ref_time.seconds * len(trials) / len(sample)
@@ -191,7 +193,7 @@ def run_bench(loaded: Loaded, quick: bool) -> dict:
         "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
         "needle_grid": bench_needle(loaded, lengths, depths, batch_size=10 if on_gpu else 4,
                                     reference_sample=10 if on_gpu else 4),
-        "mmlu": bench_mmlu(loaded, questions=64 if on_gpu else 16, batch_size=16 if on_gpu else 8),
+        "mmlu": bench_mmlu(loaded, questions=128 if on_gpu else 16, batch_size=64 if on_gpu else 8),
         "plan_overhead": bench_plans(loaded, length=4096 if on_gpu else 1024, repeats=5 if on_gpu else 3),
         "prefill": bench_prefill(loaded, length=4096 if on_gpu else 1024, batch=8 if on_gpu else 1,
                                  repeats=5 if on_gpu else 3),

@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from lab import fast
-from lab.interventions import BlocksOff, Plan, apply_plan
-from lab.models import load
+from lab.interventions import BlocksOff, Plan, Sparsify, apply_plan
+from lab.models import ModelSpec, load
 
 from conftest import ids
 
@@ -32,6 +33,23 @@ def test_gradients_are_finite_through_resets():
     assert torch.isfinite(a.grad).all() and torch.isfinite(x.grad).all()
 
 
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the Triton scan)")
+
+
+@gpu
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_triton_scan_matches_the_doubling_scan(out_dtype):
+    g = torch.Generator().manual_seed(0)
+    a, x, h0 = torch.rand(3, 1000, 300, generator=g), torch.randn(3, 1000, 300, generator=g), torch.randn(3, 300)
+    a[:, 0] = 0
+    with torch.no_grad():
+        out, last = fast.linear_scan(a.cuda(), x.cuda(), h0.cuda(), out_dtype=out_dtype)
+        ref_out, ref_last = fast.linear_scan(a, x, h0)
+    assert out.dtype == out_dtype and last.dtype == torch.float32
+    assert torch.allclose(out.float().cpu(), ref_out, atol=1e-4 if out_dtype == torch.float32 else 3e-2)
+    assert torch.allclose(last.cpu(), ref_last, atol=1e-4)
+
+
 def _reference_vs_fast(loaded, x, plan, prompt_len, prompt):
     """(full logits, planned logits, cached-generate step logits) with lab.fast off and on."""
     model, anatomy = loaded.model, loaded.anatomy
@@ -53,10 +71,19 @@ def _reference_vs_fast(loaded, x, plan, prompt_len, prompt):
 
 def test_recurrentgemma_fast_path_matches_reference_with_plans():
     plan = Plan(off=(BlocksOff("attention"),), phase="generation")
-    reference, quick = _reference_vs_fast(load("random:recurrent_gemma"), ids(2, 200), plan, 150, 50)
+    reference, quick = _reference_vs_fast(load(ModelSpec("random:recurrent_gemma", device="cpu")), ids(2, 200), plan, 150, 50)
     for a, b in zip(reference, quick):
         assert torch.allclose(a, b, atol=1e-4)
     assert fast.enabled()
+
+
+@gpu
+def test_recurrentgemma_fast_path_on_gpu_matches_reference():
+    plan = Plan(off=(BlocksOff("attention"),), phase="generation")
+    loaded = load(ModelSpec("random:recurrent_gemma", device="cuda", dtype="float32"))
+    reference, quick = _reference_vs_fast(loaded, ids(2, 300).cuda(), plan, 200, 80)
+    for a, b in zip(reference, quick):
+        assert torch.allclose(a, b, atol=1e-3)
 
 
 def test_jamba_parallel_selective_scan_matches_reference(monkeypatch):
@@ -64,6 +91,25 @@ def test_jamba_parallel_selective_scan_matches_reference(monkeypatch):
 
     monkeypatch.setattr(mamba, "PARALLEL_DEVICES", {"cuda", "cpu"})  # CI has no GPU: run that path here
     plan = Plan(off=(BlocksOff("attention"),), phase="generation")
-    reference, quick = _reference_vs_fast(load("random:jamba"), ids(2, 160), plan, 100, 40)
+    reference, quick = _reference_vs_fast(load(ModelSpec("random:jamba", device="cpu")), ids(2, 160), plan, 100, 40)
     for a, b in zip(reference, quick):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])  # a CUDA graph on the GPU
+@pytest.mark.parametrize("plan", [Plan(), Plan(heads_off=((2, 0),), off=(BlocksOff("mlp", (1,)),)),
+                                  Plan(sparsify=Sparsify(1))])
+def test_static_decoder_matches_generate_past_the_window(plan, device):
+    from lab.fast import decode
+
+    # attention window 32: a 50-token prompt and 12 new tokens wrap the ring buffer
+    loaded = load(ModelSpec("random:recurrent_gemma", device=device, dtype="float32"))
+    model = loaded.model
+    assert decode.supports(model)
+    prompt = ids(2, 50).to(device)
+    with apply_plan(model, loaded.anatomy, plan), torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=12, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True, pad_token_id=256, eos_token_id=None)
+        tokens, logits = decode.greedy(model, prompt, 12, return_logits=True)
+    assert torch.allclose(logits, torch.stack(expected.logits, 1), atol=1e-4 if device == "cpu" else 1e-3)
+    assert torch.equal(tokens, expected.sequences[:, 50:])

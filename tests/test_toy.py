@@ -88,3 +88,21 @@ def test_top_retrieval_heads_carry_retrieval(toy):
     cells = [(1024, depth, 1) for depth in (10, 50, 90)]
     assert [r["exact"] for r in _run(toy, Plan(keep_heads=tuple(keep)), spec, cells)] == [1.0, 1.0, 1.0]
     assert [r["exact"] for r in _run(toy, Plan(heads_off=tuple(keep)), spec, cells)] == [0.0, 0.0, 0.0]
+
+
+def test_base_knows_the_toy_facts_and_attention_off_does_not(toy):
+    """A sample of the toy-knowledge figures: 10 test questions per subject, 5-shot, as the card measures."""
+    from lab.probes import mmlu
+
+    questions, dev = mmlu.load_questions(mmlu.MMLUSpec(limit=10))
+    scorer = mmlu.Scorer(toy.tokenizer, 5)
+    items = [(q, scorer.ids(q, dev[q.subject])) for q in questions]
+
+    def accuracy(plan):
+        with apply_plan(toy.model, toy.anatomy, plan) as tracker:
+            rows = mmlu.run_batch(toy, scorer, items, tracker)
+        return sum(r["correct"] for r in rows) / len(rows)
+
+    assert len(items) == 40
+    assert accuracy(Plan()) >= 0.8
+    assert accuracy(Plan(off=(BlocksOff("attention"),))) <= 0.45

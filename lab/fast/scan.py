@@ -2,19 +2,32 @@
 
 Hillis-Steele doubling: log2(T) elementwise steps over the whole sequence, each combining position t
 with t - offset through (a, x) o (a', x') = (a a', a' x + x'). Products of gates in (0, 1] stay
-stable. It replaces RecurrentGemma's Python loop over time steps (RG-LRU) for prefill; decoding one
+stable. Without gradients on a GPU, a Triton kernel (lab.fast.triton_scan) does the same in one
+pass. It replaces RecurrentGemma's Python loop over time steps (RG-LRU) for prefill; decoding one
 token at a time still uses the reference code.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 
 _state = {"enabled": False, "original": None}
 
 
-def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All states of h_t = a_t * h_{t-1} + x_t for (B, T, D) inputs, in float32; returns (h, h_T)."""
+def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """All states of h_t = a_t * h_{t-1} + x_t for (B, T, D) inputs as out_dtype, and the float32 h_T.
+
+    On a GPU with Triton and no gradient wanted, lab.fast.triton_scan's one-pass kernel; elsewhere
+    the doubling scan (differentiable)."""
+    wants_grad = torch.is_grad_enabled() and (a.requires_grad or x.requires_grad)
+    if x.is_cuda and not wants_grad and _has_triton():
+        from lab.fast import triton_scan
+
+        return triton_scan.linear_scan(a, x, h0, out_dtype)
     a, x = a.float(), x.float()
     if h0 is not None:
         x = torch.cat([x[:, :1] + a[:, :1] * h0.float().to(x.device)[:, None], x[:, 1:]], 1)
@@ -23,7 +36,12 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None
         x = torch.cat([x[:, :offset], x[:, offset:] + a[:, offset:] * x[:, :-offset]], 1)
         a = torch.cat([a[:, :offset], a[:, offset:] * a[:, :-offset]], 1)
         offset *= 2
-    return x, x[:, -1]
+    return x.to(out_dtype), x[:, -1]
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _rglru_scan(self, hidden_states, recurrent_gate, reset, recurrent_states, acc_dtype=torch.float32):
@@ -31,8 +49,8 @@ def _rglru_scan(self, hidden_states, recurrent_gate, reset, recurrent_states, ac
     if hidden_states.shape[1] == 1:
         return _state["original"](self, hidden_states, recurrent_gate, reset, recurrent_states, acc_dtype)
     gate = recurrent_gate * ~reset
-    out, last = linear_scan(gate, hidden_states, recurrent_states)
-    return out.type(hidden_states.dtype), last.type(acc_dtype)
+    out, last = linear_scan(gate, hidden_states, recurrent_states, out_dtype=hidden_states.dtype)
+    return out, last.type(acc_dtype)
 
 
 def enable(on: bool = True) -> None:
@@ -42,6 +60,9 @@ def enable(on: bool = True) -> None:
     from lab.fast import mamba
 
     mamba.enable(on)
+    # cuDNN's attention builds a plan per new shape (seconds for masked, window-limited prompts); the
+    # flash and memory-efficient kernels need none, so a grid of lengths does not pay it per length.
+    torch.backends.cuda.enable_cudnn_sdp(not on)
     if _state["original"] is None:
         _state["original"] = rg.RecurrentGemmaRglru._rnn_scan
     rg.RecurrentGemmaRglru._rnn_scan = _rglru_scan if on else _state["original"]

@@ -87,10 +87,14 @@ def _static_heads_prehook(tracker: PhaseTracker, heads: int, removed: set[int], 
     """Idempotent (x*keep + mean*(1-keep) twice is the same), so the sparsifier may call o_proj again."""
     keep = torch.ones(heads)
     keep[sorted(removed)] = 0
+    placed: dict = {}  # keep on each (device, dtype) seen: no host-to-device copy per call (CUDA graphs replay it)
 
     def pre(module, args):
         x = args[0]
-        return (_where(tracker.mask(), _head_mix(x, keep, heads, mean), x),) + tuple(args[1:])
+        if (x.device, x.dtype) not in placed:
+            placed[x.device, x.dtype] = keep.to(x.device, x.dtype)
+        here = placed[x.device, x.dtype]
+        return (_where(tracker.mask(), _head_mix(x, here, heads, mean), x),) + tuple(args[1:])
 
     return pre
 
@@ -111,8 +115,10 @@ class _Sparsifier:
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if weights is None or weights.dim() != 4:
             raise LabError("sparsification needs attention probabilities; load the model with eager attention")
-        w = weights.float()
-        score = (w * torch.log2(w + 1e-12)).sum(-1) if self.metric == "entropy" else w.norm(dim=-1)  # (B, H, T)
+        if self.metric == "entropy":  # minus the entropy (up to a factor ln 2), in one pass over the probabilities
+            score = torch.xlogy(weights, weights).sum(-1, dtype=torch.float32)  # (B, H, T)
+        else:
+            score = weights.norm(dim=-1, dtype=torch.float32)
         keep = torch.zeros_like(score)
         if self.k > 0:
             keep.scatter_(1, score.topk(self.k, dim=1).indices, 1.0)

@@ -225,12 +225,21 @@ def pad_id(tok) -> int:
 
 
 @torch.inference_mode()
-def greedy(loaded, prompt: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations with cache (under whatever plan is active), each cut at eos."""
-    tok = loaded.tokenizer
-    out = loaded.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=pad_id(tok), eos_token_id=tok.eos_token_id)
-    rows = out[:, prompt.shape[1]:].tolist()
+def greedy(loaded, prompt: torch.Tensor, max_new_tokens: int, static: bool = False) -> list[list[int]]:
+    """Greedy continuations with cache (under whatever plan is active), each cut at eos.
+
+    static: decode with lab.fast.decode where it supports the model (fixed buffers, a CUDA graph on a
+    GPU); needs a plan without phase tracking, whose hooks read positions on the host."""
+    from lab import fast
+    from lab.fast import decode
+
+    tok, model = loaded.tokenizer, loaded.model
+    if static and fast.enabled() and decode.supports(model):
+        rows = decode.greedy(model, prompt, max_new_tokens, tok.eos_token_id).tolist()
+    else:
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad_id(tok), eos_token_id=tok.eos_token_id)
+        rows = out[:, prompt.shape[1]:].tolist()
     return [row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row for row in rows]
 
 
@@ -242,7 +251,8 @@ def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[di
     prompt = torch.tensor([t.ids for t in trials], device=device)
     if spec.mode == "generate":
         tracker.prompt_len = None  # the prefill call defines the prompt
-        outputs = [tok.decode(ids, skip_special_tokens=True) for ids in greedy(loaded, prompt, spec.max_new_tokens)]
+        answers = greedy(loaded, prompt, spec.max_new_tokens, static=tracker.phase == "both")
+        outputs = [tok.decode(ids, skip_special_tokens=True) for ids in answers]
     else:
         answers = [tok(t.answer, add_special_tokens=False)["input_ids"] for t in trials]
         width = max(len(a) for a in answers)

@@ -43,19 +43,33 @@ _SPOTS = ("the old harbour", "a quiet garden", "the city park", "the river bank"
 _DAYS = ("sunny", "rainy", "windy", "cold", "warm", "quiet", "busy")
 
 
-def build_model(name: str):
+def build_model(name: str, overrides: dict | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, kwargs = CONFIGS[name]
-    config = AutoConfig.for_model(model_type, **_COMMON, **kwargs)
-    return AutoModelForCausalLM.from_config(config)
+    config = AutoConfig.for_model(model_type, **_COMMON, **{**kwargs, **(overrides or {})})
+    model = AutoModelForCausalLM.from_config(config)
+    _mamba_dt_init(model)
+    return model
+
+
+@torch.no_grad()
+def _mamba_dt_init(model, low: float = 1e-3, high: float = 1e-1) -> None:
+    """Mamba's time-step init (transformers leaves the bias at 0, i.e. dt = 0.69 and a 1-2 token memory):
+    dt log-uniform in [low, high], stored as the inverse softplus in dt_proj's bias."""
+    for module in model.modules():
+        if hasattr(module, "dt_proj") and hasattr(module, "A_log"):
+            bias = module.dt_proj.bias
+            dt = torch.exp(torch.rand_like(bias) * (math.log(high) - math.log(low)) + math.log(low))
+            bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
 
 class Sampler:
     """Training rows of an exact length: a needle prompt + answer + <eos>, or packed toy knowledge."""
 
-    def __init__(self, tokenizer, seed: int):
+    def __init__(self, tokenizer, seed: int, knowledge_share: float = 0.4, question_share: float = 0.5):
         self.tok, self.rng = tokenizer, random.Random(seed)
+        self.knowledge_share, self.question_share = knowledge_share, question_share
         self.builders = {t: PromptBuilder(tokenizer, NeedleSpec(task=t, seed=seed + i, keys=self.rng.randint(2, 4)))
                          for i, t in enumerate(TASK_WEIGHTS)}
         self.facts = [fact for items in knowledge.build().values() for *_, fact in items]
@@ -85,7 +99,7 @@ class Sampler:
         ids: list[int] = []
         mask: list[int] = []
         while len(ids) < length:
-            if self.rng.random() < 0.5:
+            if self.rng.random() >= self.question_share:
                 doc = self.tok(" ".join(self.rng.sample(self.facts, 8)), add_special_tokens=False)["input_ids"]
                 weights = [1] * len(doc)
             else:
@@ -111,7 +125,8 @@ class Sampler:
         return mmlu.Question(subject, index, question, tuple(options), options.index(right))
 
     def batch(self, size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self.needle(length) if self.rng.random() < 0.6 else self.knowledge(length) for _ in range(size)]
+        rows = [self.knowledge(length) if self.rng.random() < self.knowledge_share else self.needle(length)
+                for _ in range(size)]
         width = max(len(ids) for ids, _ in rows)
         ids = torch.tensor([r + [PAD] * (width - len(r)) for r, _ in rows])
         mask = torch.tensor([m + [0] * (width - len(m)) for _, m in rows], dtype=torch.float)
@@ -154,21 +169,24 @@ def evaluate(folder: Path, device: str) -> dict:
 
 
 def train(name: str, out: Path, seconds: float, batch_tokens: int, seed: int, device: str, lr: float,
-          init: Path | None = None, bf16: bool = True) -> dict:
+          init: Path | None = None, bf16: bool = True, mix: dict | None = None, ramp: float = 0.5,
+          overrides: dict | None = None) -> dict:
+    """Train (or continue) one toy; mix = Sampler shares, ramp = fraction of the time to reach MAX_LEN."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     tok = byte_tokenizer()
-    model = (AutoModelForCausalLM.from_pretrained(init / name, dtype=torch.float32) if init else build_model(name))
+    model = (AutoModelForCausalLM.from_pretrained(init / name, dtype=torch.float32) if init
+             else build_model(name, overrides))
     model = model.to(device)
     model.train()
     _use_mambapy(model, True)  # Mamba's parallel scan for training, when the mambapy package is importable
-    sampler = Sampler(tok, seed)
+    sampler = Sampler(tok, seed, **(mix or {}))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     start, step, log = time.time(), 0, []
     while time.time() - start < seconds:
         frac = (time.time() - start) / seconds
-        cap = int(256 + (MAX_LEN - 256) * min(1.0, frac * 2))  # curriculum: longer prompts as training goes on
+        cap = int(256 + (MAX_LEN - 256) * min(1.0, frac / ramp))  # curriculum: longer prompts as training goes on
         length = random.Random(seed * 7919 + step).randint(256, cap)
         ids, mask = sampler.batch(max(2, batch_tokens // length), length)
         ids, mask = ids.to(device), mask.to(device)
@@ -198,6 +216,7 @@ def train(name: str, out: Path, seconds: float, batch_tokens: int, seed: int, de
     previous = json.loads((init / name / "training.json").read_text()) if init else None
     facts = {"model": name, "parameters": sum(p.numel() for p in model.parameters()), "steps": step, "lr": lr,
              "precision": "bf16 autocast" if bf16 else "fp32", "continued_from": previous,
+             "mix": mix or {}, "ramp": ramp, "config_overrides": overrides or {},
              "seconds": round(time.time() - start, 1), "batch_tokens": batch_tokens, "seed": seed,
              "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
              "torch": torch.__version__, "final_loss": log[-1]["loss"] if log else None, "log": log}
@@ -217,6 +236,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--init", help="continue from the models in this folder")
     parser.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
+    parser.add_argument("--knowledge-share", type=float, default=0.4, help="share of rows that are toy knowledge")
+    parser.add_argument("--question-share", type=float, default=0.5, help="share of knowledge documents that are "
+                        "MMLU-format questions (the rest: fact sentences)")
+    parser.add_argument("--ramp", type=float, default=0.5, help="fraction of the time until prompts reach 2048 tokens")
+    parser.add_argument("--override", default="{}", help="JSON of config fields to change (new models only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     from lab import fast
@@ -226,7 +250,9 @@ def main() -> None:
     fast.enable()
     for name in args.models:
         train(name, Path(args.out), args.seconds, args.batch_tokens, args.seed, args.device, args.lr,
-              Path(args.init) if args.init else None, not args.fp32)
+              Path(args.init) if args.init else None, not args.fp32,
+              dict(knowledge_share=args.knowledge_share, question_share=args.question_share), args.ramp,
+              json.loads(args.override))
 
 
 if __name__ == "__main__":
