@@ -14,9 +14,11 @@ from transformers import DynamicCache
 
 
 def supports(model) -> bool:
-    """Whether `greedy` can decode this model (RecurrentGemma with sdpa or eager attention)."""
+    """Whether `greedy` can decode this model: RecurrentGemma with sdpa or eager attention, on one device
+    (accelerate's offload hooks move weights during the forward, which a CUDA graph cannot replay)."""
     config = model.config
-    return config.model_type == "recurrent_gemma" and config._attn_implementation in ("sdpa", "eager")
+    return (config.model_type == "recurrent_gemma" and config._attn_implementation in ("sdpa", "eager")
+            and not getattr(model, "hf_device_map", None))
 
 
 class RingCache:
