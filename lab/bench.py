@@ -22,6 +22,7 @@ from lab.models import Loaded, build_anatomy, load
 from lab.models.tiny import byte_tokenizer
 from lab.probes import mmlu as mmlu_probe
 from lab.probes import needle as needle_probe
+from lab.runner import auto_batch_size
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM
 PUBLISHED = {  # configs built in code: no download
@@ -78,7 +79,7 @@ def _needle_trials(loaded: Loaded, lengths, depths):
 @torch.inference_mode()
 def _reference_generate(loaded: Loaded, trial, new_tokens: int) -> None:
     """One prompt through transformers' generate() (stops at eos), as the paper's harness runs it."""
-    needle_probe.greedy(loaded, torch.tensor([trial.ids], device=loaded.device), new_tokens)
+    needle_probe.greedy(loaded, [trial.ids], new_tokens)
 
 
 def bench_needle(loaded: Loaded, lengths, depths, batch_size: int, reference_sample: int) -> dict:
@@ -89,11 +90,9 @@ def bench_needle(loaded: Loaded, lengths, depths, batch_size: int, reference_sam
         fast.enable(True)
         with apply_plan(loaded.model, loaded.anatomy, Plan()) as tracker:
             needle_probe.run_batch(loaded, spec, trials[:2], tracker)  # warm-up
-            with Timer(loaded.device) as lab_time:
-                for length in spec.lengths:
-                    same = [t for t in trials if t.length == length]
-                    for i in range(0, len(same), batch_size):
-                        needle_probe.run_batch(loaded, spec, same[i:i + batch_size], tracker)
+            with Timer(loaded.device) as lab_time:  # batches as the runner makes them: by length, spanning lengths
+                for i in range(0, len(trials), batch_size):
+                    needle_probe.run_batch(loaded, spec, trials[i:i + batch_size], tracker)
         fast.enable(False)
         _reference_generate(loaded, trials[0], 2)  # warm-up
         step = max(1, len(trials) // reference_sample)
@@ -191,7 +190,7 @@ def run_bench(loaded: Loaded, quick: bool) -> dict:
         "model": loaded.spec.name, "parameters": loaded.num_params,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-        "needle_grid": bench_needle(loaded, lengths, depths, batch_size=10 if on_gpu else 4,
+        "needle_grid": bench_needle(loaded, lengths, depths, batch_size=auto_batch_size(0, loaded),
                                     reference_sample=10 if on_gpu else 4),
         "mmlu": bench_mmlu(loaded, questions=128 if on_gpu else 16, batch_size=64 if on_gpu else 8),
         "plan_overhead": bench_plans(loaded, length=4096 if on_gpu else 1024, repeats=5 if on_gpu else 3),

@@ -91,10 +91,9 @@ def _needle_jobs(loaded: Loaded, spec, done: set[str]):
     def answer(cells, tracker):
         return needle_probe.run_batch(loaded, spec, [builder.build(*c) for c in cells], tracker)
 
-    for length in dict.fromkeys(n for n, _, _ in todo):
-        cells = [c for c in todo if c[0] == length]
-        for i in range(0, len(cells), size):
-            yield answer, cells[i:i + size]
+    todo.sort(key=lambda cell: cell[0])  # a batch may span lengths: run_batch prefills each length apart
+    for i in range(0, len(todo), size):
+        yield answer, todo[i:i + size]
 
 
 def _mmlu_jobs(loaded: Loaded, spec, done: set[str], questions: list, dev: dict):

@@ -110,6 +110,21 @@ def test_static_decoder_matches_generate_past_the_window(plan, device):
     with apply_plan(model, loaded.anatomy, plan), torch.no_grad():
         expected = model.generate(prompt, max_new_tokens=12, do_sample=False, output_logits=True,
                                   return_dict_in_generate=True, pad_token_id=256, eos_token_id=None)
-        tokens, logits = decode.greedy(model, prompt, 12, return_logits=True)
+        tokens, logits = decode.greedy(model, [prompt], 12, return_logits=True)
     assert torch.allclose(logits, torch.stack(expected.logits, 1), atol=1e-4 if device == "cpu" else 1e-3)
     assert torch.equal(tokens, expected.sequences[:, 50:])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+def test_static_decoder_decodes_prompts_of_several_lengths_together(device):
+    """Groups of 20 (inside the window), 45 and 70 tokens (past it) decode as one batch, each row as if alone."""
+    from lab.fast import decode
+
+    loaded = load(ModelSpec("random:recurrent_gemma", device=device, dtype="float32"))
+    model = loaded.model
+    groups = [ids(2, 20, seed=1).to(device), ids(1, 70, seed=2).to(device), ids(3, 45, seed=3).to(device)]
+    with torch.no_grad():
+        tokens, logits = decode.greedy(model, groups, 10, return_logits=True)
+        alone = [decode.greedy(model, [group], 10, return_logits=True) for group in groups]
+    assert torch.allclose(logits, torch.cat([l for _, l in alone]), atol=1e-4 if device == "cpu" else 1e-3)
+    assert torch.equal(tokens, torch.cat([t for t, _ in alone]))

@@ -94,12 +94,13 @@ def _run(loaded, spec, trials):
         return needle.run_batch(loaded, spec, trials, tracker)
 
 
-def test_batched_equals_unbatched():
-    loaded = tiny("jamba")
+@pytest.mark.parametrize("arch", ["jamba", "recurrent_gemma"])  # generate() / lab's static decoder
+def test_batched_equals_unbatched(arch):
+    loaded = tiny(arch)
     for mode in ("generate", "fast"):
         spec = NeedleSpec(task="passkey", mode=mode, max_new_tokens=6)
         builder = PromptBuilder(loaded.tokenizer, spec)
-        trials = [builder.build(400, d, 0) for d in (0, 50, 100)]
+        trials = [builder.build(length, d, 0) for length, d in ((400, 0), (300, 50), (400, 100), (350, 30))]
         batched = _run(loaded, spec, trials)
         single = [_run(loaded, spec, [t])[0] for t in trials]
         assert [r["output"] for r in batched] == [r["output"] for r in single]

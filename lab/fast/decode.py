@@ -4,7 +4,9 @@ transformers' generate() spends about 45 ms of Python per token on RecurrentGemm
 H100 host while the GPU idles, so a needle grid is decode-bound. Here the model prefills the prompt as
 usual; then the attention caches move into ring buffers (slot = position mod window), the recurrent and
 conv states into fixed tensors, and the decode step (the model's own forward, so a plan's hooks still
-act) is captured once per batch and replayed. On a CPU the same loop runs eagerly (tests).
+act) is captured once per batch and replayed. Every row keeps its own position, so prompts of
+different lengths (prefilled one length at a time: no padding reaches the recurrences) decode together
+in one graph. On a CPU the same loop runs eagerly (tests).
 """
 
 from __future__ import annotations
@@ -35,15 +37,15 @@ class RingCache:
         self.slot_position = torch.full((batch, self.window), -1, device=device, dtype=torch.long)
         self.slot = torch.zeros((batch, 1), device=device, dtype=torch.long)
 
-    def fill(self, prefilled: DynamicCache, prompt_len: int) -> None:
-        """Copy the prompt's cached keys (the last min(len, window - 1) positions) into their slots."""
+    def fill(self, prefilled: DynamicCache, prompt_len: int, rows: slice) -> None:
+        """Copy a prefilled group's cached keys (its last min(len, window - 1) positions) into its rows."""
         for i in self.keys:
             keys, values = prefilled.layers[i].keys, prefilled.layers[i].values
             positions = torch.arange(prompt_len - keys.shape[2], prompt_len, device=keys.device)
             slots = positions % self.window
-            self.keys[i][:, :, slots] = keys
-            self.values[i][:, :, slots] = values
-            self.slot_position[:, slots] = positions
+            self.keys[i][rows, :, slots] = keys
+            self.values[i][rows, :, slots] = values
+            self.slot_position[rows, slots] = positions
 
     def advance(self, positions: torch.Tensor, mask: torch.Tensor) -> None:
         """Claim the slot of `positions` (B, 1) and write the additive mask (B, 1, 1, window)."""
@@ -64,8 +66,17 @@ class RecurrentState:
 
     def __init__(self, model):
         self.blocks = [layer.temporal_block for layer in model.model.layers if hasattr(layer.temporal_block, "rg_lru")]
-        self.conv = [b.conv1d_state.clone() for b in self.blocks]
-        self.lru = [b.rg_lru.recurrent_states.clone() for b in self.blocks]
+        self.groups: list[tuple[list, list]] = []
+
+    def take(self) -> None:
+        """Keep the states the blocks hold after prefilling one group of rows."""
+        self.groups.append(([b.conv1d_state for b in self.blocks], [b.rg_lru.recurrent_states for b in self.blocks]))
+
+    def join(self) -> None:
+        """Stack the groups' states (in the order taken) into the fixed tensors."""
+        self.conv = [torch.cat(parts) for parts in zip(*(conv for conv, _ in self.groups))]
+        self.lru = [torch.cat(parts) for parts in zip(*(lru for _, lru in self.groups))]
+        self.groups = []
         self.point()
 
     def point(self) -> None:
@@ -81,22 +92,31 @@ class RecurrentState:
 
 
 @torch.inference_mode()
-def greedy(model, prompt: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
+def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int | None = None,
            return_logits: bool = False):
-    """(B, new) greedy tokens after `prompt` (B, T); with return_logits also the (B, new, V) logits."""
-    batch, prompt_len = prompt.shape
-    device = prompt.device
-    prefilled = DynamicCache(config=model.config)
-    model._setup_cache(model.config, batch, device, model.dtype)
-    logits = model(input_ids=prompt, cache=prefilled, use_cache=True).logits[:, -1]
+    """Greedy tokens (sum B, new) after the prompt groups [(B_i, T_i), ...], rows in group order; with
+    return_logits also the (sum B, new, V) logits."""
+    batch = sum(group.shape[0] for group in prompts)
+    device = prompts[0].device
+    ring = RingCache(model, batch, device, model.dtype)
+    state = RecurrentState(model)
+    positions = torch.empty((batch, 1), device=device, dtype=torch.long)
+    first, start = [], 0
+    for group in prompts:
+        rows = slice(start, start + group.shape[0])
+        prefilled = DynamicCache(config=model.config)
+        model._setup_cache(model.config, group.shape[0], device, model.dtype)
+        first.append(model(input_ids=group, cache=prefilled, use_cache=True).logits[:, -1])
+        ring.fill(prefilled, group.shape[1], rows)
+        state.take()
+        positions[rows] = group.shape[1]
+        start = rows.stop
+    del prefilled
+    state.join()
+    logits = torch.cat(first)
     tokens = logits.argmax(-1, keepdim=True)
     outputs, all_logits = [tokens.clone()], [logits.float()]
     if max_new_tokens > 1:
-        ring = RingCache(model, batch, device, model.dtype)
-        ring.fill(prefilled, prompt_len)
-        del prefilled
-        state = RecurrentState(model)
-        positions = torch.full((batch, 1), prompt_len, device=device, dtype=torch.long)
         mask = torch.empty((batch, 1, 1, ring.window), device=device, dtype=model.dtype)
         step_logits = torch.empty_like(logits)
 

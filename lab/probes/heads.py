@@ -65,7 +65,7 @@ def retrieval_hits(top: list[int], ids: list[int], answer: list[int], span: set[
 
 def _greedy(loaded, plan: Plan, prompt: list[int], max_new_tokens: int) -> list[int]:
     with apply_plan(loaded.model, loaded.anatomy, plan):
-        return needle_probe.greedy(loaded, torch.tensor([prompt], device=loaded.device), max_new_tokens)[0]
+        return needle_probe.greedy(loaded, [prompt], max_new_tokens)[0]
 
 
 def _answer_attention(loaded, plan: Plan, prompt: list[int], answer: list[int]) -> dict[int, torch.Tensor]:

@@ -225,42 +225,67 @@ def pad_id(tok) -> int:
 
 
 @torch.inference_mode()
-def greedy(loaded, prompt: torch.Tensor, max_new_tokens: int, static: bool = False) -> list[list[int]]:
+def _by_length(prompts: list[list[int]]) -> list[list[int]]:
+    """Indices of the prompts grouped by length, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        groups.setdefault(len(ids), []).append(i)
+    return list(groups.values())
+
+
+def greedy(loaded, prompts: list[list[int]], max_new_tokens: int, static: bool = False) -> list[list[int]]:
     """Greedy continuations with cache (under whatever plan is active), each cut at eos.
 
-    static: decode with lab.fast.decode where it supports the model (fixed buffers, a CUDA graph on a
-    GPU); needs a plan without phase tracking, whose hooks read positions on the host."""
+    Prompts of one length run as one unpadded group. static: decode with lab.fast.decode where it
+    supports the model (fixed buffers, all groups in one CUDA graph on a GPU); needs a plan without
+    phase tracking, whose hooks read positions on the host."""
     from lab import fast
     from lab.fast import decode
 
     tok, model = loaded.tokenizer, loaded.model
+    groups = _by_length(prompts)
+    tensors = [torch.tensor([prompts[i] for i in group], device=loaded.device) for group in groups]
     if static and fast.enabled() and decode.supports(model):
-        rows = decode.greedy(model, prompt, max_new_tokens, tok.eos_token_id).tolist()
+        rows = decode.greedy(model, tensors, max_new_tokens, tok.eos_token_id).tolist()
     else:
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad_id(tok), eos_token_id=tok.eos_token_id)
-        rows = out[:, prompt.shape[1]:].tolist()
-    return [row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row for row in rows]
+        rows = []
+        for prompt in tensors:
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad_id(tok), eos_token_id=tok.eos_token_id)
+            rows += out[:, prompt.shape[1]:].tolist()
+    answers = [[] for _ in prompts]
+    for i, row in zip((i for group in groups for i in group), rows):
+        answers[i] = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+    return answers
+
+
+def _teacher_forced(loaded, trials: list[Trial], answers: list[list[int]], tracker) -> list[list[int]]:
+    """Greedy predictions at the answer positions, with the answer in the input (one forward per length)."""
+    pad = pad_id(loaded.tokenizer)
+    preds: list[list[int]] = [[] for _ in trials]
+    for group in _by_length([t.ids for t in trials]):
+        width = max(len(answers[i]) for i in group)
+        full = torch.tensor([trials[i].ids + answers[i] + [pad] * (width - len(answers[i])) for i in group],
+                            device=loaded.device)
+        start = len(trials[group[0]].ids)
+        tracker.prompt_len = start
+        logits = loaded.model(input_ids=full, use_cache=False).logits
+        for i, row in zip(group, logits[:, start - 1: start - 1 + width].argmax(-1).tolist()):
+            preds[i] = row
+    return preds
 
 
 @torch.inference_mode()
 def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[dict]:
-    """Answer a batch of same-length trials under the active plan; return one result row each."""
-    model, tok = loaded.model, loaded.tokenizer
-    device = loaded.device
-    prompt = torch.tensor([t.ids for t in trials], device=device)
+    """Answer a batch of trials (of any lengths) under the active plan; return one result row each."""
+    tok = loaded.tokenizer
     if spec.mode == "generate":
         tracker.prompt_len = None  # the prefill call defines the prompt
-        answers = greedy(loaded, prompt, spec.max_new_tokens, static=tracker.phase == "both")
+        answers = greedy(loaded, [t.ids for t in trials], spec.max_new_tokens, static=tracker.phase == "both")
         outputs = [tok.decode(ids, skip_special_tokens=True) for ids in answers]
     else:
         answers = [tok(t.answer, add_special_tokens=False)["input_ids"] for t in trials]
-        width = max(len(a) for a in answers)
-        pad = pad_id(tok)
-        full = torch.tensor([t.ids + a + [pad] * (width - len(a)) for t, a in zip(trials, answers)], device=device)
-        tracker.prompt_len = prompt.shape[1]
-        logits = model(input_ids=full, use_cache=False).logits
-        preds = logits[:, prompt.shape[1] - 1: prompt.shape[1] - 1 + width].argmax(-1).tolist()
+        preds = _teacher_forced(loaded, trials, answers, tracker)
         outputs = [tok.decode(p[:len(a)], skip_special_tokens=True) for p, a in zip(preds, answers)]
         # Teacher forcing shows the model the answer, so text containment would reward copying the input:
         # a trial passes only if every answer token is the greedy choice.
