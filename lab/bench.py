@@ -1,6 +1,6 @@
 """`lab bench`: lab's probe paths against the reference paths, measured in the same run.
 
-1. the paper's needle grid: lab (prompts of one length batched, parallel scans) versus the way the
+1. the paper's needle grid: lab (its needle probe, batched as the runner does) versus the way the
    paper's harness runs (one prompt at a time, generate(), transformers' reference recurrences);
 2. MMLU-format throughput: one forward scores all four choices versus one forward per choice;
 3. the overhead of an active plan (heads off; sparsification) on a forward pass;
