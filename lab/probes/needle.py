@@ -224,7 +224,6 @@ def pad_id(tok) -> int:
     return next(v for v in (tok.pad_token_id, tok.eos_token_id, 0) if v is not None)
 
 
-@torch.inference_mode()
 def _by_length(prompts: list[list[int]]) -> list[list[int]]:
     """Indices of the prompts grouped by length, in order of first appearance."""
     groups: dict[int, list[int]] = {}
@@ -233,6 +232,7 @@ def _by_length(prompts: list[list[int]]) -> list[list[int]]:
     return list(groups.values())
 
 
+@torch.inference_mode()
 def greedy(loaded, prompts: list[list[int]], max_new_tokens: int, static: bool = False) -> list[list[int]]:
     """Greedy continuations with cache (under whatever plan is active), each cut at eos.
 
