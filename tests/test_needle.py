@@ -141,3 +141,29 @@ def test_chat_template_prompt_keeps_exact_length(tok):
     assert needle.PAPER_NEEDLE in chat.decode(trial.ids[start:end])
     with pytest.raises(LabError, match="no chat template"):
         PromptBuilder(tok, NeedleSpec(chat=True)).build(1200, 50, 0)
+
+
+def test_probes_ask_logits_only_where_they_score():
+    """The output projection sees one position per MMLU question and per generated prefill, and the answer
+    span under teacher forcing: a 256k vocabulary over every prompt position would not fit in memory."""
+    from lab.probes import mmlu
+
+    loaded = tiny("recurrent_gemma")
+    seen = []
+    handle = loaded.model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:2]))
+    try:
+        questions, dev = mmlu.load_questions(mmlu.MMLUSpec(limit=1))
+        scorer = mmlu.Scorer(loaded.tokenizer, 2)
+        items = [(q, scorer.ids(q, dev[q.subject])) for q in questions[:3]]
+        with apply_plan(loaded.model, loaded.anatomy, Plan()) as tracker:
+            mmlu.run_batch(loaded, scorer, items, tracker)
+            assert seen == [(3, 1)]
+            spec = NeedleSpec(task="passkey", mode="fast")
+            trial = PromptBuilder(loaded.tokenizer, spec).build(300, 50, 0)
+            answer = len(loaded.tokenizer(trial.answer, add_special_tokens=False)["input_ids"])
+            needle.run_batch(loaded, spec, [trial], tracker)
+            assert seen[1] == (1, answer + 1)
+            needle.run_batch(loaded, NeedleSpec(task="passkey", max_new_tokens=3), [trial], tracker)
+            assert seen[2:] == [(1, 1)] * 3  # prefill, then one position per decode step
+    finally:
+        handle.remove()

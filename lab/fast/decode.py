@@ -106,7 +106,7 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
         rows = slice(start, start + group.shape[0])
         prefilled = DynamicCache(config=model.config)
         model._setup_cache(model.config, group.shape[0], device, model.dtype)
-        first.append(model(input_ids=group, cache=prefilled, use_cache=True).logits[:, -1])
+        first.append(model(input_ids=group, cache=prefilled, use_cache=True, logits_to_keep=1).logits[:, -1])
         ring.fill(prefilled, group.shape[1], rows)
         state.take()
         positions[rows] = group.shape[1]

@@ -37,7 +37,7 @@ def calibrate(model: torch.nn.Module, anatomy: Anatomy, plan: Plan, batches: lis
     try:
         device = next(model.parameters()).device
         for ids in batches:
-            model(input_ids=ids.to(device), use_cache=False)
+            model(input_ids=ids.to(device), use_cache=False, logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()

@@ -83,7 +83,7 @@ def _answer_attention(loaded, plan: Plan, prompt: list[int], answer: list[int]) 
             handles.append(model.get_submodule(block.path).register_forward_hook(keep))
         ids = torch.tensor([prompt + answer], device=loaded.device)
         with apply_plan(model, anatomy, plan, prompt_len=len(prompt)):
-            model(input_ids=ids, use_cache=False)
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()

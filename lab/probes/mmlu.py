@@ -210,9 +210,10 @@ def run_batch(loaded, scorer: Scorer, batch: list[tuple[Question, list[int]]], t
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for _, ids in batch], device=loaded.device)
     mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for _, ids in batch], device=loaded.device)
     tracker.prompt_len = None  # every position is prompt: a plan's generation phase does nothing here
-    logits = loaded.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-    last = torch.tensor([len(ids) - 1 for _, ids in batch], device=loaded.device)
-    rows = logits[torch.arange(len(batch), device=loaded.device), last].float().log_softmax(-1)
+    last = torch.tensor([[len(ids) - 1] for _, ids in batch], device=loaded.device)
+    # logits only at each row's last position: a 256k vocabulary over every position would not fit
+    logits = loaded.model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=last).logits
+    rows = logits[:, 0].float().log_softmax(-1)
     choice = rows[:, scorer.choice_ids[1]]  # (B, 4) log-likelihoods
     out = []
     for (q, ids), lls in zip(batch, choice.tolist()):

@@ -269,8 +269,8 @@ def _teacher_forced(loaded, trials: list[Trial], answers: list[list[int]], track
                             device=loaded.device)
         start = len(trials[group[0]].ids)
         tracker.prompt_len = start
-        logits = loaded.model(input_ids=full, use_cache=False).logits
-        for i, row in zip(group, logits[:, start - 1: start - 1 + width].argmax(-1).tolist()):
+        logits = loaded.model(input_ids=full, use_cache=False, logits_to_keep=width + 1).logits  # from start - 1
+        for i, row in zip(group, logits[:, :width].argmax(-1).tolist()):
             preds[i] = row
     return preds
 
