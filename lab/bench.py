@@ -190,7 +190,7 @@ def run_bench(loaded: Loaded, quick: bool) -> dict:
         "model": loaded.spec.name, "parameters": loaded.num_params,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-        "needle_grid": bench_needle(loaded, lengths, depths, batch_size=auto_batch_size(0, loaded),
+        "needle_grid": bench_needle(loaded, lengths, depths, batch_size=auto_batch_size(0, loaded, max(lengths) + 40),
                                     reference_sample=10 if on_gpu else 4),
         "mmlu": bench_mmlu(loaded, questions=128 if on_gpu else 16, batch_size=64 if on_gpu else 8),
         "plan_overhead": bench_plans(loaded, length=4096 if on_gpu else 1024, repeats=5 if on_gpu else 3),

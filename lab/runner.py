@@ -62,11 +62,34 @@ def versions() -> dict:
             else platform.processor() or "cpu"}
 
 
-def auto_batch_size(requested: int, loaded: Loaded) -> int:
-    """0 means automatic: a large first try on a GPU (halved on out-of-memory), 8 on a CPU."""
+def auto_batch_size(requested: int, loaded: Loaded, tokens: int) -> int:
+    """0 means automatic: on a GPU as many prompts of `tokens` as 80 % of the free memory holds, from one
+    measured forward under the active plan (a batch that still runs out is halved); 8 on a CPU."""
     if requested:
         return requested
-    return 64 if loaded.device.type == "cuda" else 8
+    if loaded.device.type != "cuda":
+        return 8
+    return prompts_that_fit(*_free_and_peak(loaded, tokens))
+
+
+def prompts_that_fit(free_bytes: int, prompt_bytes: int, most: int = 256) -> int:
+    """How many prompts of `prompt_bytes` peak memory fit in 80 % of `free_bytes` (1..most)."""
+    return max(1, min(most, int(0.8 * free_bytes) // max(prompt_bytes, 1)))
+
+
+@torch.inference_mode()
+def _free_and_peak(loaded: Loaded, tokens: int) -> tuple[int, int]:
+    """(bytes free for a batch, peak bytes of a one-prompt forward of `tokens`) on the model's GPU."""
+    device = loaded.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
+    loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # PyTorch's, reusable
+    return free + cached, peak
 
 
 def run_halving(fn, items: list, tracker) -> list[dict]:
@@ -86,7 +109,9 @@ def run_halving(fn, items: list, tracker) -> list[dict]:
 def _needle_jobs(loaded: Loaded, spec, done: set[str]):
     builder = needle_probe.PromptBuilder(loaded.tokenizer, spec)
     todo = [c for c in spec.cells() if needle_probe.trial_key(spec.task, *c) not in done]
-    size = auto_batch_size(spec.batch_size, loaded)
+    if not todo:
+        return
+    size = auto_batch_size(spec.batch_size, loaded, max(n for n, _, _ in todo) + spec.max_new_tokens)
 
     def answer(cells, tracker):
         return needle_probe.run_batch(loaded, spec, [builder.build(*c) for c in cells], tracker)
@@ -100,7 +125,9 @@ def _mmlu_jobs(loaded: Loaded, spec, done: set[str], questions: list, dev: dict)
     scorer = mmlu_probe.Scorer(loaded.tokenizer, spec.shots)
     items = [(q, scorer.ids(q, dev[q.subject])) for q in questions if q.key not in done]
     items.sort(key=lambda item: -len(item[1]))  # longest first: out-of-memory shows up at once
-    size = auto_batch_size(spec.batch_size, loaded)
+    if not items:
+        return
+    size = auto_batch_size(spec.batch_size, loaded, len(items[0][1]))
 
     def answer(batch, tracker):
         return mmlu_probe.run_batch(loaded, scorer, batch, tracker)

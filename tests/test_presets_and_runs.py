@@ -190,3 +190,31 @@ def test_out_of_memory_halves_the_batch():
 
     with pytest.raises(LabError, match="out of memory on a single prompt"):
         run_halving(always, [1, 2], tracker=None)
+
+
+def test_automatic_batch_size_fits_free_memory():
+    from lab.runner import auto_batch_size, prompts_that_fit
+
+    assert prompts_that_fit(10_000, 1_000) == 8  # 80 % of the free memory
+    assert prompts_that_fit(10_000, 20_000) == 1  # never below one prompt
+    assert prompts_that_fit(10**12, 1) == 256  # nor above the cap
+    loaded = tiny("recurrent_gemma")
+    assert auto_batch_size(5, loaded, 4096) == 5  # asked for
+    if loaded.device.type == "cpu":
+        assert auto_batch_size(0, loaded, 4096) == 8
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+def test_automatic_batch_size_measures_one_prompt_on_the_gpu():
+    import torch
+
+    from lab.models import ModelSpec, load
+    from lab.runner import _free_and_peak, auto_batch_size
+
+    loaded = load(ModelSpec("random:recurrent_gemma", device="cuda"))
+    free, short = _free_and_peak(loaded, 256)
+    _, long = _free_and_peak(loaded, 4096)
+    assert 0 < short < long < free
+    size = auto_batch_size(0, loaded, 1024)
+    with torch.inference_mode():
+        loaded.model(input_ids=torch.zeros((size, 1024), dtype=torch.long, device="cuda"), use_cache=False)
