@@ -62,6 +62,9 @@ def versions() -> dict:
             else platform.processor() or "cpu"}
 
 
+OOM_HINT = "use shorter lengths, --dtype bfloat16 or --device device_map"
+
+
 def auto_batch_size(requested: int, loaded: Loaded, tokens: int) -> int:
     """0 means automatic: on a GPU as many prompts of `tokens` as 80 % of the free memory holds, from one
     measured forward under the active plan (a batch that still runs out is halved); 8 on a CPU."""
@@ -69,7 +72,10 @@ def auto_batch_size(requested: int, loaded: Loaded, tokens: int) -> int:
         return requested
     if loaded.device.type != "cuda":
         return 8
-    return prompts_that_fit(*_free_and_peak(loaded, tokens))
+    try:
+        return prompts_that_fit(*_free_and_peak(loaded, tokens))
+    except torch.OutOfMemoryError:
+        raise LabError(f"out of memory on a single prompt of {tokens} tokens; {OOM_HINT}") from None
 
 
 def prompts_that_fit(free_bytes: int, prompt_bytes: int, most: int = 256) -> int:
@@ -98,8 +104,7 @@ def run_halving(fn, items: list, tracker) -> list[dict]:
         return fn(items, tracker)
     except torch.OutOfMemoryError:
         if len(items) == 1:
-            raise LabError("out of memory on a single prompt; use shorter lengths, --dtype bfloat16 or "
-                           "--device device_map") from None
+            raise LabError(f"out of memory on a single prompt; {OOM_HINT}") from None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = len(items) // 2
