@@ -108,3 +108,27 @@ def test_base_knows_the_toy_facts_and_attention_off_does_not(toy):
     assert len(items) == 40
     assert accuracy(Plan()) >= 0.8
     assert accuracy(Plan(off=(BlocksOff("attention"),))) <= 0.45
+
+
+def test_training_rows_supervise_what_the_context_determines():
+    from lab.models.tiny import EOS, byte_tokenizer
+    from lab.toy.train import Sampler
+
+    sampler = Sampler(byte_tokenizer(), seed=0, copy_share=0.5)
+    ids, mask = sampler.copy(300)
+    assert len(ids) == len(mask) == 300 and 0 < sum(mask) < 300
+    runs, start = [], None
+    for i, m in enumerate(mask + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    for a, b in runs[:-1]:  # every repeat (but a cut-off last one) copies a string seen before the gap
+        repeat = ids[a:b]
+        assert any(ids[j:j + len(repeat)] == repeat for j in range(a - len(repeat) + 1))
+    ids, mask = sampler.needle(512)
+    answer = [t for t, m in zip(ids, mask) if m]
+    assert answer[-1] == EOS and mask[-len(answer):] == [1] * len(answer)
+    batch, weights = sampler.batch(6, 400)
+    assert batch.shape == weights.shape and batch.shape[0] == 6

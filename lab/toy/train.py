@@ -67,9 +67,10 @@ def _mamba_dt_init(model, low: float = 1e-3, high: float = 1e-1) -> None:
 class Sampler:
     """Training rows of an exact length: a needle prompt + answer + <eos>, or packed toy knowledge."""
 
-    def __init__(self, tokenizer, seed: int, knowledge_share: float = 0.4, question_share: float = 0.5):
+    def __init__(self, tokenizer, seed: int, knowledge_share: float = 0.4, question_share: float = 0.5,
+                 copy_share: float = 0.0):
         self.tok, self.rng = tokenizer, random.Random(seed)
-        self.knowledge_share, self.question_share = knowledge_share, question_share
+        self.knowledge_share, self.question_share, self.copy_share = knowledge_share, question_share, copy_share
         self.builders = {t: PromptBuilder(tokenizer, NeedleSpec(task=t, seed=seed + i, keys=self.rng.randint(2, 4)))
                          for i, t in enumerate(TASK_WEIGHTS)}
         self.facts = [fact for items in knowledge.build().values() for *_, fact in items]
@@ -124,9 +125,30 @@ class Sampler:
         self.rng.shuffle(options)
         return mmlu.Question(subject, index, question, tuple(options), options.index(right))
 
+    def copy(self, length: int) -> tuple[list[int], list[int]]:
+        """Random byte strings, each repeated after a gap of other random bytes; the repeats count.
+
+        A dense induction signal (every repeated token is supervised; a needle row supervises only its
+        answer) for models whose attention has no positions and must learn to find the previous token."""
+        ids: list[int] = []
+        mask: list[int] = []
+        while len(ids) < length:
+            span = [self.rng.randrange(32, 127) for _ in range(self.rng.randint(8, 48))]
+            gap = [self.rng.randrange(32, 127) for _ in range(self.rng.randint(0, 96))]
+            ids += span + gap + span
+            mask += [0] * (len(span) + len(gap)) + [1] * len(span)
+        return ids[:length], mask[:length]
+
+    def row(self, length: int) -> tuple[list[int], list[int]]:
+        draw = self.rng.random()
+        if draw < self.copy_share:
+            return self.copy(length)
+        if draw < self.copy_share + self.knowledge_share:
+            return self.knowledge(length)
+        return self.needle(length)
+
     def batch(self, size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self.knowledge(length) if self.rng.random() < self.knowledge_share else self.needle(length)
-                for _ in range(size)]
+        rows = [self.row(length) for _ in range(size)]
         width = max(len(ids) for ids, _ in rows)
         ids = torch.tensor([r + [PAD] * (width - len(r)) for r, _ in rows])
         mask = torch.tensor([m + [0] * (width - len(m)) for _, m in rows], dtype=torch.float)
@@ -239,6 +261,8 @@ def main() -> None:
     parser.add_argument("--knowledge-share", type=float, default=0.4, help="share of rows that are toy knowledge")
     parser.add_argument("--question-share", type=float, default=0.5, help="share of knowledge documents that are "
                         "MMLU-format questions (the rest: fact sentences)")
+    parser.add_argument("--copy-share", type=float, default=0.0, help="share of rows that are copy tasks "
+                        "(random strings repeated after a gap: induction practice)")
     parser.add_argument("--ramp", type=float, default=0.5, help="fraction of the time until prompts reach 2048 tokens")
     parser.add_argument("--override", default="{}", help="JSON of config fields to change (new models only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -251,7 +275,8 @@ def main() -> None:
     for name in args.models:
         train(name, Path(args.out), args.seconds, args.batch_tokens, args.seed, args.device, args.lr,
               Path(args.init) if args.init else None, not args.fp32,
-              dict(knowledge_share=args.knowledge_share, question_share=args.question_share), args.ramp,
+              dict(knowledge_share=args.knowledge_share, question_share=args.question_share,
+                   copy_share=args.copy_share), args.ramp,
               json.loads(args.override))
 
 
