@@ -82,9 +82,10 @@ def _reference_generate(loaded: Loaded, trial, new_tokens: int) -> None:
     needle_probe.greedy(loaded, [trial.ids], new_tokens)
 
 
-def bench_needle(loaded: Loaded, lengths, depths, batch_size: int, reference_sample: int) -> dict:
+def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int) -> dict:
     """Grid time for lab's needle probe versus one-prompt-at-a-time generate() on the reference recurrences."""
     spec, trials = _needle_trials(loaded, lengths, depths)
+    batch_size = auto_batch_size(spec.batch_size, loaded, max(spec.lengths) + spec.max_new_tokens)  # as the runner
     was = fast.enabled()
     try:
         fast.enable(True)
@@ -190,8 +191,7 @@ def run_bench(loaded: Loaded, quick: bool) -> dict:
         "model": loaded.spec.name, "parameters": loaded.num_params,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-        "needle_grid": bench_needle(loaded, lengths, depths, batch_size=auto_batch_size(0, loaded, max(lengths) + 40),
-                                    reference_sample=10 if on_gpu else 4),
+        "needle_grid": bench_needle(loaded, lengths, depths, reference_sample=10 if on_gpu else 4),
         "mmlu": bench_mmlu(loaded, questions=128 if on_gpu else 16, batch_size=64 if on_gpu else 8),
         "plan_overhead": bench_plans(loaded, length=4096 if on_gpu else 1024, repeats=5 if on_gpu else 3),
         "prefill": bench_prefill(loaded, length=4096 if on_gpu else 1024, batch=8 if on_gpu else 1,
