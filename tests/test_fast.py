@@ -77,13 +77,53 @@ def test_recurrentgemma_fast_path_matches_reference_with_plans():
     assert fast.enabled()
 
 
+def test_windowed_attention_in_query_chunks_matches_one_masked_product(monkeypatch):
+    from lab.fast import griffin
+
+    monkeypatch.setattr(griffin, "QUERY_CHUNK", 24)  # window 32, 200 tokens: chunks start before and past it
+    plan = Plan(heads_off=((2, 1),))
+    reference, quick = _reference_vs_fast(load(ModelSpec("random:recurrent_gemma", device="cpu")), ids(2, 200), plan, 150, 50)
+    for a, b in zip(reference, quick):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
 @gpu
-def test_recurrentgemma_fast_path_on_gpu_matches_reference():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_recurrentgemma_fast_path_on_gpu_matches_reference(dtype, monkeypatch):
+    """lab's kernels (norm, convolution, RG-LRU, MLP) and chunked windowed attention against transformers'."""
+    from lab.fast import griffin
+
+    monkeypatch.setattr(griffin, "QUERY_CHUNK", 64)
     plan = Plan(off=(BlocksOff("attention"),), phase="generation")
-    loaded = load(ModelSpec("random:recurrent_gemma", device="cuda", dtype="float32"))
+    loaded = load(ModelSpec("random:recurrent_gemma", device="cuda", dtype=dtype))
+    with torch.no_grad():  # trained-looking norms and biases, not their zero initialisation
+        for name, param in loaded.model.named_parameters():
+            if "norm" in name or "bias" in name:
+                param.normal_(0, 0.3)
     reference, quick = _reference_vs_fast(loaded, ids(2, 300).cuda(), plan, 200, 80)
     for a, b in zip(reference, quick):
-        assert torch.allclose(a, b, atol=1e-3)
+        error = ((a.float() - b.float()).norm() / a.float().norm()).item()
+        assert error < (1e-5 if dtype == "float32" else 2e-2)
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(2, 4, 1, 300, 64, 100), (1, 4, 2, 200, 256, 2048), (2, 2, 2, 97, 32, 16)])
+def test_window_attention_kernel_matches_sdpa(shape):
+    """lab's windowed flash attention (bf16) against sdpa in float32: MQA/GQA, padding, window < and > length."""
+    from lab.fast import triton_griffin
+
+    batch, heads, kv, steps, dim, window = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(batch, heads, steps, dim, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(batch, kv, steps, dim, device="cuda", generator=g).bfloat16() for _ in range(2))
+    i = torch.arange(steps, device="cuda")
+    mask = ((i[None] <= i[:, None]) & (i[None] > i[:, None] - window)).expand(batch, 1, steps, steps).clone()
+    mask[-1, :, :, steps - 10:] = False  # right padding in the last row
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(heads // kv, 1), v.float().repeat_interleave(heads // kv, 1),
+        attn_mask=mask, scale=dim ** -0.5).transpose(1, 2)
+    out = triton_griffin.window_attention(q, k, v, mask, window, dim ** -0.5)
+    assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
 
 
 def test_jamba_parallel_selective_scan_matches_reference(monkeypatch):

@@ -24,7 +24,7 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None
     On a GPU with Triton and no gradient wanted, lab.fast.triton_scan's one-pass kernel; elsewhere
     the doubling scan (differentiable)."""
     wants_grad = torch.is_grad_enabled() and (a.requires_grad or x.requires_grad)
-    if x.is_cuda and not wants_grad and _has_triton():
+    if x.is_cuda and not wants_grad and has_triton():
         from lab.fast import triton_scan
 
         return triton_scan.linear_scan(a, x, h0, out_dtype)
@@ -40,7 +40,7 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None
 
 
 @functools.cache
-def _has_triton() -> bool:
+def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
@@ -57,9 +57,10 @@ def enable(on: bool = True) -> None:
     """Switch lab's parallel scans on (default) or back to transformers' reference loops."""
     from transformers.models.recurrent_gemma import modeling_recurrent_gemma as rg
 
-    from lab.fast import mamba
+    from lab.fast import griffin, mamba
 
     mamba.enable(on)
+    griffin.enable(on)
     # cuDNN's attention builds a plan per new shape (seconds for masked, window-limited prompts); the
     # flash and memory-efficient kernels need none, so a grid of lengths does not pay it per length.
     torch.backends.cuda.enable_cudnn_sdp(not on)

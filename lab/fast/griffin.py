@@ -1,0 +1,107 @@
+"""RecurrentGemma's prefill with lab's GPU kernels (lab.fast.triton_griffin), switched by lab.fast.enable.
+
+The recurrent block, the RMSNorm and the MLP get forwards that use the kernels when the input is on a
+GPU, no gradient is wanted and Triton is importable; otherwise (CPU, training, one-token decoding)
+they call transformers' own. Hooks on these modules fire as before. Windowed attention over a whole
+prompt runs as one kernel that visits only the keys inside each query's window (in half precision on a
+GPU), or else in query chunks against those keys, instead of one masked product over every key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lab.fast.scan import has_triton
+
+QUERY_CHUNK = 512
+_originals: dict = {}
+
+
+def _kernels_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return x.is_cuda and not wants_grad and has_triton()
+
+
+def _rms_norm_forward(self, x):
+    if not (_kernels_apply(x, self.weight) and x.is_contiguous()):
+        return _originals["norm"](self, x)
+    from lab.fast import triton_griffin
+
+    return triton_griffin.rms_norm(x, self.weight, self.eps)
+
+
+def _mlp_forward(self, hidden_states):
+    if not (_kernels_apply(hidden_states, self.gate_proj.weight) and self.config.hidden_activation == "gelu_pytorch_tanh"):
+        return _originals["mlp"](self, hidden_states)
+    from lab.fast import triton_griffin
+
+    return self.down_proj(triton_griffin.gelu_mul(self.gate_proj(hidden_states), self.up_proj(hidden_states)))
+
+
+def _recurrent_block_forward(self, input_states, position_ids, attention_mask, use_cache=True, **kwargs):
+    batch, steps, _ = input_states.shape
+    if (steps == 1 or type(self.act_fn).__name__ != "GELUTanh"
+            or not _kernels_apply(input_states, self.linear_x.weight)):
+        return _originals["block"](self, input_states, position_ids, attention_mask, use_cache=use_cache, **kwargs)
+    from lab.fast import triton_griffin
+
+    lru = self.rg_lru
+    x = self.linear_x(input_states)
+    y = self.linear_y(input_states)
+    if use_cache:  # as the reference: a new batch starts from zero states, the conv state keeps the last inputs
+        if self.conv1d_state is None or self.conv1d_state.shape[0] != batch:
+            lru.recurrent_states = torch.zeros((batch, self.lru_width), device=x.device, dtype=torch.float32)
+        self.conv1d_state = F.pad(x.transpose(1, 2), (self.conv1d_width - steps - 1, 0))
+        start_state = lru.recurrent_states
+    else:
+        self.conv1d_state = lru.recurrent_states = start_state = None
+    conv = triton_griffin.causal_conv(x, self.conv_1d.weight, self.conv_1d.bias)
+    heads, width = lru.num_attention_heads, lru.block_width
+    gate_weights = torch.cat([lru.input_gate_weight, lru.recurrent_gate_weight], -1)
+    gates = torch.bmm(conv.view(batch * steps, heads, width).transpose(0, 1), gate_weights)
+    reset = (position_ids == 0).expand(batch, steps)
+    out, last = triton_griffin.rglru(conv, gates, lru.input_gate_bias, lru.recurrent_gate_bias, lru.recurrent_param,
+                                     reset, y, start_state)
+    if use_cache:
+        lru.recurrent_states = last
+    return self.linear_out(out), None
+
+
+def _windowed_sdpa(module, query, key, value, attention_mask, *args, sliding_window=None, **kwargs):
+    """Windowed attention over a whole prompt: lab's kernel on a GPU in half precision; elsewhere
+    transformers' sdpa in chunks of queries against only the keys inside their window."""
+    steps = query.shape[-2]
+    original = _originals["sdpa"]
+    if (not isinstance(sliding_window, int) or not isinstance(attention_mask, torch.Tensor)
+            or attention_mask.dtype != torch.bool or attention_mask.shape[-3:] != (1, steps, steps)
+            or key.shape[-2] != steps or args or kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None):
+        return original(module, query, key, value, attention_mask, *args, sliding_window=sliding_window, **kwargs)
+    if (query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] in (16, 32, 64, 128, 256)
+            and _kernels_apply(query, key)):
+        from lab.fast import triton_griffin
+
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        return triton_griffin.window_attention(query, key, value, attention_mask, sliding_window, scale), None
+    if steps <= QUERY_CHUNK:
+        return original(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
+    outputs = []
+    for start in range(0, steps, QUERY_CHUNK):
+        end, low = min(start + QUERY_CHUNK, steps), max(0, start - sliding_window + 1)
+        out, _ = original(module, query[:, :, start:end], key[:, :, low:end], value[:, :, low:end],
+                          attention_mask[:, :, start:end, low:end], sliding_window=sliding_window, **kwargs)
+        outputs.append(out)
+    return torch.cat(outputs, 1), None
+
+
+def enable(on: bool) -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.recurrent_gemma import modeling_recurrent_gemma as rg
+
+    targets = {"norm": (rg.RecurrentGemmaRMSNorm, _rms_norm_forward), "mlp": (rg.RecurrentGemmaMlp, _mlp_forward),
+               "block": (rg.RecurrentGemmaRecurrentBlock, _recurrent_block_forward)}
+    for key, (cls, fast_forward) in targets.items():
+        _originals.setdefault(key, cls.forward)
+        cls.forward = fast_forward if on else _originals[key]
+    _originals.setdefault("sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"])
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = _windowed_sdpa if on else _originals["sdpa"]

@@ -1,0 +1,218 @@
+"""Triton kernels for RecurrentGemma's prefill on a GPU: the elementwise work around the matrix products.
+
+transformers runs the Griffin block as a chain of small elementwise ops, each a full pass over memory
+(Gemma's RMSNorm in float32, the convolution on transposed copies, a dozen gate ops, the scan, the
+gelu branch). Here each is one pass: an RMSNorm kernel, a causal depthwise convolution in the
+(batch, time, channel) layout, one kernel for the RG-LRU gates, the scan and the output gate, and one
+for the MLP's gelu(gate) * up. Arithmetic in float32, as the reference's norms and scan are.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gelu_tanh(y):
+    """gelu with the tanh approximation: 0.5 y (1 + tanh(u)) = y * sigmoid(2u)."""
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)  # sqrt(2 / pi)
+    return y * tl.sigmoid(2.0 * u)
+
+
+@triton.jit
+def _combine(a_left, x_left, a_right, x_right):
+    return a_left * a_right, a_right * x_left + x_right
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, width, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < width
+    x = tl.load(x_ptr + row * width + cols, mask=inside, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    scale = tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)
+    tl.store(out_ptr + row * width + cols, (x * scale * (1.0 + w)).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: x / rms(x) * (1 + weight), in float32, returned in x's dtype."""
+    width = x.shape[-1]
+    rows = x.reshape(-1, width)
+    out = torch.empty_like(rows)
+    _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, width, eps, BLOCK=triton.next_power_of_2(width),
+                                       num_warps=8)
+    return out.view(x.shape)
+
+
+@triton.jit(do_not_specialize=["steps", "width"])
+def _causal_conv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, steps, width,
+                        TAPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    times = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_width = cols < width
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32) + tl.load(b_ptr + cols, mask=in_width, other=0.0)[None, :]
+    base = row * steps * width
+    for tap in tl.static_range(TAPS):
+        source = times - (TAPS - 1) + tap
+        ok = ((source >= 0) & (source < steps))[:, None] & in_width[None, :]
+        x = tl.load(x_ptr + base + source[:, None].to(tl.int64) * width + cols[None, :], mask=ok, other=0.0)
+        w = tl.load(w_ptr + cols * TAPS + tap, mask=in_width, other=0.0)
+        acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
+    inside = (times < steps)[:, None] & in_width[None, :]
+    tl.store(out_ptr + base + times[:, None].to(tl.int64) * width + cols[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal convolution over time of (B, T, D) x with a Conv1d's (D, 1, taps) weight."""
+    batch, steps, width = x.shape
+    taps = weight.shape[-1]
+    out = torch.empty_like(x)
+    grid = (batch, triton.cdiv(steps, 64), triton.cdiv(width, 64))
+    _causal_conv_kernel[grid](x, weight, bias, out, steps, width, TAPS=taps, BLOCK_T=64, BLOCK_D=64)
+    return out
+
+
+@triton.jit(do_not_specialize=["steps", "width", "block_width", "head_stride"])
+def _rglru_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, reset_ptr, y_ptr, h0_ptr,
+                  out_ptr, last_ptr, steps, width, block_width, head_stride,
+                  HAS_H0: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_width = cols < width
+    head, within = cols // block_width, cols % block_width
+    param = tl.load(param_ptr + cols, mask=in_width, other=0.0).to(tl.float32)
+    softplus = tl.where(param > 20.0, param, tl.log(1.0 + tl.exp(param)))
+    bias_x = tl.load(gate_x_bias_ptr + cols, mask=in_width, other=0.0).to(tl.float32)
+    bias_a = tl.load(gate_a_bias_ptr + cols, mask=in_width, other=0.0).to(tl.float32)
+    if HAS_H0:
+        h = tl.load(h0_ptr + row * width + cols, mask=in_width, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BLOCK_D], dtype=tl.float32)
+    times = tl.arange(0, BLOCK_T)
+    # gates: (heads, batch * steps, 2 * block_width), input gate first, then the recurrence gate
+    gate_cols = head.to(tl.int64) * head_stride + within
+    for start in tl.range(0, steps, BLOCK_T):
+        t = (start + times)[:, None].to(tl.int64)
+        inside = (t < steps) & in_width[None, :]
+        offsets = row * steps * width + t * width + cols[None, :]
+        gate_offsets = gate_cols[None, :] + (row * steps + t) * (2 * block_width)
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        gate_x = tl.sigmoid(tl.load(gates_ptr + gate_offsets, mask=inside, other=0.0).to(tl.float32) + bias_x[None, :])
+        gate_a = tl.sigmoid(tl.load(gates_ptr + gate_offsets + block_width, mask=inside, other=0.0).to(tl.float32)
+                            + bias_a[None, :])
+        reset = tl.load(reset_ptr + row * steps + t, mask=t < steps, other=0) != 0
+        log_a = -8.0 * gate_a * softplus[None, :]
+        a = tl.exp(log_a)
+        scale = tl.where(reset, 1.0, tl.sqrt(1.0 - tl.exp(2.0 * log_a)))
+        a = tl.where(inside, tl.where(reset, 0.0, a), 1.0)  # a reset forgets; padding keeps the state
+        x = tl.where(inside, x * gate_x * scale, 0.0)
+        a_run, x_run = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
+        states = x_run + a_run * h[None, :]
+        y = tl.load(y_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, (states * _gelu_tanh(y)).to(out_ptr.dtype.element_ty), mask=inside)
+        h = tl.sum(tl.where(times[:, None] == BLOCK_T - 1, states, 0.0), axis=0)
+    tl.store(last_ptr + row * width + cols, h, mask=in_width)
+
+
+RGLRU_CONFIG = dict(BLOCK_T=16, BLOCK_D=16, num_warps=4)  # fastest of 27 on an H100 (2B shapes): narrow tiles, many programs
+
+
+def rglru(x: torch.Tensor, gates: torch.Tensor, gate_x_bias: torch.Tensor, gate_a_bias: torch.Tensor,
+          recurrent_param: torch.Tensor, reset: torch.Tensor, y: torch.Tensor,
+          h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RG-LRU on (B, T, D) conv output x, times gelu(y): returns that product and the float32 last state.
+
+    gates: (heads, B*T, 2*block_width) pre-activations from x (input gate, then recurrence gate);
+    reset: (B, T) true where a document starts (position 0)."""
+    batch, steps, width = x.shape
+    block_width = gates.shape[-1] // 2
+    gates = gates.contiguous()
+    out = torch.empty_like(x)
+    last = torch.empty((batch, width), dtype=torch.float32, device=x.device)
+    grid = (batch, triton.cdiv(width, RGLRU_CONFIG["BLOCK_D"]))
+    _rglru_kernel[grid](x, gates, gate_x_bias, gate_a_bias, recurrent_param, reset.to(torch.int8).contiguous(), y,
+                        h0.contiguous() if h0 is not None else last, out, last, steps, width, block_width,
+                        gates.stride(0), HAS_H0=h0 is not None, **RGLRU_CONFIG)
+    return out, last
+
+
+@triton.jit
+def _gelu_mul_kernel(gate_ptr, up_ptr, out_ptr, count, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < count
+    gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, (_gelu_tanh(gate) * up).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up in one pass."""
+    out = torch.empty_like(gate)
+    _gelu_mul_kernel[(triton.cdiv(gate.numel(), 4096),)](gate, up, out, gate.numel(), BLOCK=4096)
+    return out
+
+
+@triton.jit(do_not_specialize=["steps", "window"])
+def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, window, scale, heads, groups,
+                             sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_t, so_b, so_h, so_t,
+                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Flash attention over the keys of a causal window (j <= i < j + window) and inside the boolean mask."""
+    block = tl.program_id(0)
+    batch, head = tl.program_id(1) // heads, tl.program_id(1) % heads
+    kv_head = head // groups
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + batch * sq_b + head * sq_h + rows[:, None].to(tl.int64) * sq_t + dims[None, :],
+                mask=rows[:, None] < steps, other=0.0)
+    best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    low = tl.maximum(block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    high = tl.minimum((block + 1) * BLOCK_M, steps)
+    for start in tl.range(low, high, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k = tl.load(k_ptr + batch * sk_b + kv_head * sk_h + cols[None, :].to(tl.int64) * sk_t + dims[:, None],
+                    mask=cols[None, :] < steps, other=0.0)
+        scores = tl.dot(q, k) * scale
+        allowed = (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - window) & (cols[None, :] < steps)
+        allowed &= tl.load(mask_ptr + batch * sm_b + rows[:, None].to(tl.int64) * sm_t + cols[None, :],
+                           mask=(rows[:, None] < steps) & (cols[None, :] < steps), other=0) != 0
+        scores = tl.where(allowed, scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # rows with nothing allowed yet
+        p = tl.exp(scores - shift[:, None])
+        rescale = tl.exp(best - shift)
+        total = total * rescale + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + batch * sv_b + kv_head * sv_h + cols[:, None].to(tl.int64) * sv_t + dims[None, :],
+                    mask=cols[:, None] < steps, other=0.0)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        best = new_best
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + batch * so_b + head * so_h + rows[:, None].to(tl.int64) * so_t + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < steps)
+
+
+ATTENTION_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)  # fastest of 54 on an H100, head dim 256
+
+
+def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, window: int,
+                     scale: float) -> torch.Tensor:
+    """Causal attention within `window` keys and a boolean mask (B|1, 1, T, T) for (B, H, T, D) queries and
+    (B, KV, T, D) keys and values; returns (B, T, H, D), as transformers' attention functions do."""
+    batch, heads, steps, dim = query.shape
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    if mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    out = torch.empty((batch, steps, heads, dim), dtype=query.dtype, device=query.device)
+    grid = (triton.cdiv(steps, ATTENTION_CONFIG["BLOCK_M"]), batch * heads)
+    _window_attention_kernel[grid](
+        query, key, value, mask.view(torch.uint8), out, steps, window, scale, heads, heads // key.shape[1],
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
+        mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2), out.stride(0), out.stride(2), out.stride(1),
+        HEAD_DIM=dim, **ATTENTION_CONFIG)
+    return out
