@@ -92,8 +92,11 @@ def bench_tables(results: dict) -> list[Table]:
                   f"{n['reference_s']:.2f} s ({n['reference_measured_prompts']} timed)", f"{n['speedup']:.1f}x")
     table.add_row(f"MMLU 5-shot, {m['questions']} questions", f"{m['lab_qps']:.1f} q/s",
                   f"{m['per_choice_qps']:.1f} q/s", f"{m['speedup']:.1f}x")
-    table.add_row(f"plan overhead, heads off ({p['length']} tokens)", f"{100 * p['heads_off_overhead']:+.1f} %", "", "")
-    table.add_row("plan overhead, sparsify (vs eager)", f"{100 * p['sparsify_overhead_vs_eager']:+.1f} %", "", "")
+    for plan in p:
+        shape = f"{plan['batch']} x {plan['length']} tokens"
+        table.add_row(f"plan overhead, heads off ({shape})", f"{100 * plan['heads_off_overhead']:+.1f} %", "", "")
+        table.add_row(f"plan overhead, sparsify vs eager ({shape})", f"{100 * plan['sparsify_overhead_vs_eager']:+.1f} %",
+                      "", "")
     peak = f", {100 * f['fraction_of_bf16_peak']:.0f} % of bf16 peak" if "fraction_of_bf16_peak" in f else ""
     table.add_row(f"prefill {f['batch']} x {f['length']} tokens", f"{f['tokens_per_s']:,} tok/s",
                   f"{f['tflops']} TFLOP/s{peak}", "")

@@ -79,8 +79,9 @@ def _head_mix(x: torch.Tensor, keep: torch.Tensor, heads: int, mean: torch.Tenso
     shape = x.shape
     xh = x.reshape(*shape[:-1], heads, -1)
     keep = keep.to(x.device, x.dtype)[..., None]
-    dropped = 0 if mean is None else mean.to(x.device, x.dtype).reshape(heads, -1) * (1 - keep)
-    return (xh * keep + dropped).reshape(shape)
+    if mean is None:
+        return (xh * keep).reshape(shape)
+    return (xh * keep + mean.to(x.device, x.dtype).reshape(heads, -1) * (1 - keep)).reshape(shape)
 
 
 def _static_heads_prehook(tracker: PhaseTracker, heads: int, removed: set[int], mean):
