@@ -129,15 +129,16 @@ def bench_mmlu(loaded: Loaded, questions: int, batch_size: int) -> dict:
             "speedup": round(per_choice.seconds / lab_time.seconds, 2)}
 
 
-def _median_seconds(loaded: Loaded, fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` runs after one warm-up."""
-    times = []
+def _median_seconds(loaded: Loaded, fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall time of each fn over `repeats` rounds after a warm-up round. Each round runs every
+    fn once, so drift of the clocks or of the machine's load falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats + 1):
-        with Timer(loaded.device) as timer:
-            fn()
-        times.append(timer.seconds)
-    times = sorted(times[1:])
-    return times[len(times) // 2]
+        for name, fn in fns.items():
+            with Timer(loaded.device) as timer:
+                fn()
+            times[name].append(timer.seconds)
+    return {name: sorted(runs[1:])[repeats // 2] for name, runs in times.items()}
 
 
 @torch.inference_mode()
@@ -147,28 +148,31 @@ def bench_plans(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
     most = max((b.heads for _, b in anatomy.blocks("attention")), default=1)
     plans = {"none": Plan(), "heads_off": Plan(heads_off=tuple((l, 0) for l in anatomy.attention_layers)),
              "sparsify": Plan(sparsify=Sparsify(max(1, most // 7)))}
+    default = model.config._attn_implementation
 
     def forward(plan: Plan) -> None:
         with apply_plan(model, anatomy, plan):
             model(input_ids=ids, use_cache=False)
 
-    seconds = {name: _median_seconds(loaded, lambda plan=plan: forward(plan), repeats) for name, plan in plans.items()}
-    default = model.config._attn_implementation
-    model.set_attn_implementation("eager")  # sparsification needs eager attention: compare against eager too
-    try:
-        eager = _median_seconds(loaded, lambda: forward(Plan()), repeats)
-    finally:
-        model.set_attn_implementation(default)
+    def eager() -> None:  # sparsification needs eager attention: compare against eager too
+        model.set_attn_implementation("eager")
+        try:
+            forward(Plan())
+        finally:
+            model.set_attn_implementation(default)
+
+    fns = {name: lambda plan=plan: forward(plan) for name, plan in plans.items()}
+    seconds = _median_seconds(loaded, {**fns, "eager": eager}, repeats)
     return {"length": length, "batch": batch, "base_s": round(seconds["none"], 5),
             "heads_off_overhead": round(seconds["heads_off"] / seconds["none"] - 1, 4),
-            "sparsify_overhead_vs_eager": round(seconds["sparsify"] / eager - 1, 4),
+            "sparsify_overhead_vs_eager": round(seconds["sparsify"] / seconds["eager"] - 1, 4),
             "sparsify_overhead_vs_default": round(seconds["sparsify"] / seconds["none"] - 1, 4)}
 
 
 @torch.inference_mode()
 def bench_prefill(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
     ids = torch.randint(0, 256, (batch, length), device=loaded.device)
-    seconds = _median_seconds(loaded, lambda: loaded.model(input_ids=ids, use_cache=False), repeats)
+    seconds = _median_seconds(loaded, {"prefill": lambda: loaded.model(input_ids=ids, use_cache=False)}, repeats)["prefill"]
     params = loaded.num_params - loaded.model.get_input_embeddings().weight.numel()
     flops = 2 * params * batch * length
     for layer, block in loaded.anatomy.blocks("attention"):  # QK^T and PV, causal (window-limited)
@@ -195,7 +199,7 @@ def run_bench(loaded: Loaded, quick: bool) -> dict:
         "needle_grid": bench_needle(loaded, lengths, depths, reference_sample=10 if on_gpu else 4),
         "mmlu": bench_mmlu(loaded, questions=128 if on_gpu else 16, batch_size=64 if on_gpu else 8),
         # one prompt (on a GPU bound by launching kernels from Python, so hook code counts) and a probe-sized batch
-        "plan_overhead": [bench_plans(loaded, length=4096 if on_gpu else 1024, batch=batch, repeats=5 if on_gpu else 3)
+        "plan_overhead": [bench_plans(loaded, length=4096 if on_gpu else 1024, batch=batch, repeats=9 if on_gpu else 5)
                           for batch in ((1, 8) if on_gpu else (1,))],
         "prefill": bench_prefill(loaded, length=4096 if on_gpu else 1024, batch=8 if on_gpu else 1,
                                  repeats=5 if on_gpu else 3),
