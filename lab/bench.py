@@ -129,20 +129,25 @@ def bench_mmlu(loaded: Loaded, questions: int, batch_size: int) -> dict:
             "speedup": round(per_choice.seconds / lab_time.seconds, 2)}
 
 
-def _median_seconds(loaded: Loaded, fns: dict, repeats: int) -> dict[str, float]:
-    """Median wall time of each fn over `repeats` rounds after a warm-up round. Each round runs every
-    fn once, so drift of the clocks or of the machine's load falls on all of them alike."""
+def _timed(loaded: Loaded, fn) -> float:
+    with Timer(loaded.device) as timer:
+        fn()
+    return timer.seconds
+
+
+def _median_seconds(fns: dict, repeats: int) -> dict[str, float]:
+    """Median of the seconds each fn() returns over `repeats` rounds after a warm-up round. Each round
+    runs every fn once, so drift of the clocks or of the machine's load falls on all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats + 1):
         for name, fn in fns.items():
-            with Timer(loaded.device) as timer:
-                fn()
-            times[name].append(timer.seconds)
+            times[name].append(fn())
     return {name: sorted(runs[1:])[repeats // 2] for name, runs in times.items()}
 
 
 @torch.inference_mode()
 def bench_plans(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
+    """A forward's time with a plan's hooks in place (probes install a plan once per run) against none."""
     anatomy, model = loaded.anatomy, loaded.model
     ids = torch.randint(0, 256, (batch, length), device=loaded.device)
     most = max((b.heads for _, b in anatomy.blocks("attention")), default=1)
@@ -150,19 +155,19 @@ def bench_plans(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
              "sparsify": Plan(sparsify=Sparsify(max(1, most // 7)))}
     default = model.config._attn_implementation
 
-    def forward(plan: Plan) -> None:
+    def forward(plan: Plan) -> float:
         with apply_plan(model, anatomy, plan):
-            model(input_ids=ids, use_cache=False)
+            return _timed(loaded, lambda: model(input_ids=ids, use_cache=False))
 
-    def eager() -> None:  # sparsification needs eager attention: compare against eager too
+    def eager() -> float:  # sparsification needs eager attention: compare against eager too
         model.set_attn_implementation("eager")
         try:
-            forward(Plan())
+            return forward(Plan())
         finally:
             model.set_attn_implementation(default)
 
     fns = {name: lambda plan=plan: forward(plan) for name, plan in plans.items()}
-    seconds = _median_seconds(loaded, {**fns, "eager": eager}, repeats)
+    seconds = _median_seconds({**fns, "eager": eager}, repeats)
     return {"length": length, "batch": batch, "base_s": round(seconds["none"], 5),
             "heads_off_overhead": round(seconds["heads_off"] / seconds["none"] - 1, 4),
             "sparsify_overhead_vs_eager": round(seconds["sparsify"] / seconds["eager"] - 1, 4),
@@ -172,7 +177,11 @@ def bench_plans(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
 @torch.inference_mode()
 def bench_prefill(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
     ids = torch.randint(0, 256, (batch, length), device=loaded.device)
-    seconds = _median_seconds(loaded, {"prefill": lambda: loaded.model(input_ids=ids, use_cache=False)}, repeats)["prefill"]
+
+    def prefill() -> float:
+        return _timed(loaded, lambda: loaded.model(input_ids=ids, use_cache=False))
+
+    seconds = _median_seconds({"prefill": prefill}, repeats)["prefill"]
     params = loaded.num_params - loaded.model.get_input_embeddings().weight.numel()
     flops = 2 * params * batch * length
     for layer, block in loaded.anatomy.blocks("attention"):  # QK^T and PV, causal (window-limited)
