@@ -136,6 +136,17 @@ def test_jamba_parallel_selective_scan_matches_reference(monkeypatch):
         assert torch.allclose(a, b, atol=1e-4)
 
 
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jamba_fused_selective_scan_on_gpu_matches_reference(dtype):
+    plan = Plan(off=(BlocksOff("attention"),), phase="generation")
+    loaded = load(ModelSpec("random:jamba", device="cuda", dtype=dtype))
+    reference, quick = _reference_vs_fast(loaded, ids(2, 160).cuda(), plan, 100, 40)
+    for a, b in zip(reference, quick):
+        error = ((a.float() - b.float()).norm() / a.float().norm()).item()
+        assert error < (1e-5 if dtype == "float32" else 2e-2)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])  # a CUDA graph on the GPU
 @pytest.mark.parametrize("plan", [Plan(), Plan(heads_off=((2, 0),), off=(BlocksOff("mlp", (1,)),)),
                                   Plan(sparsify=Sparsify(1))])

@@ -32,7 +32,8 @@ def _rms_norm_forward(self, x):
 
 
 def _mlp_forward(self, hidden_states):
-    if not (_kernels_apply(hidden_states, self.gate_proj.weight) and self.config.hidden_activation == "gelu_pytorch_tanh"):
+    gelu_tanh = self.config.hidden_activation == "gelu_pytorch_tanh"
+    if not (gelu_tanh and _kernels_apply(hidden_states, self.gate_proj.weight)):
         return _originals["mlp"](self, hidden_states)
     from lab.fast import triton_griffin
 

@@ -1,8 +1,9 @@
 """A parallel selective scan for Mamba-1 blocks (Jamba) when the mamba-ssm kernels are missing.
 
-transformers' fallback loops over time in Python; this discretises the whole sequence at once and
-runs the doubling scan of lab.fast.scan over the (channel, state) pairs. On a GPU only: on a CPU the
-reference loop is faster.
+transformers' fallback loops over time in Python. On a GPU without gradients, lab.fast.triton_mamba's
+fused kernel scans in registers; otherwise this discretises the whole sequence at once and runs the
+doubling scan of lab.fast.scan over the (channel, state) pairs. On a GPU only: on a CPU the reference
+loop is faster.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from lab.fast.scan import linear_scan
+from lab.fast.scan import has_triton, linear_scan
 
 _state = {"original": None}
 PARALLEL_DEVICES = {"cuda"}  # on a CPU the reference loop over time is cheaper (measured 5x)
@@ -27,12 +28,19 @@ def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, 
                                   use_mambapy=use_mambapy, use_associative_scan=use_associative_scan, **kwargs)
     batch, channels, steps = hidden_states.shape
     input_dtype = hidden_states.dtype
+    tensors = (hidden_states, dt, B, C, z)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    state = A.shape[-1]
+    if hidden_states.is_cuda and not wants_grad and has_triton() and state & (state - 1) == 0:
+        from lab.fast import triton_mamba
+
+        out, last = triton_mamba.selective_scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus)
+        return (out, last.to(input_dtype)) if return_last_state else out
     if delta_bias is not None:
         dt = dt + delta_bias.to(dt.dtype)[..., None]
     if delta_softplus:
         dt = F.softplus(dt)
     dt = dt.float().transpose(1, 2)  # (b, t, d)
-    state = A.shape[-1]
     decay = torch.exp(A.float()[None, None] * dt[..., None])  # (b, t, d, n)
     inputs = (dt * hidden_states.float().transpose(1, 2))[..., None] * B.float().transpose(1, 2)[:, :, None, :]
     states, _ = linear_scan(decay.reshape(batch, steps, -1), inputs.reshape(batch, steps, -1))
