@@ -76,7 +76,8 @@ def _windowed_sdpa(module, query, key, value, attention_mask, *args, sliding_win
     original = _originals["sdpa"]
     if (not isinstance(sliding_window, int) or not isinstance(attention_mask, torch.Tensor)
             or attention_mask.dtype != torch.bool or attention_mask.shape[-3:] != (1, steps, steps)
-            or key.shape[-2] != steps or args or kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None):
+            or key.shape[-2] != steps or args or kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None
+            or kwargs.get("is_causal") is False or not getattr(module, "is_causal", True)):
         return original(module, query, key, value, attention_mask, *args, sliding_window=sliding_window, **kwargs)
     if (query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] in (16, 32, 64, 128, 256)
             and _kernels_apply(query, key)):
