@@ -3,8 +3,9 @@
 transformers runs the Griffin block as a chain of small elementwise ops, each a full pass over memory
 (Gemma's RMSNorm in float32, the convolution on transposed copies, a dozen gate ops, the scan, the
 gelu branch). Here each is one pass: an RMSNorm kernel, a causal depthwise convolution in the
-(batch, time, channel) layout, one kernel for the RG-LRU gates, the scan and the output gate, and one
-for the MLP's gelu(gate) * up. Arithmetic in float32, as the reference's norms and scan are.
+(batch, time, channel) layout, one kernel for the RG-LRU gates, the scan and the output gate, one for
+the MLP's gelu(gate) * up, and flash attention over each query's window only. Arithmetic in float32,
+as the reference's norms and scan are.
 """
 
 from __future__ import annotations
@@ -13,17 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
+from lab.fast.triton_scan import combine
+
 
 @triton.jit
 def _gelu_tanh(y):
     """gelu with the tanh approximation: 0.5 y (1 + tanh(u)) = y * sigmoid(2u)."""
     u = 0.7978845608028654 * (y + 0.044715 * y * y * y)  # sqrt(2 / pi)
     return y * tl.sigmoid(2.0 * u)
-
-
-@triton.jit
-def _combine(a_left, x_left, a_right, x_right):
-    return a_left * a_right, a_right * x_left + x_right
 
 
 @triton.jit
@@ -111,7 +109,7 @@ def _rglru_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, param_ptr,
         scale = tl.where(reset, 1.0, tl.sqrt(1.0 - tl.exp(2.0 * log_a)))
         a = tl.where(inside, tl.where(reset, 0.0, a), 1.0)  # a reset forgets; padding keeps the state
         x = tl.where(inside, x * gate_x * scale, 0.0)
-        a_run, x_run = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
+        a_run, x_run = tl.associative_scan((a, x), axis=0, combine_fn=combine)
         states = x_run + a_run * h[None, :]
         y = tl.load(y_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
         tl.store(out_ptr + offsets, (states * _gelu_tanh(y)).to(out_ptr.dtype.element_ty), mask=inside)

@@ -13,10 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _combine(a_left, x_left, a_right, x_right):
-    return a_left * a_right, a_right * x_left + x_right
+from lab.fast.triton_scan import combine
 
 
 @triton.jit(do_not_specialize=["steps", "channels", "sx_b", "sx_d", "sx_t", "sdt_b", "sdt_d", "sdt_t", "sb_b",
@@ -54,7 +51,7 @@ def _selective_scan_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bia
                     other=0.0).to(tl.float32)
         decay = tl.where(inside[:, :, None], tl.exp(dt[:, :, None] * a_matrix[None, :, :]), 1.0)  # padding keeps h
         inputs = tl.where(inside[:, :, None], (dt * x)[:, :, None] * b[:, None, :], 0.0)
-        decay_run, inputs_run = tl.associative_scan((decay, inputs), axis=0, combine_fn=_combine)
+        decay_run, inputs_run = tl.associative_scan((decay, inputs), axis=0, combine_fn=combine)
         hs = inputs_run + decay_run * h[None, :, :]  # (T, D, N)
         y = tl.sum(hs * c[:, None, :], axis=2)
         if HAS_D:

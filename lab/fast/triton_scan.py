@@ -14,7 +14,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _combine(a_left, x_left, a_right, x_right):
+def combine(a_left, x_left, a_right, x_right):
+    """(a, x) o (a', x') = (a a', a' x + x'): two steps of h = a h + x as one."""
     return a_left * a_right, a_right * x_left + x_right
 
 
@@ -35,7 +36,7 @@ def _scan_kernel(a_ptr, x_ptr, h0_ptr, out_ptr, last_ptr, steps, width,
         inside = ((start + times)[:, None] < steps) & in_width[None, :]
         a = tl.load(a_ptr + offsets, mask=inside, other=1.0).to(tl.float32)  # padding keeps the state
         x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        a_run, x_run = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
+        a_run, x_run = tl.associative_scan((a, x), axis=0, combine_fn=combine)
         states = x_run + a_run * h[None, :]
         tl.store(out_ptr + offsets, states.to(out_ptr.dtype.element_ty), mask=inside)
         h = tl.sum(tl.where(times[:, None] == BLOCK_T - 1, states, 0.0), axis=0)
