@@ -12,19 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lab.fast.scan import has_triton
+from lab.fast.scan import triton_applies
 
 QUERY_CHUNK = 512
 _originals: dict = {}
 
 
-def _kernels_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return x.is_cuda and not wants_grad and has_triton()
-
-
 def _rms_norm_forward(self, x):
-    if not (_kernels_apply(x, self.weight) and x.is_contiguous()):
+    if not (triton_applies(x, self.weight) and x.is_contiguous()):
         return _originals["norm"](self, x)
     from lab.fast import triton_griffin
 
@@ -33,7 +28,7 @@ def _rms_norm_forward(self, x):
 
 def _mlp_forward(self, hidden_states):
     gelu_tanh = self.config.hidden_activation == "gelu_pytorch_tanh"
-    if not (gelu_tanh and _kernels_apply(hidden_states, self.gate_proj.weight)):
+    if not (gelu_tanh and triton_applies(hidden_states, self.gate_proj.weight)):
         return _originals["mlp"](self, hidden_states)
     from lab.fast import triton_griffin
 
@@ -43,7 +38,7 @@ def _mlp_forward(self, hidden_states):
 def _recurrent_block_forward(self, input_states, position_ids, attention_mask, use_cache=True, **kwargs):
     batch, steps, _ = input_states.shape
     if (steps == 1 or type(self.act_fn).__name__ != "GELUTanh"
-            or not _kernels_apply(input_states, self.linear_x.weight)):
+            or not triton_applies(input_states, self.linear_x.weight)):
         return _originals["block"](self, input_states, position_ids, attention_mask, use_cache=use_cache, **kwargs)
     from lab.fast import triton_griffin
 
@@ -80,7 +75,7 @@ def _windowed_sdpa(module, query, key, value, attention_mask, *args, sliding_win
             or kwargs.get("is_causal") is False or not getattr(module, "is_causal", True)):
         return original(module, query, key, value, attention_mask, *args, sliding_window=sliding_window, **kwargs)
     if (query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] in (16, 32, 64, 128, 256)
-            and _kernels_apply(query, key)):
+            and triton_applies(query, key)):
         from lab.fast import triton_griffin
 
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5

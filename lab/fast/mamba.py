@@ -13,7 +13,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from lab.fast.scan import has_triton, linear_scan
+from lab.fast.scan import linear_scan, triton_applies
 
 _state = {"original": None}
 PARALLEL_DEVICES = {"cuda"}  # on a CPU the reference loop over time is cheaper (measured 5x)
@@ -28,10 +28,8 @@ def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, 
                                   use_mambapy=use_mambapy, use_associative_scan=use_associative_scan, **kwargs)
     batch, channels, steps = hidden_states.shape
     input_dtype = hidden_states.dtype
-    tensors = (hidden_states, dt, B, C, z)
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     state = A.shape[-1]
-    if hidden_states.is_cuda and not wants_grad and has_triton() and state & (state - 1) == 0:
+    if triton_applies(hidden_states, dt, B, C, z) and state & (state - 1) == 0:  # tl.arange: a power of 2
         from lab.fast import triton_mamba
 
         out, last = triton_mamba.selective_scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus)

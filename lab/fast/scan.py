@@ -3,8 +3,9 @@
 Hillis-Steele doubling: log2(T) elementwise steps over the whole sequence, each combining position t
 with t - offset through (a, x) o (a', x') = (a a', a' x + x'). Products of gates in (0, 1] stay
 stable. Without gradients on a GPU, a Triton kernel (lab.fast.triton_scan) does the same in one
-pass. It replaces RecurrentGemma's Python loop over time steps (RG-LRU) for prefill; decoding one
-token at a time still uses the reference code.
+pass. It replaces RecurrentGemma's Python loop over time steps (RG-LRU) for prefill where
+lab.fast.griffin's fused RG-LRU kernel does not apply; decoding one token at a time still uses the
+reference code.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None
 
     On a GPU with Triton and no gradient wanted, lab.fast.triton_scan's one-pass kernel; elsewhere
     the doubling scan (differentiable)."""
-    wants_grad = torch.is_grad_enabled() and (a.requires_grad or x.requires_grad)
-    if x.is_cuda and not wants_grad and has_triton():
+    if triton_applies(x, a):
         from lab.fast import triton_scan
 
         return triton_scan.linear_scan(a, x, h0, out_dtype)
@@ -42,6 +42,14 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None
 @functools.cache
 def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def triton_applies(first: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether lab's Triton kernels may take these tensors: on a GPU, Triton importable, and no gradient
+    wanted through any of them (the kernels have no backward)."""
+    tensors = [t for t in (first, *others) if t is not None]
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return first.is_cuda and not wants_grad and has_triton()
 
 
 def _rglru_scan(self, hidden_states, recurrent_gate, reset, recurrent_states, acc_dtype=torch.float32):
