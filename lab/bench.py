@@ -151,12 +151,14 @@ def bench_plans(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
     anatomy, model = loaded.anatomy, loaded.model
     ids = torch.randint(0, 256, (batch, length), device=loaded.device)
     most = max((b.heads for _, b in anatomy.blocks("attention")), default=1)
-    plans = {"none": Plan(), "heads_off": Plan(heads_off=tuple((l, 0) for l in anatomy.attention_layers)),
+    heads_off = Plan(heads_off=tuple((l, 0) for l in anatomy.attention_layers))
+    plans = {"none": Plan(), "heads_off": heads_off,  # zeroed heads are folded into o_proj: no work per call
+             "heads_off_hooked": heads_off.with_(phase="prefill"),  # a phase needs the hooks: measure them too
              "sparsify": Plan(sparsify=Sparsify(max(1, most // 7)))}
     default = model.config._attn_implementation
 
     def forward(plan: Plan) -> float:
-        with apply_plan(model, anatomy, plan):
+        with apply_plan(model, anatomy, plan, prompt_len=length):
             return _timed(loaded, lambda: model(input_ids=ids, use_cache=False))
 
     def eager() -> float:  # sparsification needs eager attention: compare against eager too
@@ -170,6 +172,7 @@ def bench_plans(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
     seconds = _median_seconds({**fns, "eager": eager}, repeats)
     return {"length": length, "batch": batch, "base_s": round(seconds["none"], 5),
             "heads_off_overhead": round(seconds["heads_off"] / seconds["none"] - 1, 4),
+            "heads_off_hooked_overhead": round(seconds["heads_off_hooked"] / seconds["none"] - 1, 4),
             "sparsify_overhead_vs_eager": round(seconds["sparsify"] / seconds["eager"] - 1, 4),
             "sparsify_overhead_vs_default": round(seconds["sparsify"] / seconds["none"] - 1, 4)}
 

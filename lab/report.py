@@ -95,6 +95,8 @@ def bench_tables(results: dict) -> list[Table]:
     for plan in p:
         shape = f"{plan['batch']} x {plan['length']} tokens"
         table.add_row(f"plan overhead, heads off ({shape})", f"{100 * plan['heads_off_overhead']:+.1f} %", "", "")
+        table.add_row(f"plan overhead, heads off in prefill phase: hooks ({shape})",
+                      f"{100 * plan['heads_off_hooked_overhead']:+.1f} %", "", "")
         table.add_row(f"plan overhead, sparsify vs eager ({shape})", f"{100 * plan['sparsify_overhead_vs_eager']:+.1f} %",
                       "", "")
     peak = f", {100 * f['fraction_of_bf16_peak']:.0f} % of bf16 peak" if "fraction_of_bf16_peak" in f else ""

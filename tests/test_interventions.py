@@ -45,12 +45,34 @@ def test_removal_restores_bitwise(any_model):
     assert any_model.model.config._attn_implementation == impl
 
 
+def test_heads_off_folded_into_weight_equals_hook_and_restores(hybrid):
+    """Heads zeroed at every position are folded into o_proj's weight; the hook path gives the same logits."""
+    x = ids()
+    model, anatomy = hybrid.model, hybrid.anatomy
+    layer = anatomy.attention_layers[0]
+    proj = model.get_submodule(anatomy.attention(layer).out_proj)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = Plan(heads_off=((layer, 0), (layer, 1)))
+    with torch.inference_mode(), apply_plan(model, anatomy, plan):
+        weights = [model.get_submodule(b.out_proj).weight.data_ptr() for _, b in anatomy.blocks("attention")]
+        shared = weights.count(proj.weight.data_ptr()) > 1
+        assert bool(proj._forward_pre_hooks) == shared  # folded unless layers share the weight (Zamba ties them)
+        assert (proj.weight[:, : 2 * anatomy.attention(layer).head_dim].abs().sum() == 0) != shared
+        folded = model(input_ids=x).logits
+    hooked = logits(hybrid, x, plan.with_(phase="prefill"), prompt_len=x.shape[1])  # phase-aware: hook path
+    assert torch.allclose(folded, hooked, atol=1e-6)
+    assert delta(folded, logits(hybrid, x)) > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_removal_restores_after_exception():
     loaded = tiny("jamba")
     x = ids()
     before = logits(loaded, x)
+    layer = loaded.anatomy.attention_layers[0]
+    plan = Plan(sparsify=Sparsify(1), off=(BlocksOff("ssm"),), heads_off=((layer, 0),))
     with pytest.raises(RuntimeError):
-        with apply_plan(loaded.model, loaded.anatomy, Plan(sparsify=Sparsify(1), off=(BlocksOff("ssm"),))):
+        with apply_plan(loaded.model, loaded.anatomy, plan):
             raise RuntimeError("boom")
     assert torch.equal(before, logits(loaded, x))
 

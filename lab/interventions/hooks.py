@@ -1,13 +1,16 @@
 """Install a Plan as forward hooks inside a context manager; leaving it restores the model exactly.
 
 Block ablation replaces a block's output (what it adds to the residual stream). Head ablation and
-sparsification act on the input of the attention output projection, so its bias survives.
+sparsification act on the input of the attention output projection, so its bias survives. Zeroing
+heads at every position is folded into that projection's weight instead (the removed heads' columns
+are saved, zeroed, and copied back on leaving), so it costs nothing per forward call.
 Phase: a position is "generation" when it is at or after the prompt length. The prompt length is
 given, or taken from the first call of a sequence (cached generate: the prefill call).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -100,6 +103,31 @@ def _static_heads_prehook(tracker: PhaseTracker, heads: int, removed: set[int], 
     return pre
 
 
+def _weight_address(proj: torch.nn.Module) -> int:
+    weight = getattr(proj, "weight", None)
+    return weight.data_ptr() if isinstance(weight, torch.Tensor) else id(proj)
+
+
+def _fold_heads_off(proj: torch.nn.Module, heads: int, removed: set[int]):
+    """Zero the removed heads' input columns of `proj` in place; returns the undo, or None where the
+    weight cannot be edited safely (quantised, on the meta device, or moved in by accelerate's hooks)."""
+    weight = getattr(proj, "weight", None)
+    if (not isinstance(proj, torch.nn.Linear) or not weight.is_floating_point() or weight.device.type == "meta"
+            or hasattr(proj, "_hf_hook")):
+        return None
+    width = weight.shape[1] // heads
+    columns = torch.tensor([h * width + i for h in sorted(removed) for i in range(width)], device=weight.device)
+    with torch.no_grad():
+        saved = weight.index_select(1, columns)
+        weight.index_fill_(1, columns, 0)
+
+    def undo():
+        with torch.no_grad():
+            weight.index_copy_(1, columns, saved)
+
+    return undo
+
+
 class _Sparsifier:
     """Dynamic top-k heads per token from the attention probabilities (the paper's method)."""
 
@@ -150,7 +178,7 @@ def apply_plan(model: torch.nn.Module, anatomy: Anatomy, plan: Plan, means: Mean
         raise LabError("mean ablation needs calibration means: compute them with lab.interventions.calibrate")
     means = means or {}
     tracker = PhaseTracker(plan.phase, prompt_len)
-    handles = []
+    handles, undos = [], []
     previous_impl = None
     try:
         if plan.is_empty:
@@ -158,10 +186,17 @@ def apply_plan(model: torch.nn.Module, anatomy: Anatomy, plan: Plan, means: Mean
             return
         if plan.phase != "both":  # positions only matter when the plan acts on one phase
             handles.append(base_module(model, anatomy).register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
+        weights = Counter(_weight_address(model.get_submodule(b.out_proj)) for _, b in anatomy.blocks("attention"))
         for layer, heads in plan.heads_removed(anatomy).items():
             block = anatomy.attention(layer)
-            pre = _static_heads_prehook(tracker, block.heads, heads, means.get(("heads", layer)))
-            handles.append(model.get_submodule(block.out_proj).register_forward_pre_hook(pre))
+            proj, mean = model.get_submodule(block.out_proj), means.get(("heads", layer))
+            foldable = mean is None and plan.phase == "both" and weights[_weight_address(proj)] == 1  # Zamba ties them
+            undo = _fold_heads_off(proj, block.heads, heads) if foldable else None
+            if undo is not None:
+                undos.append(undo)
+                continue
+            pre = _static_heads_prehook(tracker, block.heads, heads, mean)
+            handles.append(proj.register_forward_pre_hook(pre))
         if plan.sparsify is not None:
             if model.config._attn_implementation != "eager":
                 previous_impl = model.config._attn_implementation
@@ -182,5 +217,7 @@ def apply_plan(model: torch.nn.Module, anatomy: Anatomy, plan: Plan, means: Mean
     finally:
         for handle in handles:
             handle.remove()
+        for undo in undos:
+            undo()
         if previous_impl is not None:
             model.set_attn_implementation(previous_impl)

@@ -68,9 +68,10 @@ class Sampler:
     """Training rows of an exact length: a needle prompt + answer + <eos>, or packed toy knowledge."""
 
     def __init__(self, tokenizer, seed: int, knowledge_share: float = 0.4, question_share: float = 0.5,
-                 copy_share: float = 0.0):
+                 copy_share: float = 0.0, open_book_share: float = 0.0):
         self.tok, self.rng = tokenizer, random.Random(seed)
         self.knowledge_share, self.question_share, self.copy_share = knowledge_share, question_share, copy_share
+        self.open_book_share = open_book_share
         self.builders = {t: PromptBuilder(tokenizer, NeedleSpec(task=t, seed=seed + i, keys=self.rng.randint(2, 4)))
                          for i, t in enumerate(TASK_WEIGHTS)}
         self.facts = [fact for items in knowledge.build().values() for *_, fact in items]
@@ -114,8 +115,12 @@ class Sampler:
         subject = self.rng.choice(list(self.questions))
         items = self.questions[subject]
         shots = [self._draw(subject, self.rng.choice(items), i) for i in range(self.rng.randint(0, 5))]
-        target = self._draw(subject, self.rng.choice(items), 99)
-        return mmlu.prompt(target, shots) + " " + mmlu.LETTERS[target.answer]
+        item = self.rng.choice(items)
+        target = self._draw(subject, item, 99)
+        text = mmlu.prompt(target, shots) + " " + mmlu.LETTERS[target.answer]
+        if self.rng.random() < self.open_book_share:  # the fact in context: only the letter lookup is left to learn
+            text = item[3] + "\n\n" + text
+        return text
 
     def _draw(self, subject, item, index) -> mmlu.Question:
         question, choices, answer, _ = item
@@ -264,6 +269,8 @@ def main() -> None:
     parser.add_argument("--knowledge-share", type=float, default=0.4, help="share of rows that are toy knowledge")
     parser.add_argument("--question-share", type=float, default=0.5, help="share of knowledge documents that are "
                         "MMLU-format questions (the rest: fact sentences)")
+    parser.add_argument("--open-book-share", type=float, default=0.0, help="share of questions preceded by their "
+                        "fact sentence (teaches picking the letter of a known answer)")
     parser.add_argument("--copy-share", type=float, default=0.0, help="share of rows that are copy tasks "
                         "(random strings repeated after a gap: induction practice)")
     parser.add_argument("--ramp", type=float, default=0.5, help="fraction of the time until prompts reach 2048 tokens")
@@ -279,7 +286,7 @@ def main() -> None:
         train(name, Path(args.out), args.seconds, args.batch_tokens, args.seed, args.device, args.lr,
               Path(args.init) if args.init else None, not args.fp32,
               dict(knowledge_share=args.knowledge_share, question_share=args.question_share,
-                   copy_share=args.copy_share), args.ramp,
+                   copy_share=args.copy_share, open_book_share=args.open_book_share), args.ramp,
               json.loads(args.override))
 
 
