@@ -204,8 +204,10 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     (B, KV, T, D) keys and values; returns (B, T, H, D), as transformers' attention functions do."""
     batch, heads, steps, dim = query.shape
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    if mask.stride(-1) != 1:
-        mask = mask.contiguous()
+    if mask.stride(-1) != 1 or mask.stride(2) % 16:  # rows 16-aligned: one compiled kernel, hinted loads, any length
+        padded = mask.new_zeros(*mask.shape[:-1], triton.cdiv(steps, 16) * 16)
+        padded[..., :steps] = mask
+        mask = padded
     out = torch.empty((batch, steps, heads, dim), dtype=query.dtype, device=query.device)
     grid = (triton.cdiv(steps, ATTENTION_CONFIG["BLOCK_M"]), batch * heads)
     _window_attention_kernel[grid](
