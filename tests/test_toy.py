@@ -1,5 +1,6 @@
-"""The shipped toy model: loads offline through the normal path and shows the paper's effect."""
+"""The shipped toy models: load offline through the normal path and show the paper's effect."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -18,14 +19,12 @@ TOYS = {  # name -> (architecture, attention layers, heads per layer, window)
 }
 
 
+load_once = functools.cache(load)  # each toy loaded once for the module: plans leave the model as they found it
+
+
 @pytest.fixture(scope="module", params=list(TOYS))
 def toy(request):
-    return load(request.param)
-
-
-@pytest.fixture(scope="module")
-def rg():
-    return load("toy-recurrentgemma")
+    return load_once(request.param)
 
 
 def test_shipped_files_load_offline(toy):
@@ -46,7 +45,7 @@ def test_both_toys_fit_in_25_mb():
 
 
 def test_toy_jamba_has_mamba_and_experts():
-    anatomy = load("toy-jamba").anatomy
+    anatomy = load_once("toy-jamba").anatomy
     assert len(anatomy.blocks("ssm")) == 4 and len(anatomy.blocks("moe")) == 3
 
 
@@ -111,10 +110,10 @@ def test_top_retrieval_heads_carry_retrieval(toy):
         assert [r["exact"] for r in _run(toy, Plan(heads_off=tuple(keep)), spec, cells)] == [0.0, 0.0, 0.0]
 
 
-def test_base_knows_the_toy_facts_and_attention_off_does_not(rg):
-    """toy-recurrentgemma only: toy-jamba has not learned to answer (its card reports chance)."""
-    toy = rg
-    # a sample of the toy-knowledge figures: 10 test questions per subject, 5-shot, as the card measures
+def test_base_knows_the_toy_facts_and_attention_off_does_not():
+    """A sample of the toy-knowledge figures (10 test questions per subject, 5-shot, as the card measures), for
+    toy-recurrentgemma only: toy-jamba has not learned to answer (its card reports chance)."""
+    toy = load_once("toy-recurrentgemma")
     from lab.probes import mmlu
 
     questions, dev = mmlu.load_questions(mmlu.MMLUSpec(limit=10))
