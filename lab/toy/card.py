@@ -114,7 +114,7 @@ def render(model: str, results: dict, training: dict, window: int | None) -> str
               knowledge,
               f"- The attention window ({window}) covers every probe context, so the window effect of "
               "RecurrentGemma-2B's 4096-token grid is not reproduced here." if window else
-              "- Jamba's attention has no window: every probe context is seen whole.", "",
+              "- The attention has no window: every probe context is seen whole.", "",
               "## Training", "", text["training"], ""]
     chain, stage = [], training
     while stage:
