@@ -64,8 +64,9 @@ MODELS = {  # what the measurements cannot say: the architecture and how trainin
         "rows, then toy knowledge; stages 4 to 6 ran on a GPU with mostly toy knowledge, and stage 6 put the "
         "fact sentence before 80 % of the questions (`--open-book-share 0.8`). The model completes the fact "
         "sentences (98 of 100 in a scratch check: the right choice has the highest likelihood after the fact's "
-        "beginning), but it answers B or C to every question, even with the fact in its context: it has not "
-        "learned to pick a letter by its choice's text, which toy-recurrentgemma learned in its stage 3."),
+        "beginning), but it gives the letter B to every question, even with the fact in its context or named in "
+        "the question: it has not learned to pick a letter by its choice's text, which toy-recurrentgemma learned "
+        "in its stage 3. Later GPU runs did not teach it either (the project README lists them)."),
 }
 
 
