@@ -154,3 +154,11 @@ def test_training_rows_supervise_what_the_context_determines():
     assert any(question.startswith(fact + "\n\n") for fact in sampler.facts)  # open book: the fact comes first
     batch, weights = sampler.batch(6, 400)
     assert batch.shape == weights.shape and batch.shape[0] == 6
+
+
+def test_config_overrides_replace_any_field():
+    from lab.toy.train import build_model
+
+    model = build_model("toy-jamba", {"vocab_size": 300, "num_hidden_layers": 3, "mamba_d_conv": 8})
+    assert model.config.vocab_size == 300 and model.get_input_embeddings().num_embeddings == 300
+    assert model.config.num_hidden_layers == 3 and model.model.layers[0].mamba.conv1d.kernel_size == (8,)

@@ -47,7 +47,7 @@ def build_model(name: str, overrides: dict | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, kwargs = CONFIGS[name]
-    config = AutoConfig.for_model(model_type, **_COMMON, **{**kwargs, **(overrides or {})})
+    config = AutoConfig.for_model(model_type, **{**_COMMON, **kwargs, **(overrides or {})})
     model = AutoModelForCausalLM.from_config(config)
     _mamba_dt_init(model)
     return model
