@@ -57,16 +57,17 @@ MODELS = {  # what the measurements cannot say: the architecture and how trainin
     "toy-jamba": dict(
         intro="A small Jamba (six layers: Mamba in four, attention without positions in layers 2 and 5, "
               "a mixture of 4 experts as the feed-forward block of every other layer)", ssm="Mamba",
-        training="`python -m lab.toy.train` in six stages, each continuing the last with `--init` (seeded; the "
-        "data of toy-recurrentgemma, plus copy rows: random byte strings repeated after a gap, every repeated "
-        "byte counted). Stage 1 was copy rows only, at lr 1e-3 (a 2-layer Jamba was still at chance after 425 "
-        "steps at 3e-3; needle rows alone did not teach this one to retrieve). Stages 2 and 3 ran on a 2-core CPU and added needle "
-        "rows, then toy knowledge; stages 4 to 6 ran on a GPU with mostly toy knowledge, and stage 6 put the "
-        "fact sentence before 80 % of the questions (`--open-book-share 0.8`). The model completes the fact "
-        "sentences (98 of 100 in a scratch check: the right choice has the highest likelihood after the fact's "
-        "beginning), but it gives the letter B to every question, even with the fact in its context or named in "
-        "the question: it has not learned to pick a letter by its choice's text, which toy-recurrentgemma learned "
-        "in its stage 3. Later GPU runs did not teach it either (the project README lists them)."),
+        training="`python -m lab.toy.train` in six stages, each continuing the last with `--init` (seeded; the data of "
+        "toy-recurrentgemma, plus copy rows: random byte strings repeated after a gap, every repeated byte "
+        "counted). Stage 1 was copy rows only, at lr 1e-3 (a 2-layer Jamba was still at chance after 425 "
+        "steps at 3e-3; needle rows alone did not teach this one to retrieve). Stages 2 and 3 ran on a 2-core "
+        "CPU and added needle rows, then toy knowledge; stages 4 to 6 ran on a GPU with mostly toy knowledge, "
+        "and stage 6 put the fact sentence before 80 % of the questions (`--open-book-share 0.8`). The model "
+        "completes the fact sentences (98 of 100 in a scratch check: the right choice has the highest "
+        "likelihood after the fact's beginning), but it gives the letter B to every question, even with the "
+        "fact in its context or named in the question: it has not learned to pick a letter by its choice's "
+        "text, which toy-recurrentgemma learned in its stage 3. Later GPU runs did not teach it either (the "
+        "project README lists them)."),
 }
 
 
