@@ -49,25 +49,20 @@ def _store(args):
     return Store(args.db)
 
 
-def cmd_run(args) -> int:
-    from lab import presets
-    from lab.runner import Finished, Progress, Started, run
-    from lab.report import progress_bar, summary_tables
+def _drive(events, quiet: bool):
+    """Consume a run's events, with a progress bar on a terminal; return its Finished event."""
+    from lab.report import progress_bar
+    from lab.runner import Finished, Progress, Started
 
-    preset = presets.load(args.preset)
-    if args.model:
-        preset = preset.with_model(args.model)
-    store = _store(args)
-    quiet = args.json or not sys.stderr.isatty()
-    bar = None if quiet else progress_bar()
+    bar = None if quiet or not sys.stderr.isatty() else progress_bar()
     final = None
     try:
-        for event in run(preset, store):
+        for event in events:
             if isinstance(event, Started):
                 if bar is not None:
                     bar.start()
                     task = bar.add_task(event.plan, total=event.total, completed=event.skipped)
-                elif not args.json:
+                elif not quiet:
                     print(f"run {event.run_id}: {event.plan}; {event.skipped}/{event.total} trials already done",
                           file=sys.stderr)
             elif isinstance(event, Progress) and bar is not None:
@@ -77,6 +72,21 @@ def cmd_run(args) -> int:
     finally:
         if bar is not None:
             bar.stop()
+    return final
+
+
+def cmd_run(args) -> int:
+    from lab import presets
+    from lab.report import summary_tables
+    from lab.session import Session
+
+    preset = presets.load(args.preset)
+    if args.model:
+        preset = preset.with_model(args.model)
+    store = _store(args)
+    session = Session.open(preset.model)
+    with session.claim("a probe run") as job:
+        final = _drive(session.run(preset, store, job), args.json)
     if args.json:
         print(json.dumps(final.summary, indent=1))
     else:
@@ -126,21 +136,24 @@ def cmd_export(args) -> int:
 def cmd_heads(args) -> int:
     from lab import presets
     from lab.interventions import Plan
-    from lab.models import load
-    from lab.probes.heads import head_scores, keep_set, ranking
-    from lab.probes.needle import NeedleSpec
-    from lab.report import heads_table
+    from lab.probes.heads import HeadsSpec, keep_set, ranking, scores
+    from lab.session import Session
 
-    loaded = load(_spec(args))
-    spec = NeedleSpec(task=args.task, lengths=tuple(args.lengths), depths=tuple(args.depths), trials=args.trials,
-                      max_new_tokens=args.max_new_tokens)
-    ranked = ranking(head_scores(loaded, spec), args.score)
+    spec = HeadsSpec(task=args.task, lengths=tuple(args.lengths), depths=tuple(args.depths), trials=args.trials,
+                     max_new_tokens=args.max_new_tokens).validate()
+    preset = presets.Preset(name=f"{args.model}: head scores", model=_spec(args), heads=spec)
+    session = Session.open(preset.model)
+    with session.claim("head scoring") as job:
+        final = _drive(session.run(preset, _store(args), job), args.json)
+    ranked = ranking(scores(final.summary["heads"]), args.score)
     keep = keep_set(ranked, float(args.keep.rstrip("%")) / 100) if args.keep else []
     if args.json:
-        print(json.dumps({"score": args.score, "ranking": [{"layer": l, "head": h, "value": v} for (l, h), v in ranked],
-                          "keep": [list(k) for k in keep]}))
+        print(json.dumps({"run": final.run_id, "score": args.score, "keep": [list(k) for k in keep],
+                          "ranking": [{"layer": l, "head": h, "value": v} for (l, h), v in ranked]}))
     else:
         from rich.console import Console
+
+        from lab.report import heads_table
 
         Console().print(heads_table(ranked, args.score, set(keep), args.top))
     if args.write:

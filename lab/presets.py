@@ -15,10 +15,12 @@ from lab.errors import LabError
 from lab.interventions.plan import Plan
 from lab.models.anatomy import Anatomy
 from lab.models.loading import ModelSpec
+from lab.probes.heads import HeadsSpec
 from lab.probes.mmlu import MMLUSpec
 from lab.probes.needle import NeedleSpec
 
-TOP_KEYS = {"name", "description", "model", "plan", "needle", "mmlu"}
+TOP_KEYS = {"name", "description", "model", "plan", "needle", "mmlu", "heads"}
+PROBE_TABLES = ("needle", "mmlu", "heads")  # in run order
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
@@ -30,6 +32,12 @@ class Preset:
     plan: dict = field(default_factory=dict)  # the [plan] table; resolved against a model by plan_for()
     needle: NeedleSpec | None = None
     mmlu: MMLUSpec | None = None
+    heads: HeadsSpec | None = None
+
+    @property
+    def probes(self) -> dict:
+        """{probe name: spec} for each probe table the preset has, in run order."""
+        return {name: spec for name in PROBE_TABLES if (spec := getattr(self, name)) is not None}
 
     def plan_for(self, anatomy: Anatomy) -> Plan:
         return Plan.from_dict(self.plan, anatomy)
@@ -46,7 +54,7 @@ class Preset:
             data["description"] = self.description
         data["model"] = {k: v for k, v in asdict(self.model).items() if v is not None}
         data["plan"] = self.plan
-        for key in ("needle", "mmlu"):
+        for key in PROBE_TABLES:
             spec = getattr(self, key)
             if spec is not None:
                 data[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}
@@ -59,7 +67,7 @@ class Preset:
         """Identity of the results: what changes them (not batch sizes)."""
         data = self.to_dict()
         data.pop("name", None), data.pop("description", None)
-        for key in ("needle", "mmlu"):
+        for key in PROBE_TABLES:
             if key in data:
                 data[key].pop("batch_size", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -113,8 +121,10 @@ def from_dict(data: dict) -> Preset:
     Plan.from_dict(plan)  # everything that can be checked without the model
     needle = _section(NeedleSpec, data["needle"], "needle").validate() if "needle" in data else None
     mmlu = _section(MMLUSpec, data["mmlu"], "mmlu").validate() if "mmlu" in data else None
+    heads = _section(HeadsSpec, data["heads"], "heads").validate() if "heads" in data else None
     return Preset(name=str(data.get("name", "untitled")), description=str(data.get("description", "")),
-                  model=_section(ModelSpec, data.get("model", {}), "model"), plan=plan, needle=needle, mmlu=mmlu)
+                  model=_section(ModelSpec, data.get("model", {}), "model"), plan=plan, needle=needle, mmlu=mmlu,
+                  heads=heads)
 
 
 def parse(text: str, origin: str = "preset") -> Preset:

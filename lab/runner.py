@@ -18,8 +18,7 @@ from lab.errors import LabError
 from lab.interventions import Plan, apply_plan, calibrate
 from lab.models import Loaded, load
 from lab.presets import Preset
-from lab.probes import mmlu as mmlu_probe
-from lab.probes import needle as needle_probe
+from lab import probes
 from lab.probes.haystack import sentences
 from lab.store import Store
 from lab.summary import summarize
@@ -111,50 +110,6 @@ def run_halving(fn, items: list, tracker) -> list[dict]:
         return run_halving(fn, items[:half], tracker) + run_halving(fn, items[half:], tracker)
 
 
-def _needle_jobs(loaded: Loaded, spec, done: set[str]):
-    builder = needle_probe.PromptBuilder(loaded.tokenizer, spec)
-    todo = [c for c in spec.cells() if needle_probe.trial_key(spec.task, *c) not in done]
-    if not todo:
-        return
-    size = auto_batch_size(spec.batch_size, loaded, max(n for n, _, _ in todo) + spec.max_new_tokens)
-
-    def answer(cells, tracker):
-        return needle_probe.run_batch(loaded, spec, [builder.build(*c) for c in cells], tracker)
-
-    todo.sort(key=lambda cell: cell[0])  # a batch may span lengths: run_batch prefills each length apart
-    for i in range(0, len(todo), size):
-        yield answer, todo[i:i + size]
-
-
-def _mmlu_jobs(loaded: Loaded, spec, done: set[str], questions: list, dev: dict):
-    scorer = mmlu_probe.Scorer(loaded.tokenizer, spec.shots)
-    items = [(q, scorer.ids(q, dev[q.subject])) for q in questions if q.key not in done]
-    items.sort(key=lambda item: -len(item[1]))  # longest first: out-of-memory shows up at once
-    if not items:
-        return
-    size = auto_batch_size(spec.batch_size, loaded, len(items[0][1]))
-
-    def answer(batch, tracker):
-        return mmlu_probe.run_batch(loaded, scorer, batch, tracker)
-
-    for i in range(0, len(items), size):
-        yield answer, items[i:i + size]
-
-
-def _probes(preset: Preset, loaded: Loaded) -> list[tuple[str, int, object]]:
-    """(name, trials, jobs(done keys)) per probe; bad lengths or missing data fail here, up front."""
-    probes = []
-    if preset.needle:
-        spec = preset.needle
-        needle_probe.PromptBuilder(loaded.tokenizer, spec).build(min(spec.lengths), 0, 0)
-        probes.append(("needle", len(spec.cells()), lambda done: _needle_jobs(loaded, spec, done)))
-    if preset.mmlu:
-        questions, dev = mmlu_probe.load_questions(preset.mmlu)
-        probes.append(("mmlu", len(questions),
-                       lambda done: _mmlu_jobs(loaded, preset.mmlu, done, questions, dev)))
-    return probes
-
-
 def _means(loaded: Loaded, plan: Plan):
     if plan.mode != "mean" or plan.is_empty:
         return None
@@ -167,29 +122,33 @@ def _means(loaded: Loaded, plan: Plan):
 def run(preset: Preset, store: Store, loaded: Loaded | None = None,
         cancel: threading.Event | None = None) -> Iterator[Event]:
     """Run every probe the preset names; yields Started, Progress per batch, then Finished."""
-    if preset.needle is None and preset.mmlu is None:
-        raise LabError("the preset names no probe: add a [needle] or [mmlu] table")
+    specs = preset.probes
+    if not specs:
+        raise LabError(f"the preset names no probe: add a table for one of {', '.join(probes.PROBES)}")
     loaded = loaded or load(preset.model)
     plan = preset.plan_for(loaded.anatomy)
     words = plan.describe(loaded.anatomy)
-    probes = _probes(preset, loaded)
-    total = sum(trials for _, trials, _ in probes)
+    prepared = {name: probes.get(name).prepare(loaded, spec) for name, spec in specs.items()}  # fails up front
+    total = sum(p.trials for p in prepared.values())
     run_id = store.open_run(preset.fingerprint(), f"{preset.name} · {words}", preset.model.name, plan.to_dict(),
                             preset.to_toml(), versions())
-    done_keys = {name: store.done_keys(run_id, name) for name, _, _ in probes}
+    done_keys = {name: store.done_keys(run_id, name) for name in prepared}
     done = sum(len(k) for k in done_keys.values())
     yield Started(run_id, total, done, words)
     means = _means(loaded, plan)
     status = "failed"
     started, fresh = time.monotonic(), 0
     try:
-        for name, _, jobs in probes:
+        for name, probe in prepared.items():
             with apply_plan(loaded.model, loaded.anatomy, plan, means) as tracker:
-                for answer, batch in jobs(done_keys[name]):
+                work = probe.work(done_keys[name])
+                size = auto_batch_size(work.batch_size, loaded, work.tokens) if work.items else 1
+                for i in range(0, len(work.items), size):
                     if cancel is not None and cancel.is_set():
                         status = "cancelled"
                         break
-                    rows = run_halving(answer, batch, tracker)
+                    batch = work.items[i:i + size]
+                    rows = run_halving(work.answer, batch, tracker)
                     store.add_trials(run_id, name, rows)
                     done, fresh = done + len(batch), fresh + len(batch)
                     rate = (time.monotonic() - started) / fresh

@@ -1,5 +1,8 @@
-from lab.probes.heads import head_scores, keep_set, ranking, retrieval_hits
-from lab.probes.needle import NeedleSpec
+from lab import presets
+from lab.models import ModelSpec
+from lab.probes.heads import HeadsSpec, keep_set, ranking, retrieval_hits, scores
+from lab.runner import Finished, Progress, run
+from lab.store import Store
 
 from conftest import tiny
 
@@ -22,9 +25,21 @@ def test_ranking_and_keep_set():
     assert keep_set(ranking(scores, "needle_mass"), 0.15) == [(5, 0)]
 
 
-def test_scores_cover_every_head_and_mass_sees_the_needle():
+def test_head_scoring_is_a_stored_run_covering_every_head(tmp_path):
     loaded = tiny("jamba")  # full attention: the needle is always visible
-    scores = head_scores(loaded, NeedleSpec(task="passkey", lengths=(300,), depths=(50,), max_new_tokens=4))
-    assert set(scores) == {(2, h) for h in range(4)}
-    for value in scores.values():
+    preset = presets.Preset(model=ModelSpec("random:jamba"),
+                            heads=HeadsSpec(lengths=(300,), depths=(10, 50, 90), trials=1, max_new_tokens=4))
+    store = Store(tmp_path / "r.sqlite")
+    events = list(run(preset, store, loaded))
+    assert sum(isinstance(e, Progress) for e in events) == 1 and isinstance(events[-1], Finished)
+    run_id = events[-1].run_id
+    rows = store.trials(run_id, "heads")
+    assert [r["key"] for r in rows] == ["passkey/L300/d10/t0", "passkey/L300/d50/t0", "passkey/L300/d90/t0"]
+    assert set(rows[0]["heads"]) == {f"L2.attn.h{h}" for h in range(4)}
+    found = scores(events[-1].summary["heads"])
+    assert set(found) == {(2, h) for h in range(4)}
+    for value in found.values():
         assert 0 < value["needle_mass"] < 1 and value["entropy"] > 0 and value["retrieval"] >= 0
+    again = list(run(preset, store, loaded))  # resumed: nothing left to score, same summary
+    assert not any(isinstance(e, Progress) for e in again)
+    assert again[-1].summary == events[-1].summary

@@ -10,6 +10,8 @@ given, or taken from the first call of a sequence (cached generate: the prefill 
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
@@ -169,6 +171,25 @@ def base_module(model: torch.nn.Module, anatomy: Anatomy) -> torch.nn.Module:
     return model.get_submodule(ADAPTERS[anatomy.architecture].layers.rsplit(".", 1)[0])
 
 
+_ACTIVE: weakref.WeakSet = weakref.WeakSet()  # models with a plan installed now
+_ACTIVE_LOCK = threading.Lock()
+
+
+@contextmanager
+def _only_plan(model: torch.nn.Module) -> Iterator[None]:
+    """Refuse a second plan on a model that has one: stacked hooks and folded weights undone out of order
+    would leave heads zeroed for good."""
+    with _ACTIVE_LOCK:
+        if model in _ACTIVE:
+            raise LabError("a plan is already active on this model: one job at a time (wait, or cancel it)")
+        _ACTIVE.add(model)
+    try:
+        yield
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard(model)
+
+
 @contextmanager
 def apply_plan(model: torch.nn.Module, anatomy: Anatomy, plan: Plan, means: Means | None = None,
                prompt_len: int | None = None) -> Iterator[PhaseTracker]:
@@ -176,7 +197,11 @@ def apply_plan(model: torch.nn.Module, anatomy: Anatomy, plan: Plan, means: Mean
     plan.validate(anatomy)
     if plan.mode == "mean" and means is None and not plan.is_empty:
         raise LabError("mean ablation needs calibration means: compute them with lab.interventions.calibrate")
-    means = means or {}
+    with _only_plan(model):
+        yield from _installed(model, anatomy, plan, means or {}, prompt_len)
+
+
+def _installed(model, anatomy: Anatomy, plan: Plan, means: Means, prompt_len: int | None) -> Iterator[PhaseTracker]:
     tracker = PhaseTracker(plan.phase, prompt_len)
     handles, undos = [], []
     previous_impl = None

@@ -1,61 +1,87 @@
 """Per-head scores on needle prompts: retrieval score (Wu et al. 2024), attention entropy, needle mass.
 
 For each trial the model answers greedily (under the plan), then one teacher-forced forward pass
-over prompt + answer records the attention rows of the answering positions.
+over prompt + answer records the attention rows of the answering positions. Each trial stores one
+row with every head's values; the summary averages them.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
 from lab.errors import LabError
-from lab.interventions import Plan, apply_plan
 from lab.probes import needle as needle_probe
+from lab.probes.base import Prepared, Work, mean
 
 SCORES = ("retrieval", "entropy", "needle_mass")
 
 
+@dataclass(frozen=True)
+class HeadsSpec:
+    """Needle prompts to score the heads on (the [heads] table of a preset)."""
+
+    task: str = "passkey"
+    lengths: tuple[int, ...] = (512,)
+    depths: tuple[float, ...] = (10, 50, 90)
+    trials: int = 2
+    max_new_tokens: int = 16
+    haystack: str = "generated"
+    seed: int = 0
+    batch_size: int = 0  # 0: automatic
+
+    def needle(self) -> needle_probe.NeedleSpec:
+        return needle_probe.NeedleSpec(task=self.task, lengths=self.lengths, depths=self.depths, trials=self.trials,
+                                       max_new_tokens=self.max_new_tokens, haystack=self.haystack, seed=self.seed,
+                                       batch_size=self.batch_size)
+
+    def validate(self) -> HeadsSpec:
+        self.needle().validate()
+        return self
+
+
+def site(layer: int, head: int) -> str:
+    """A head's canonical name, as stored: L2.attn.h3."""
+    return f"L{layer}.attn.h{head}"
+
+
+def _head_of(name: str) -> tuple[int, int]:
+    layer, _, head = name.split(".")
+    return int(layer[1:]), int(head[1:])
+
+
 @torch.inference_mode()
-def head_scores(loaded, spec: needle_probe.NeedleSpec, plan: Plan | None = None, progress=None) -> dict:
-    """{(layer, head): {"retrieval", "entropy", "needle_mass"}} averaged over the spec's trials."""
-    model, anatomy = loaded.model, loaded.anatomy
-    if not anatomy.attention_layers:
-        raise LabError(f"{anatomy.architecture} has no attention heads to score")
-    plan = plan or Plan()
-    builder = needle_probe.PromptBuilder(loaded.tokenizer, spec)
-    sums: dict[tuple[int, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    cells = spec.cells()
-    counted = 0
-    for n, cell in enumerate(cells):
-        trial = builder.build(*cell)
-        answer = _greedy(loaded, plan, trial.ids, spec.max_new_tokens)
-        if not answer:
-            continue
-        attention = _answer_attention(loaded, plan, trial.ids, answer)
-        output = loaded.tokenizer.decode(answer, skip_special_tokens=True)
+def score_batch(loaded, spec: needle_probe.NeedleSpec, trials: list, tracker) -> list[dict]:
+    """One row per trial: the answer, whether it recalls the needle, and [retrieval, entropy, mass] per head."""
+    tok = loaded.tokenizer
+    tracker.prompt_len = None  # the prefill call of generate defines the prompt
+    answers = needle_probe.greedy(loaded, [t.ids for t in trials], spec.max_new_tokens)
+    rows = []
+    for trial, answer in zip(trials, answers):
+        output = tok.decode(answer, skip_special_tokens=True)
         # Wu et al. count only samples whose answer recalls the needle
-        retrieval_ok = needle_probe.score(trial, output, spec.task)["score"] >= 0.5
-        counted += retrieval_ok
-        span = {p for s, e in trial.needle_spans for p in range(s, e)}
-        span_len = max(1, max((e - s for s, e in trial.needle_spans), default=1))
-        ids = trial.ids + answer
-        for layer, w in attention.items():  # w: (H, G, K) rows of the G answering positions
-            top = w.argmax(-1)  # (H, G)
-            entropy = -(w * torch.log(w + 1e-12)).sum(-1).mean(-1)  # (H,)
-            mass = w[..., sorted(span)].sum(-1).mean(-1) if span else torch.zeros(w.shape[0])
-            for h in range(w.shape[0]):
-                key = (layer, h)
-                sums[key]["entropy"] += float(entropy[h]) / len(cells)
-                sums[key]["needle_mass"] += float(mass[h]) / len(cells)
-                if retrieval_ok:
-                    sums[key]["retrieval"] += retrieval_hits(top[h].tolist(), ids, answer, span) / span_len
-        if progress:
-            progress(n + 1, len(cells))
-    return {key: {"retrieval": v["retrieval"] / counted if counted else 0.0, "entropy": v["entropy"],
-                  "needle_mass": v["needle_mass"]} for key, v in sorted(sums.items())}
+        recalled = needle_probe.score(trial, output, spec.task)["score"] >= 0.5
+        heads = _head_values(loaded, trial, answer, tracker) if answer else {}
+        rows.append({"key": trial.key, "length": trial.length, "depth": trial.depth, "trial": trial.index,
+                     "output": output, "recalled": recalled, "heads": heads})
+    return rows
+
+
+def _head_values(loaded, trial, answer: list[int], tracker) -> dict[str, list[float]]:
+    span = {p for s, e in trial.needle_spans for p in range(s, e)}
+    span_len = max(1, max((e - s for s, e in trial.needle_spans), default=1))
+    ids = trial.ids + answer
+    values = {}
+    for layer, w in _answer_attention(loaded, trial.ids, answer, tracker).items():  # w: (H, G, K)
+        top = w.argmax(-1)  # (H, G)
+        entropy = -(w * torch.log(w + 1e-12)).sum(-1).mean(-1)  # (H,)
+        mass = w[..., sorted(span)].sum(-1).mean(-1) if span else torch.zeros(w.shape[0])
+        for h in range(w.shape[0]):
+            hits = retrieval_hits(top[h].tolist(), ids, answer, span) / span_len
+            values[site(layer, h)] = [hits, float(entropy[h]), float(mass[h])]
+    return values
 
 
 def retrieval_hits(top: list[int], ids: list[int], answer: list[int], span: set[int]) -> int:
@@ -63,12 +89,7 @@ def retrieval_hits(top: list[int], ids: list[int], answer: list[int], span: set[
     return sum(1 for g, pos in enumerate(top) if pos in span and ids[pos] == answer[g])
 
 
-def _greedy(loaded, plan: Plan, prompt: list[int], max_new_tokens: int) -> list[int]:
-    with apply_plan(loaded.model, loaded.anatomy, plan):
-        return needle_probe.greedy(loaded, [prompt], max_new_tokens)[0]
-
-
-def _answer_attention(loaded, plan: Plan, prompt: list[int], answer: list[int]) -> dict[int, torch.Tensor]:
+def _answer_attention(loaded, prompt: list[int], answer: list[int], tracker) -> dict[int, torch.Tensor]:
     """Attention probabilities of the positions that predict each answer token, per attention layer."""
     model, anatomy = loaded.model, loaded.anatomy
     rows = slice(len(prompt) - 1, len(prompt) - 1 + len(answer))
@@ -81,14 +102,54 @@ def _answer_attention(loaded, plan: Plan, prompt: list[int], answer: list[int]) 
             def keep(module, args, output, layer=layer):
                 captured[layer] = output[1][0, :, rows].float().cpu()
             handles.append(model.get_submodule(block.path).register_forward_hook(keep))
-        ids = torch.tensor([prompt + answer], device=loaded.device)
-        with apply_plan(model, anatomy, plan, prompt_len=len(prompt)):
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        tracker.prompt_len = len(prompt)
+        model(input_ids=torch.tensor([prompt + answer], device=loaded.device), use_cache=False, logits_to_keep=1)
     finally:
+        tracker.prompt_len = None
         for handle in handles:
             handle.remove()
         model.set_attn_implementation(previous)
     return captured
+
+
+def summary(rows: list[dict]) -> dict:
+    """Per head: retrieval averaged over the trials that recall the needle, entropy and mass over all
+    trials that gave an answer."""
+    answered = [r for r in rows if r["heads"]]
+    recalled = [r for r in answered if r["recalled"]]
+    names = sorted({name for r in answered for name in r["heads"]}, key=_head_of)
+    heads = {name: {"retrieval": round(mean(r["heads"][name][0] for r in recalled), 6),
+                    "entropy": round(mean(r["heads"][name][1] for r in answered), 6),
+                    "needle_mass": round(mean(r["heads"][name][2] for r in answered), 6)} for name in names}
+    return {"trials": len(rows), "answered": len(answered), "recalled": len(recalled), "heads": heads}
+
+
+class HeadsProbe:
+    name, spec = "heads", HeadsSpec
+    summary = staticmethod(summary)
+
+    def prepare(self, loaded, spec: HeadsSpec) -> Prepared:
+        if not loaded.anatomy.attention_layers:
+            raise LabError(f"{loaded.anatomy.architecture} has no attention heads to score")
+        needle = spec.needle()
+        builder = needle_probe.PromptBuilder(loaded.tokenizer, needle)
+        builder.build(min(needle.lengths), 0, 0)  # a length too short for the prompt fails here, up front
+        cells = needle.cells()
+
+        def answer(batch, tracker):
+            return score_batch(loaded, needle, [builder.build(*cell) for cell in batch], tracker)
+
+        def work(done: set[str]) -> Work:
+            todo = [c for c in cells if needle_probe.trial_key(needle.task, *c) not in done]
+            return Work(todo, max((n for n, _, _ in todo), default=0) + needle.max_new_tokens, spec.batch_size,
+                        answer)
+
+        return Prepared(len(cells), work)
+
+
+def scores(summary: dict) -> dict[tuple[int, int], dict[str, float]]:
+    """{(layer, head): {"retrieval", "entropy", "needle_mass"}} from a heads summary."""
+    return {_head_of(name): values for name, values in summary["heads"].items()}
 
 
 def ranking(scores: dict, score: str) -> list[tuple[tuple[int, int], float]]:

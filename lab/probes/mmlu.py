@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lab.errors import LabError
+from lab.probes.base import Prepared, Work, mean, mean_by
 from lab.probes.needle import pad_id
 
 LETTERS = ("A", "B", "C", "D")
@@ -222,3 +223,27 @@ def run_batch(loaded, scorer: Scorer, batch: list[tuple[Question, list[int]]], t
                     "answer": LETTERS[q.answer], "prediction": LETTERS[pred], "correct": float(pred == q.answer),
                     "loglik": [round(v, 4) for v in lls]})
     return out
+
+
+def summary(rows: list[dict]) -> dict:
+    return {"accuracy": round(mean(r["correct"] for r in rows), 4), "questions": len(rows),
+            "by_category": mean_by(rows, "category", "correct"), "by_subject": mean_by(rows, "subject", "correct")}
+
+
+class MMLUProbe:
+    name, spec = "mmlu", MMLUSpec
+    summary = staticmethod(summary)
+
+    def prepare(self, loaded, spec: MMLUSpec) -> Prepared:
+        questions, dev = load_questions(spec)
+        scorer = Scorer(loaded.tokenizer, spec.shots)
+
+        def answer(batch, tracker):
+            return run_batch(loaded, scorer, batch, tracker)
+
+        def work(done: set[str]) -> Work:
+            items = [(q, scorer.ids(q, dev[q.subject])) for q in questions if q.key not in done]
+            items.sort(key=lambda item: -len(item[1]))  # longest first: out-of-memory shows up at once
+            return Work(items, len(items[0][1]) if items else 0, spec.batch_size, answer)
+
+        return Prepared(len(questions), work)

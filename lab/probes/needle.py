@@ -14,6 +14,7 @@ import torch
 
 from lab.errors import LabError
 from lab.probes import scoring
+from lab.probes.base import Prepared, Work, mean, mean_by
 from lab.probes.haystack import sentence_stream
 
 TASKS = ("sentence", "passkey", "multikey", "multivalue", "multiquery")
@@ -297,3 +298,29 @@ def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[di
         rows.append({"key": trial.key, "length": trial.length, "depth": trial.depth, "trial": trial.index,
                      "output": output, "answer": trial.answer.strip(), **scores})
     return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    return {"accuracy": round(mean(r["exact"] for r in rows), 4), "score": round(mean(r["score"] for r in rows), 4),
+            "trials": len(rows), "by_length": mean_by(rows, "length", "exact"),
+            "by_depth": mean_by(rows, "depth", "exact")}
+
+
+class NeedleProbe:
+    name, spec = "needle", NeedleSpec
+    summary = staticmethod(summary)
+
+    def prepare(self, loaded, spec: NeedleSpec) -> Prepared:
+        builder = PromptBuilder(loaded.tokenizer, spec)
+        builder.build(min(spec.lengths), 0, 0)  # a length too short for the prompt fails here, up front
+        cells = spec.cells()
+
+        def answer(batch, tracker):
+            return run_batch(loaded, spec, [builder.build(*cell) for cell in batch], tracker)
+
+        def work(done: set[str]) -> Work:
+            todo = sorted((c for c in cells if trial_key(spec.task, *c) not in done), key=lambda cell: cell[0])
+            # a batch may span lengths: run_batch prefills each length apart
+            return Work(todo, max((n for n, _, _ in todo), default=0) + spec.max_new_tokens, spec.batch_size, answer)
+
+        return Prepared(len(cells), work)
