@@ -72,12 +72,11 @@ async def test_cancel_stops_the_probe_and_keeps_trials(tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await ready(app, pilot)
         screen = app.screen
-        screen.cancel_event.set()  # cancelled before the first batch finishes: nothing runs
         original = screen.action_run_probe
 
         def run_and_cancel(probe):
             original(probe)
-            screen.cancel_event.set()
+            screen.action_cancel_probe()  # at once, from the console's thread: the worker sees it
         screen.action_run_probe = run_and_cancel
         await pilot.press("n")
         await ready(app, pilot)
@@ -150,3 +149,52 @@ def test_no_terminal_refuses_in_one_line(capsys):
     assert main([]) == 2  # pytest's stdin is not a terminal
     err = capsys.readouterr().err
     assert "needs a terminal" in err and "lab run" in err
+
+
+async def test_one_job_at_a_time_and_weights_restored(tmp_path, monkeypatch):
+    """n then u (or r) once ran two probes on one model in two threads and left heads zeroed."""
+    import threading
+
+    import torch
+
+    from lab.session import Session
+
+    gate, run = threading.Event(), Session.run
+
+    def gated_run(self, *args):  # the needle run waits until u and r have been pressed
+        gate.wait()
+        yield from run(self, *args)
+
+    monkeypatch.setattr(Session, "run", gated_run)
+    app = make_app(tmp_path, lengths=(300, 400, 500), depths=(0, 50, 100))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        screen = app.screen
+        model = screen.loaded.model
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        await pilot.press("down", "down", "right", "right", "space")  # layer 2, head 0 off: folded
+        assert screen.plan.heads_off
+        await pilot.press("n", "u", "r")
+        await pilot.pause()
+        notes = [n.message for n in app._notifications]
+        assert "a probe is running: x cancels it" in notes  # u and r refused (identical notes show once)
+        gate.set()
+        await ready(app, pilot)
+        runs = screen.store.runs()
+        assert len(runs) == 1 and runs[0]["status"] == "done" and runs[0]["trials"] == 9
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        await pilot.press("x")
+        assert "nothing is running" in [n.message for n in app._notifications]
+
+
+async def test_head_scoring_is_stored_and_colours_the_grid(tmp_path):
+    app = make_app(tmp_path, lengths=(300,), depths=(50,))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("r")
+        await ready(app, pilot)
+        screen = app.screen
+        assert set(screen.scores) == {(2, h) for h in range(4)}
+        assert screen.overlay == "retrieval"
+        (run,) = screen.store.runs()
+        assert run["status"] == "done" and len(screen.store.trials(run["id"], "heads")) == 1

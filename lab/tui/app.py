@@ -4,7 +4,6 @@ workers whose results arrive as messages (Harlequin). Probe logic lives in lab.r
 from __future__ import annotations
 
 import os
-import threading
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -24,9 +23,10 @@ from lab.interventions import Plan
 from lab.interventions import edit
 from lab.models import Loaded, ModelSpec, load
 from lab.probes import needle as needle_probe
-from lab.probes.heads import head_scores
+from lab.probes.heads import HeadsSpec, scores
 from lab.probes.mmlu import MMLUSpec
-from lab.runner import Finished, Progress, Started, run
+from lab.runner import Finished, Progress, Started
+from lab.session import Busy, Job, Session
 from lab.store import Store
 from lab.summary import heatmap, summarize
 from lab.tui.charts import Heatmap, MMLUChart, NeedleChart
@@ -123,11 +123,10 @@ class MainScreen(Screen):
     def __init__(self, spec: ModelSpec, preset: presets.Preset, store: Store):
         super().__init__()
         self.spec, self.preset, self.store = spec, preset, store
-        self.loaded: Loaded | None = None
+        self.session: Session | None = None
         self.plan = Plan()
         self.dirty = False
         self.preset_path: str | None = None
-        self.cancel_event = threading.Event()
         self.rows: dict[str, list[dict]] = {"needle": [], "mmlu": []}
         self.compare: set[int] = set()
         self.scores: dict | None = None
@@ -173,20 +172,16 @@ class MainScreen(Screen):
         except LabError as error:
             self.post_message(Failed("load", str(error)))
 
-    @work(thread=True, exclusive=True, group="probe", exit_on_error=False, description="Running a probe")
-    def probe_worker(self, probe: str, preset: presets.Preset) -> None:
+    @work(thread=True, group="probe", exit_on_error=False, description="Running a probe")
+    def probe_worker(self, probe: str, preset: presets.Preset, job: Job) -> None:
+        """Runs the job the screen claimed; the session refuses any other until this one ends."""
         try:
-            for event in run(preset, self.store, self.loaded, self.cancel_event):
+            for event in self.session.run(preset, self.store, job):
                 self.post_message(ProbeEvent(probe, event))
         except LabError as error:
             self.post_message(Failed(probe, str(error)))
-
-    @work(thread=True, exclusive=True, group="probe", exit_on_error=False, description="Scoring heads")
-    def scores_worker(self, spec: needle_probe.NeedleSpec, plan: Plan) -> None:
-        try:
-            self.post_message(ScoresReady("heads", head_scores(self.loaded, spec, plan)))
-        except LabError as error:
-            self.post_message(Failed("heads", str(error)))
+        finally:
+            job.release()  # also when the run failed before it started
 
     @on(Worker.StateChanged)
     def worker_failed(self, event: Worker.StateChanged) -> None:
@@ -195,9 +190,13 @@ class MainScreen(Screen):
             self._status("failed; see the notification")
 
     # ---- messages -------------------------------------------------------------------------------
+    @property
+    def loaded(self) -> Loaded | None:
+        return self.session.loaded if self.session else None
+
     @on(ModelLoaded)
     async def model_loaded(self, message: ModelLoaded) -> None:
-        self.loaded = message.loaded
+        self.session = Session(message.loaded)
         anatomy = self.loaded.anatomy
         self.sub_title = (f"{self.loaded.spec.name} · {anatomy.architecture} · {anatomy.num_layers} layers · "
                           f"{anatomy.total_heads} heads")
@@ -224,6 +223,8 @@ class MainScreen(Screen):
 
     @on(CellToggled)
     def cell_toggled(self, message: CellToggled) -> None:
+        if not self._ready():
+            return
         if message.head is None:
             self._set_plan(edit.toggle_block(self.plan, self.loaded.anatomy, message.layer, message.kind))
         else:
@@ -234,15 +235,20 @@ class MainScreen(Screen):
         event, probe = message.event, message.probe
         bar = self.query_one("#progress", ProgressBar)
         if isinstance(event, Started):
-            self.rows[probe] = []
+            if probe in self.rows:
+                self.rows[probe] = []
             bar.update(total=event.total, progress=event.skipped)
             self._status(f"{probe} run {event.run_id}: {event.plan}")
         elif isinstance(event, Progress):
-            self.rows[probe].extend(event.rows)
             bar.update(progress=event.done)
             eta = f", about {event.eta_s:.0f} s left" if event.eta_s is not None else ""
             self._status(f"{probe}: {event.done}/{event.total} trials{eta}")
-            self._replot()
+            if probe in self.rows:
+                self.rows[probe].extend(event.rows)
+                self._replot()
+        elif isinstance(event, Finished) and probe == "heads":
+            self._refresh_runs()
+            self.post_message(ScoresReady("heads", scores(event.summary.get("heads", {"heads": {}}))))
         elif isinstance(event, Finished):
             self.rows[probe] = self.store.trials(event.run_id, probe)
             summary = event.summary.get(probe, {})
@@ -295,33 +301,47 @@ class MainScreen(Screen):
     def action_clear(self) -> None:
         self._set_plan(Plan(mode=self.plan.mode, phase=self.plan.phase))
 
-    def action_run_probe(self, probe: str) -> None:
+    def _claim(self, name: str) -> Job | None:
+        """The session for a new job, or None (and a note) while another job runs."""
         if not self._ready():
-            return
+            return None
+        try:
+            return self.session.claim(name)
+        except Busy as busy:
+            self.notify(f"{busy.running} is running: x cancels it", severity="warning")
+            return None
+
+    def _start(self, probe: str, preset: presets.Preset) -> None:
+        job = self._claim("a probe" if probe != "heads" else "head scoring")
+        if job is not None:
+            self._status(f"starting {probe}...")
+            self.probe_worker(probe, preset, job)
+
+    def action_run_probe(self, probe: str) -> None:
         try:
             preset = self.current_preset()
         except LabError as error:
             self.notify(str(error), title="probe settings", severity="error")
             return
-        preset = replace(preset, mmlu=None) if probe == "needle" else replace(preset, needle=None)
-        self.cancel_event = threading.Event()
+        self._start(probe, replace(preset, mmlu=None) if probe == "needle" else replace(preset, needle=None))
         self.query_one("#tabs", TabbedContent).active = "tab-needle" if probe == "needle" else "tab-mmlu"
-        self._status(f"starting {probe}...")
-        self.probe_worker(probe, preset)
 
     def action_cancel_probe(self) -> None:
-        self.cancel_event.set()
-        self._status("cancelling after the current batch (finished trials are kept)")
+        job = self.session.cancel() if self.session else None
+        if job is None:
+            self.notify("nothing is running")
+        else:
+            self._status(f"cancelling {job.name} after the current batch (finished trials are kept)")
 
     def action_score_heads(self) -> None:
-        if self._ready():
-            try:
-                spec = replace(self.current_preset().needle, mode="generate", trials=1)
-            except LabError as error:
-                self.notify(str(error), severity="error")
-                return
-            self._status("scoring heads on needle prompts...")
-            self.scores_worker(spec, self.plan)
+        try:
+            needle = self.current_preset().needle
+        except LabError as error:
+            self.notify(str(error), severity="error")
+            return
+        spec = HeadsSpec(task=needle.task, lengths=needle.lengths, depths=needle.depths, trials=1,
+                         max_new_tokens=needle.max_new_tokens, haystack=needle.haystack, seed=needle.seed)
+        self._start("heads", replace(self.current_preset(), needle=None, mmlu=None, heads=spec))
 
     def action_overlay(self) -> None:
         if not self._ready():
@@ -358,11 +378,15 @@ class MainScreen(Screen):
         except LabError as error:
             self.notify(str(error), title="bad preset", severity="error", timeout=10)
             return
+        other_model = preset.model.name != (self.loaded.spec.name if self.loaded else self.spec.name)
+        if other_model and self.session is not None and self.session.job is not None:
+            self.notify(f"{self.session.job.name} is running: x cancels it", severity="warning")
+            return
         self.preset, self.preset_path = preset, path
         self.query_one(ProbeForm).remove()
         self.query_one("#tab-probe").mount(ProbeForm(preset))
-        if preset.model.name != (self.loaded.spec.name if self.loaded else self.spec.name):
-            self.spec, self.loaded = preset.model, None
+        if other_model:
+            self.spec, self.session = preset.model, None
             self.load_model(preset.model)
             return
         try:
