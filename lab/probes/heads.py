@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lab.errors import LabError
+from lab.models.generation import greedy
 from lab.probes import needle as needle_probe
 from lab.probes.base import Prepared, Work, mean
 
@@ -57,7 +58,7 @@ def score_batch(loaded, spec: needle_probe.NeedleSpec, trials: list, tracker) ->
     """One row per trial: the answer, whether it recalls the needle, and [retrieval, entropy, mass] per head."""
     tok = loaded.tokenizer
     tracker.prompt_len = None  # the prefill call of generate defines the prompt
-    answers = needle_probe.greedy(loaded, [t.ids for t in trials], spec.max_new_tokens)
+    answers = greedy(loaded, [t.ids for t in trials], spec.max_new_tokens)
     rows = []
     for trial, answer in zip(trials, answers):
         output = tok.decode(answer, skip_special_tokens=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from lab.errors import LabError
+from lab.models.generation import pad_id
 from lab.probes.base import Prepared, Work, mean, mean_by
-from lab.probes.needle import pad_id
 
 LETTERS = ("A", "B", "C", "D")
 TOY_DIR = Path(__file__).resolve().parent.parent / "toy" / "data" / "toy-knowledge"

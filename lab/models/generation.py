@@ -1,0 +1,62 @@
+"""Decoding shared by the probes: greedy continuations with cache, teacher-forced greedy predictions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pad_id(tok) -> int:
+    """The tokenizer's pad id, else its eos id, else 0 (right padding and generate's filler)."""
+    return next(v for v in (tok.pad_token_id, tok.eos_token_id, 0) if v is not None)
+
+
+def _by_length(prompts: list[list[int]]) -> list[list[int]]:
+    """Indices of the prompts grouped by length, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        groups.setdefault(len(ids), []).append(i)
+    return list(groups.values())
+
+
+@torch.inference_mode()
+def greedy(loaded, prompts: list[list[int]], max_new_tokens: int, static: bool = False) -> list[list[int]]:
+    """Greedy continuations with cache (under whatever plan is active), each cut at eos.
+
+    Prompts of one length run as one unpadded group. static: decode with lab.fast.decode where it
+    supports the model (fixed buffers, all groups in one CUDA graph on a GPU); needs a plan without
+    phase tracking, whose hooks read positions on the host."""
+    from lab import fast
+    from lab.fast import decode
+
+    tok, model = loaded.tokenizer, loaded.model
+    groups = _by_length(prompts)
+    tensors = [torch.tensor([prompts[i] for i in group], device=loaded.device) for group in groups]
+    if static and fast.enabled() and decode.supports(model):
+        rows = decode.greedy(model, tensors, max_new_tokens, tok.eos_token_id).tolist()
+    else:
+        rows = []
+        for prompt in tensors:
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad_id(tok), eos_token_id=tok.eos_token_id)
+            rows += out[:, prompt.shape[1]:].tolist()
+    answers = [[] for _ in prompts]
+    for i, row in zip((i for group in groups for i in group), rows):
+        answers[i] = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+    return answers
+
+
+def teacher_forced(loaded, prompts: list[list[int]], answers: list[list[int]], tracker) -> list[list[int]]:
+    """Greedy predictions at the answer positions, with the answer in the input (one forward per length);
+    the plan's phase tracker learns where each prompt ends."""
+    pad = pad_id(loaded.tokenizer)
+    preds: list[list[int]] = [[] for _ in prompts]
+    for group in _by_length(prompts):
+        width = max(len(answers[i]) for i in group)
+        full = torch.tensor([prompts[i] + answers[i] + [pad] * (width - len(answers[i])) for i in group],
+                            device=loaded.device)
+        start = len(prompts[group[0]])
+        tracker.prompt_len = start
+        logits = loaded.model(input_ids=full, use_cache=False, logits_to_keep=width + 1).logits  # from start - 1
+        for i, row in zip(group, logits[:, :width].argmax(-1).tolist()):
+            preds[i] = row
+    return preds
