@@ -262,6 +262,16 @@ def test_another_applications_database_is_refused_untouched(tmp_path, capsys, ta
     assert raw(db).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
 
 
+def test_an_empty_file_has_no_results_yet_and_lab_run_fills_it(tmp_path, capsys):
+    db = tmp_path / "r.sqlite"
+    db.write_bytes(b"")  # left by a run that failed before its first commit
+    assert main(["runs", "--db", str(db)]) == 2
+    assert f"no results in {db} yet" in one_line_error(capsys)
+    assert db.read_bytes() == b""
+    with Store(db) as store:
+        assert store.runs() == []
+
+
 def test_a_file_that_is_not_sqlite_is_refused(tmp_path, capsys):
     db = tmp_path / "notes.txt"
     db.write_text("not a database, but long enough to have a header that sqlite reads. " * 3)
