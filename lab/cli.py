@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from lab.errors import LabError
 
@@ -43,10 +46,10 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _store(args):
+def _store(args, readonly: bool = False):
     from lab.store import Store
 
-    return Store(args.db)
+    return Store(args.db, readonly=readonly)
 
 
 def _drive(events, quiet: bool):
@@ -104,20 +107,21 @@ def cmd_runs(args) -> int:
 
     from lab.report import runs_table
 
-    runs = _store(args).runs()
+    with _store(args, readonly=True) as store:
+        runs = store.runs()
     if args.json:
         print(json.dumps(runs, indent=1))
     else:
-        Console().print(runs_table(runs))
+        Console().print(runs_table(runs, store.path))
     return 0
 
 
 def cmd_export(args) -> int:
     import csv
 
-    store = _store(args)
-    run = store.run(args.run)
-    rows = store.trials(args.run)
+    with _store(args, readonly=True) as store:
+        run = store.run(args.run)
+        rows = store.trials(args.run)
     if args.format == "json":
         from lab.summary import summarize
 
@@ -204,6 +208,13 @@ def console(args) -> int:
     return 0
 
 
+def _db_option(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """--db before or after the command: a command's own option is left out when not given, so that
+    `lab --db X runs` keeps X."""
+    parser.add_argument("--db", default=default,
+                        help="results database (default: $LAB_DB or ~/.local/share/lab/results.sqlite)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lab", description=__doc__)
     parser.add_argument("--model", help="model for the console (default: the preset's, else toy-recurrentgemma)")
@@ -211,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-mouse", action="store_true", help="no mouse tracking (kinder to flaky SSH links)")
     parser.add_argument("--color", choices=tuple(COLORS), default="auto",
                         help="colour depth (sets TEXTUAL_COLOR_SYSTEM); NO_COLOR is honoured")
-    parser.add_argument("--db", help="results database (default: $LAB_DB or ~/.local/share/lab/results.sqlite)")
+    _db_option(parser, default=None)
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("inspect", help="print a model's layers, blocks and heads")
     _model_args(p)
@@ -223,18 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", help="a .toml file or a name from presets/")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--model", help="override the preset's model")
-    p.add_argument("--db", help="results database (default: $LAB_DB or ~/.local/share/lab/results.sqlite)")
+    _db_option(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("runs", help="list runs in the results database")
-    p.add_argument("--db")
+    _db_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("export", help="export one run's trials")
     p.add_argument("run", type=int)
     p.add_argument("--format", choices=("csv", "json"), default="csv")
-    p.add_argument("--db")
+    _db_option(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("heads", help="score attention heads on needle prompts and rank them")
@@ -263,17 +274,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled as Ctrl-C: a run stops and is marked cancelled."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextmanager
+def signals_as_interrupts():
+    """SIGTERM and SIGHUP raise Interrupted in the main thread while inside; handlers restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = (signal.SIGTERM, signal.SIGHUP) if hasattr(signal, "SIGHUP") else (signal.SIGTERM,)
+    before = {signum: signal.signal(signum, _interrupt) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) if args.command else console(args)
+        with signals_as_interrupts():
+            return args.func(args) if args.command else console(args)
     except LabError as error:
         print(f"lab: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lab: interrupted; results written so far are kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        print(f"lab: interrupted ({signal.Signals(signum).name}); results written so far are kept", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:  # output piped into head & co.
         sys.stderr.close()
         return 0

@@ -1,37 +1,54 @@
-"""Results in SQLite: one row per run, one row per trial, committed as each batch finishes."""
+"""Results in SQLite: one row per run, one row per trial, committed as each batch finishes.
+
+The file's schema is versioned (PRAGMA user_version) and every sqlite3 or OS error becomes a one-line
+LabError that names the file. Store(path, readonly=True) reads without creating or changing anything.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sqlite3
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 from lab.errors import LabError
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    fingerprint TEXT NOT NULL UNIQUE,
-    name TEXT NOT NULL,
-    model TEXT NOT NULL,
-    plan TEXT NOT NULL,
-    preset TEXT NOT NULL,
-    versions TEXT NOT NULL,
-    started REAL NOT NULL,
-    finished REAL,
-    status TEXT NOT NULL DEFAULT 'running'
-);
-CREATE TABLE IF NOT EXISTS trials (
-    run_id INTEGER NOT NULL REFERENCES runs(id),
-    probe TEXT NOT NULL,
-    key TEXT NOT NULL,
-    data TEXT NOT NULL,
-    created REAL NOT NULL,
-    PRIMARY KEY (run_id, probe, key)
-);
-"""
+# MIGRATIONS[v] takes a file from schema version v to v + 1. Version 0 is an empty file or one written
+# before the schema was versioned, which holds version 1's tables already (hence IF NOT EXISTS).
+MIGRATIONS = [(
+    """CREATE TABLE IF NOT EXISTS runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        fingerprint TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        model TEXT NOT NULL,
+        plan TEXT NOT NULL,
+        preset TEXT NOT NULL,
+        versions TEXT NOT NULL,
+        started REAL NOT NULL,
+        finished REAL,
+        status TEXT NOT NULL DEFAULT 'running')""",
+    """CREATE TABLE IF NOT EXISTS trials (
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        probe TEXT NOT NULL,
+        key TEXT NOT NULL,
+        data TEXT NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (run_id, probe, key))""",
+)]
+SCHEMA_VERSION = len(MIGRATIONS)
+# the columns lab reads: a file whose tables lack them belongs to another application
+COLUMNS = {"runs": {"id", "fingerprint", "name", "model", "plan", "preset", "versions", "started", "finished",
+                    "status"},
+           "trials": {"run_id", "probe", "key", "data", "created"}}
+PERMISSIONS = "check the permissions of the file and its folder, or choose another with --db"
+HINTS = {"SQLITE_READONLY": PERMISSIONS, "SQLITE_CANTOPEN": PERMISSIONS,
+         "SQLITE_FULL": "free some space or choose another file with --db",
+         "SQLITE_BUSY": "another process is writing to it"}
+SQLITE_INTEGER = range(-2 ** 63, 2 ** 63)
 
 
 def default_path() -> Path:
@@ -42,59 +59,161 @@ def default_path() -> Path:
     return data_home / "lab" / "results.sqlite"
 
 
+def _reason(error: Exception) -> str:
+    """What went wrong, in one line, with a hint where one helps."""
+    text = (error.strerror if isinstance(error, OSError) and error.strerror else str(error)) or type(error).__name__
+    name = getattr(error, "sqlite_errorname", "")
+    hint = next((hint for prefix, hint in HINTS.items() if name.startswith(prefix)), None)
+    return " ".join(text.split()) + (f" ({hint})" if hint else "")
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection):
+    """BEGIN IMMEDIATE ... COMMIT: the write lock is taken first, so two writers never interleave."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:  # sqlite rolls some errors (a full disk) back by itself
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 class Store:
-    def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else default_path()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.executescript(SCHEMA)
-        except (OSError, sqlite3.Error) as error:
-            raise LabError(f"cannot open the results database {self.path}: {error}") from None
+    def __init__(self, path: str | Path | None = None, readonly: bool = False):
+        """Open for writing (made and migrated as needed), or read-only: lab runs, lab export."""
+        self.path = Path(path).expanduser() if path else default_path()
+        self.readonly = readonly
+        with self._errors("open"):
+            self.db = self._connect()
         self.db.row_factory = sqlite3.Row
 
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _errors(self, action: str):
+        """sqlite3 and OS errors as one line naming the file."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as error:
+            if getattr(error, "sqlite_errorname", "") == "SQLITE_NOTADB":
+                raise LabError(f"{self.path} is not a lab results database (not an SQLite file)") from None
+            raise LabError(f"cannot {action} the results database {self.path}: {_reason(error)}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            db, prepare = self._read_only_connection(), self._check_version
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db, prepare = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None), self._migrate
+        try:
+            prepare(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _read_only_connection(self) -> sqlite3.Connection:
+        """mode=ro. A WAL file in a folder lab cannot write (no -shm can be made there) is opened as
+        immutable, which is safe when it has no -wal file: then no writer is active and every trial is in it."""
+        if not self.path.exists():
+            raise LabError(f"no results database at {self.path} yet; lab run creates it")
+        uri = f"file:{quote(str(self.path.absolute()))}?mode=ro"
+        db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA user_version")
+        except sqlite3.Error as error:
+            db.close()
+            wal = Path(f"{self.path}-wal")
+            if getattr(error, "sqlite_errorname", "") != "SQLITE_READONLY_DIRECTORY" or wal.exists():
+                raise
+            db = sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False, isolation_level=None)
+        return db
+
+    def _check_version(self, db: sqlite3.Connection) -> int:
+        """The file's schema version; refuses newer versions and other applications' files."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {table: {row[1] for row in db.execute(f"PRAGMA table_info({table})")} for table in COLUMNS}
+        empty = db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+        if version > SCHEMA_VERSION:
+            raise LabError(f"{self.path} has results schema version {version}, this lab knows up to "
+                           f"{SCHEMA_VERSION}: upgrade lab to use it")
+        if empty and self.readonly:
+            raise LabError(f"no results in {self.path} yet; lab run writes them")
+        if not empty and any(not COLUMNS[table] <= columns for table, columns in tables.items()):
+            raise LabError(f"{self.path} is not a lab results database (it has no lab runs and trials tables)")
+        return version
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Bring the file to SCHEMA_VERSION, then to WAL (readers go on while a run writes). Stamping the
+        version is a write, so a file that lab cannot write fails here, before a model loads."""
+        with _transaction(db):
+            version = self._check_version(db)
+            for migration in MIGRATIONS[version:]:
+                for statement in migration:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("PRAGMA journal_mode=WAL")
+
     def close(self) -> None:
-        self.db.close()
+        with self._errors("close"):
+            self.db.close()
 
     def open_run(self, fingerprint: str, name: str, model: str, plan: dict, preset: str, versions: dict) -> int:
-        """The run with this fingerprint (resumed), or a new one."""
-        row = self.db.execute("SELECT id FROM runs WHERE fingerprint = ?", (fingerprint,)).fetchone()
-        if row:
-            self.db.execute("UPDATE runs SET status = 'running', finished = NULL WHERE id = ?", (row["id"],))
-            return row["id"]
-        cur = self.db.execute(
-            "INSERT INTO runs (fingerprint, name, model, plan, preset, versions, started) VALUES (?,?,?,?,?,?,?)",
-            (fingerprint, name, model, json.dumps(plan), preset, json.dumps(versions), time.time()))
-        return cur.lastrowid
+        """The run with this fingerprint (resumed), or a new one; one statement, so openers never race."""
+        with self._errors("write to"):
+            [row] = self.db.execute(
+                "INSERT INTO runs (fingerprint, name, model, plan, preset, versions, started) VALUES (?,?,?,?,?,?,?) "
+                "ON CONFLICT(fingerprint) DO UPDATE SET status = 'running', finished = NULL RETURNING id",
+                (fingerprint, name, model, json.dumps(plan), preset, json.dumps(versions), time.time())).fetchall()
+        return row["id"]
 
     def finish_run(self, run_id: int, status: str) -> None:
-        self.db.execute("UPDATE runs SET status = ?, finished = ? WHERE id = ?", (status, time.time(), run_id))
+        """Mark the run finished. Runners call this in a `finally`: while an exception is in flight, a
+        failure here is dropped, so the original error is the one reported."""
+        in_flight = sys.exc_info()[1]
+        try:
+            with self._errors("write to"):
+                self.db.execute("UPDATE runs SET status = ?, finished = ? WHERE id = ?", (status, time.time(), run_id))
+        except LabError:
+            if in_flight is None:
+                raise
 
     def done_keys(self, run_id: int, probe: str) -> set[str]:
-        rows = self.db.execute("SELECT key FROM trials WHERE run_id = ? AND probe = ?", (run_id, probe))
+        with self._errors("read"):
+            rows = self.db.execute("SELECT key FROM trials WHERE run_id = ? AND probe = ?", (run_id, probe)).fetchall()
         return {r["key"] for r in rows}
 
     def add_trials(self, run_id: int, probe: str, rows: list[dict]) -> None:
         """Write one batch atomically."""
         now = time.time()
-        with self.db:
-            self.db.execute("BEGIN")
+        with self._errors("write to"), _transaction(self.db):
             self.db.executemany("INSERT OR REPLACE INTO trials (run_id, probe, key, data, created) VALUES (?,?,?,?,?)",
                                 [(run_id, probe, r["key"], json.dumps(r), now) for r in rows])
 
     def trials(self, run_id: int, probe: str | None = None) -> list[dict]:
         query = "SELECT probe, data FROM trials WHERE run_id = ?" + (" AND probe = ?" if probe else "")
         args = (run_id, probe) if probe else (run_id,)
-        return [{"probe": r["probe"], **json.loads(r["data"])} for r in self.db.execute(query + " ORDER BY rowid", args)]
+        with self._errors("read"):
+            rows = self.db.execute(query + " ORDER BY rowid", args).fetchall()
+        return [{"probe": r["probe"], **json.loads(r["data"])} for r in rows]
 
     def runs(self) -> list[dict]:
-        rows = self.db.execute(
-            "SELECT r.*, (SELECT COUNT(*) FROM trials t WHERE t.run_id = r.id) AS trials FROM runs r ORDER BY r.id")
+        with self._errors("read"):
+            rows = self.db.execute("SELECT r.*, (SELECT COUNT(*) FROM trials t WHERE t.run_id = r.id) AS trials "
+                                   "FROM runs r ORDER BY r.id").fetchall()
         return [dict(r) for r in rows]
 
     def run(self, run_id: int) -> dict:
-        row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = None
+        if run_id in SQLITE_INTEGER:
+            with self._errors("read"):
+                row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             raise LabError(f"no run {run_id} in {self.path} (see lab runs)")
         return dict(row)

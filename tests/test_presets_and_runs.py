@@ -135,6 +135,7 @@ def test_cli_run_json_runs_and_export(tmp_path, capsys):
     (["export", "99"], "no run 99"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
+    Store(tmp_path / "r.sqlite").close()  # lab export reads a database, never creates one
     assert main(args + (["--db", str(tmp_path / "r.sqlite")] if args[0] in ("export",) else [])) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1

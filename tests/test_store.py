@@ -1,0 +1,382 @@
+"""The results database: one-line errors, read-only commands, schema versions, races, signals, markup."""
+
+import io
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+
+from lab import cli, report
+from lab.cli import main
+from lab.errors import LabError
+from lab.store import SCHEMA_VERSION, Store
+
+from conftest import tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PRESET = """
+name = "demo"
+[model]
+name = "random:jamba"
+[needle]
+task = "passkey"
+lengths = [300, 400]
+depths = [0, 50, 100]
+max_new_tokens = 6
+batch_size = 2
+[mmlu]
+limit = 2
+shots = 1
+"""
+
+# the tables as lab wrote them before the schema was versioned (user_version 0)
+VERSION_0 = """
+CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, fingerprint TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+    model TEXT NOT NULL, plan TEXT NOT NULL, preset TEXT NOT NULL, versions TEXT NOT NULL, started REAL NOT NULL,
+    finished REAL, status TEXT NOT NULL DEFAULT 'running');
+CREATE TABLE trials (run_id INTEGER NOT NULL REFERENCES runs(id), probe TEXT NOT NULL, key TEXT NOT NULL,
+    data TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (run_id, probe, key));
+INSERT INTO runs (fingerprint, name, model, plan, preset, versions, started) VALUES ('f', 'old run', 'toy', '{}', '',
+    '{}', 0);
+"""
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("lab: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def open_demo_run(store: Store, fingerprint: str = "f1", name: str = "demo") -> int:
+    return store.open_run(fingerprint, name, "random:jamba", {}, "", {})
+
+
+def lab_db(path: Path, runs: int = 1) -> Path:
+    with Store(path) as store:
+        for i in range(runs):
+            run_id = open_demo_run(store, f"f{i}", f"run {i}")
+            store.add_trials(run_id, "needle", [{"key": "k0", "length": 300, "depth": 0, "exact": 1.0, "score": 1.0}])
+            store.finish_run(run_id, "done")
+    return path
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+def preset_file(tmp_path: Path) -> str:
+    path = tmp_path / "p.toml"
+    path.write_text(PRESET)
+    return str(path)
+
+
+# 1. read-only files and folders, full disks: one line naming the file, never a run left `running`
+
+def make_read_only(monkeypatch) -> None:
+    """From now on every connection can read but not write, as on a read-only file."""
+    connect = sqlite3.connect
+
+    def read_only_connect(*args, **kwargs):
+        db = connect(*args, **kwargs)
+        db.execute("PRAGMA query_only = ON")
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", read_only_connect)
+
+
+def test_read_only_database_is_one_line(tmp_path, capsys, monkeypatch):
+    db = lab_db(tmp_path / "r.sqlite")
+    make_read_only(monkeypatch)
+    assert main(["run", preset_file(tmp_path), "--db", str(db)]) == 2
+    err = one_line_error(capsys)
+    assert str(db) in err and "readonly" in err
+    monkeypatch.undo()
+    with Store(db, readonly=True) as store:
+        assert [run["status"] for run in store.runs()] == ["done"]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="permissions do not bind root")
+@pytest.mark.parametrize("read_only", ["file", "folder"])
+def test_read_only_file_or_folder_is_one_line(tmp_path, capsys, read_only):
+    db = lab_db(tmp_path / "data" / "r.sqlite")
+    (db if read_only == "file" else db.parent).chmod(0o555 if read_only == "folder" else 0o444)
+    try:
+        assert main(["run", preset_file(tmp_path), "--db", str(db)]) == 2
+        assert str(db) in one_line_error(capsys)
+        assert main(["runs", "--db", str(db), "--json"]) == 0  # reading still works (WAL file: no -shm yet)
+        assert '"run 0"' in capsys.readouterr().out
+    finally:
+        db.parent.chmod(0o755)
+        db.chmod(0o644)
+
+
+def test_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    db = tmp_path / "file" / "r.sqlite"
+    assert main(["run", preset_file(tmp_path), "--db", str(db)]) == 2
+    assert str(db) in one_line_error(capsys)
+
+
+def test_full_disk_is_one_line_and_the_run_can_still_be_marked(tmp_path):
+    store = Store(tmp_path / "r.sqlite")
+    run_id = open_demo_run(store)
+    store.db.execute("PRAGMA max_page_count = 1")  # never below the current size: the file cannot grow
+    rows = [{"key": f"k{i}", "output": "x" * 100} for i in range(100)]
+    with pytest.raises(LabError, match=f"cannot write to the results database {re.escape(str(store.path))}: "
+                                       "database or disk is full"):
+        store.add_trials(run_id, "needle", rows)
+    store.finish_run(run_id, "failed")  # what the runner's `finally` does: an update in place still fits
+    assert store.run(run_id)["status"] == "failed" and store.trials(run_id) == []
+
+
+def test_finish_run_does_not_hide_the_error_in_flight(tmp_path):
+    store = Store(lab_db(tmp_path / "r.sqlite", runs=0))
+    run_id = open_demo_run(store)
+    store.db.execute("PRAGMA busy_timeout = 0")
+    other = raw(store.path)
+    other.execute("BEGIN EXCLUSIVE")  # another writer holds the file: finish_run cannot write
+    with pytest.raises(LabError, match="first"):
+        try:
+            raise LabError("first")
+        finally:
+            store.finish_run(run_id, "failed")
+    with pytest.raises(LabError, match=f"{store.path}.*locked"):  # with nothing in flight it does raise
+        store.finish_run(run_id, "failed")
+    other.execute("ROLLBACK")
+
+
+# 2. SIGTERM and SIGHUP cancel a run as Ctrl-C does
+
+def test_sigterm_cancels_the_run(tmp_path):
+    db = tmp_path / "r.sqlite"
+    preset = tmp_path / "toy.toml"
+    preset.write_text('name = "toy"\n[model]\nname = "toy-recurrentgemma"\n[needle]\ntask = "passkey"\n'
+                      "lengths = [256, 512]\ndepths = [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]\ntrials = 3\n"
+                      "max_new_tokens = 8\nbatch_size = 1\n")
+    stderr = tmp_path / "stderr.txt"
+    env = {**os.environ, "LAB_DB": str(db), "HF_HUB_OFFLINE": "1"}
+    with stderr.open("w") as err:
+        child = subprocess.Popen([sys.executable, "-m", "lab", "run", str(preset)], cwd=ROOT, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        for _ in range(3000):  # poll for the first trial (bounded: the run has 60 batches)
+            if child.poll() is not None or _trial_rows(db):
+                break
+            time.sleep(0.05)
+        assert child.poll() is None and _trial_rows(db), "the run ended before a trial was written"
+        child.send_signal(signal.SIGTERM)
+        code = child.wait(timeout=120)
+    finally:
+        child.kill()
+    assert code in (130, 143)
+    assert "Traceback" not in stderr.read_text()
+    with Store(db, readonly=True) as store:
+        [run] = store.runs()
+    assert run["status"] == "cancelled" and 0 < run["trials"] < 60
+
+
+def _trial_rows(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:  # tables not made yet
+        return 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_signals_interrupt_and_are_restored(signum):
+    before = signal.getsignal(signum)
+    with pytest.raises(KeyboardInterrupt), cli.signals_as_interrupts():
+        os.kill(os.getpid(), signum)
+        for _ in range(1000):  # the handler runs between bytecodes
+            time.sleep(0.001)
+    assert signal.getsignal(signum) is before
+
+
+# 3. open_run: one row per fingerprint, whoever opens it at the same time
+
+def test_open_run_has_no_race(tmp_path):
+    path = lab_db(tmp_path / "r.sqlite", runs=0)
+    stores = [Store(path), Store(path)]
+    rounds = 200
+    barrier = threading.Barrier(2)
+    ids, errors = [[], []], []
+
+    def opener(i):
+        try:
+            for n in range(rounds):
+                barrier.wait()
+                ids[i].append(open_demo_run(stores[i], f"fp{n}"))
+                ids[i].append(open_demo_run(stores[i], "same"))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=opener, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and ids[0] == ids[1]
+    assert len(stores[0].runs()) == rounds + 1
+
+
+# 4. read-only commands: never create, never convert, say what is wrong
+
+@pytest.mark.parametrize("command", [["runs"], ["export", "1"]])
+def test_missing_database_says_so_and_creates_nothing(tmp_path, capsys, command):
+    db = tmp_path / "new" / "r.sqlite"
+    assert main(command + ["--db", str(db)]) == 2
+    assert f"no results database at {db} yet; lab run creates it" in one_line_error(capsys)
+    assert not db.parent.exists()
+
+
+@pytest.mark.parametrize("tables", [
+    "CREATE TABLE notes (body TEXT);",
+    "CREATE TABLE runs (run_uuid TEXT PRIMARY KEY, status TEXT);",  # an MLflow store has a `runs` table too
+])
+@pytest.mark.parametrize("command", [["runs"], ["export", "1"], ["run", "PRESET"]])
+def test_another_applications_database_is_refused_untouched(tmp_path, capsys, tables, command):
+    db = tmp_path / "other.sqlite"
+    raw(db).executescript(tables)
+    before = db.read_bytes()
+    command = [preset_file(tmp_path) if word == "PRESET" else word for word in command]
+    assert main(command + ["--db", str(db)]) == 2
+    assert f"{db} is not a lab results database" in one_line_error(capsys)
+    assert db.read_bytes() == before
+    assert raw(db).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_an_empty_file_has_no_results_yet_and_lab_run_fills_it(tmp_path, capsys):
+    db = tmp_path / "r.sqlite"
+    db.write_bytes(b"")  # left by a run that failed before its first commit
+    assert main(["runs", "--db", str(db)]) == 2
+    assert f"no results in {db} yet" in one_line_error(capsys)
+    assert db.read_bytes() == b""
+    with Store(db) as store:
+        assert store.runs() == []
+
+
+def test_a_file_that_is_not_sqlite_is_refused(tmp_path, capsys):
+    db = tmp_path / "notes.txt"
+    db.write_text("not a database, but long enough to have a header that sqlite reads. " * 3)
+    assert main(["runs", "--db", str(db)]) == 2
+    assert f"{db} is not a lab results database" in one_line_error(capsys)
+
+
+def test_read_only_commands_read_an_older_file_without_changing_it(tmp_path, capsys):
+    db = tmp_path / "old.sqlite"
+    raw(db).executescript(VERSION_0)
+    before = db.read_bytes()
+    assert main(["runs", "--db", str(db), "--json"]) == 0
+    assert '"old run"' in capsys.readouterr().out
+    assert main(["export", "1", "--db", str(db)]) == 0
+    assert db.read_bytes() == before
+
+
+# 5. schema versions
+
+def test_new_files_get_the_current_version(tmp_path):
+    db = lab_db(tmp_path / "r.sqlite")
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 1
+    assert raw(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_an_older_file_is_migrated_when_opened_for_writing(tmp_path):
+    db = tmp_path / "old.sqlite"
+    raw(db).executescript(VERSION_0)
+    with Store(db) as store:
+        assert [run["name"] for run in store.runs()] == ["old run"]
+        assert open_demo_run(store, "f") == 1  # the old run, resumed
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("command", [["runs"], ["export", "1"], ["run", "PRESET"]])
+def test_a_newer_version_is_refused(tmp_path, capsys, command):
+    db = tmp_path / "new.sqlite"
+    raw(db).executescript(VERSION_0 + f"PRAGMA user_version = {SCHEMA_VERSION + 1};")
+    command = [preset_file(tmp_path) if word == "PRESET" else word for word in command]
+    assert main(command + ["--db", str(db)]) == 2
+    err = one_line_error(capsys)
+    assert str(db) in err and f"version {SCHEMA_VERSION + 1}" in err
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+
+
+# 6. --db before or after the command
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_db_option_before_or_after_the_command(tmp_path, capsys, monkeypatch, where):
+    monkeypatch.setenv("LAB_DB", str(tmp_path / "elsewhere.sqlite"))
+    db = str(lab_db(tmp_path / "r.sqlite", runs=2))
+    for command in (["runs", "--json"], ["export", "2", "--format", "json"]):
+        argv = ["--db", db] + command if where == "before" else command + ["--db", db]
+        assert main(argv) == 0, capsys.readouterr().err
+        assert "run 1" in capsys.readouterr().out
+    assert cli.build_parser().parse_args(["--db", db, "run", "p.toml"]).db == db
+    assert not (tmp_path / "elsewhere.sqlite").exists()
+
+
+# 7. run ids sqlite cannot hold
+
+@pytest.mark.parametrize("run_id", ["99999999999999999999999", "-99999999999999999999999"])
+def test_export_of_a_huge_run_id_is_one_line(tmp_path, capsys, run_id):
+    db = str(lab_db(tmp_path / "r.sqlite"))
+    assert main(["export", run_id, "--db", db]) == 2
+    assert f"no run {run_id}" in one_line_error(capsys)
+
+
+# 8. user text is printed as text, never as markup
+
+MARKUP = "ablation [/oops] v2 [bold]"
+
+
+def test_runs_table_prints_names_models_and_paths_as_text(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    db = tmp_path / "a[/oops]" / "r.sqlite"
+    with Store(db) as store:
+        store.open_run("f", MARKUP, f"/models/{MARKUP}", {}, "", {})
+    assert main(["--db", str(db), "runs"]) == 0
+    out = capsys.readouterr().out
+    assert MARKUP in out and f"/models/{MARKUP}" in out and str(db) in out
+    for name in ("id", "name", "model", "status", "trials", "started"):
+        assert name in out
+
+
+def _render(*tables) -> str:
+    console = Console(file=io.StringIO(), width=250, color_system=None)
+    for table in tables:
+        console.print(table)
+    return console.file.getvalue()
+
+
+def test_every_table_prints_user_text_as_text():
+    jamba = tiny("jamba")
+    loaded = SimpleNamespace(spec=SimpleNamespace(name=MARKUP), anatomy=jamba.anatomy, num_params=1e6)
+    assert MARKUP in _render(report.anatomy_table(loaded))
+    summary = {"needle": {"accuracy": 1.0, "score": 1.0, "trials": 1, "by_length": {MARKUP: 1.0}},
+               "mmlu": {"accuracy": 0.5, "questions": 2, "by_category": {MARKUP: 0.5}}}
+    assert _render(*report.summary_tables(summary)).count(MARKUP) == 2
+    assert _render(report.heads_table([((0, 1), 0.5)], MARKUP, set(), 5)).count(MARKUP) == 2
+    plan = {"batch": 1, "length": 8, "heads_off_overhead": 0, "heads_off_hooked_overhead": 0,
+            "sparsify_overhead_vs_eager": 0}
+    bench = {"model": MARKUP, "parameters": 1e6, "dtype": "float32", "device": MARKUP,
+             "needle_grid": {"prompts": 1, "new_tokens": 1, "lab_s": 1, "reference_s": 1,
+                             "reference_measured_prompts": 1, "speedup": 1},
+             "mmlu": {"questions": 1, "lab_qps": 1, "per_choice_qps": 1, "speedup": 1},
+             "plan_overhead": [plan], "prefill": {"batch": 1, "length": 8, "tokens_per_s": 1, "tflops": 1}}
+    assert _render(*report.bench_tables(bench)).count(MARKUP) == 2
