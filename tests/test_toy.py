@@ -98,9 +98,9 @@ def test_fast_mode_does_not_reward_copying_the_input():
 def test_top_retrieval_heads_carry_retrieval(toy):
     """Keeping only the top 15 % of heads by retrieval score keeps the pass key. In toy-recurrentgemma removing
     them loses it; toy-jamba spreads retrieval over all 8 heads of layer 5, so there the others still find it."""
-    from lab.probes.heads import head_scores, keep_set, ranking
+    from lab.probes.heads import HeadsSpec, head_scores, keep_set, ranking
 
-    scores = head_scores(toy, NeedleSpec(task="passkey", lengths=(512,), depths=(20, 80), max_new_tokens=8))
+    scores = head_scores(toy, HeadsSpec(lengths=(512,), depths=(20, 80), trials=1, max_new_tokens=8))
     keep = keep_set(ranking(scores, "retrieval"), 0.15)
     assert len(keep) == 3
     spec = NeedleSpec(task="passkey", mode="fast")

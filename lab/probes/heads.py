@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lab.errors import LabError
+from lab.interventions import Plan, apply_plan
 from lab.models.generation import greedy
 from lab.probes import needle as needle_probe
 from lab.probes.base import Prepared, Work, mean
@@ -146,6 +147,13 @@ class HeadsProbe:
                         answer)
 
         return Prepared(len(cells), work)
+
+
+def head_scores(loaded, spec: HeadsSpec, plan: Plan | None = None) -> dict[tuple[int, int], dict[str, float]]:
+    """Score the heads at once, storing nothing (notebooks, tests); the CLI and the console store a run."""
+    work = HeadsProbe().prepare(loaded, spec).work(set())
+    with apply_plan(loaded.model, loaded.anatomy, plan or Plan()) as tracker:
+        return scores(summary(work.answer(work.items, tracker)))
 
 
 def scores(summary: dict) -> dict[tuple[int, int], dict[str, float]]:
