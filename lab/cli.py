@@ -96,7 +96,7 @@ def cmd_run(args) -> int:
         from rich.console import Console
 
         console = Console()
-        console.print(f"run {final.run_id} ({final.status}), results in {store.path}")
+        console.print(f"run {final.run_id} ({final.status}), results in {store.path}", markup=False)
         for table in summary_tables(final.summary):
             console.print(table)
     return 0

@@ -69,6 +69,13 @@ def summary_tables(summary: dict) -> list[Table]:
         for name, acc in s["by_category"].items():
             _row(table, name, _pct(acc))
         tables.append(table)
+    if "heads" in summary:
+        from lab.probes.heads import ranking, scores
+
+        s = summary["heads"]
+        table = heads_table(ranking(scores(s), "retrieval"), "retrieval", set(), 10)
+        table.caption = f"{s['recalled']} of {s['trials']} trials recalled the needle (retrieval counts only those)"
+        tables.append(table)
     return tables
 
 

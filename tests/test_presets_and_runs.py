@@ -219,3 +219,14 @@ def test_automatic_batch_size_measures_one_prompt_on_the_gpu():
     size = auto_batch_size(0, loaded, 1024)
     with torch.inference_mode():
         loaded.model(input_ids=torch.zeros((size, 1024), dtype=torch.long, device="cuda"), use_cache=False)
+
+
+def test_cli_run_prints_a_heads_table_and_markup_paths_as_text(tmp_path, capsys):
+    path = tmp_path / "p.toml"
+    path.write_text('[model]\nname = "random:jamba"\n[heads]\nlengths = [300]\ndepths = [50]\ntrials = 1\n'
+                    'max_new_tokens = 3\n')
+    db = tmp_path / "a[/oops]" / "r.sqlite"
+    assert main(["run", str(path), "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert str(db) in out.replace("\n", "")
+    assert "heads by retrieval" in out and "trials recalled the needle" in out
