@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from lab.errors import LabError
-from lab.interventions import Plan, apply_plan, calibrate
+from lab.interventions import Resolved, apply_plan, calibrate, resolve
 from lab.models import Loaded, load
 from lab.presets import Preset
 from lab import probes
@@ -110,7 +110,7 @@ def run_halving(fn, items: list, tracker) -> list[dict]:
         return run_halving(fn, items[:half], tracker) + run_halving(fn, items[half:], tracker)
 
 
-def _means(loaded: Loaded, plan: Plan):
+def _means(loaded: Loaded, plan: Resolved):
     if plan.mode != "mean" or plan.is_empty:
         return None
     stream = sentences(seed=12345)
@@ -128,6 +128,7 @@ def run(preset: Preset, store: Store, loaded: Loaded | None = None,
     loaded = loaded or load(preset.model)
     plan = preset.plan_for(loaded.anatomy)
     words = plan.describe(loaded.anatomy)
+    sites = resolve(plan, loaded.anatomy)  # once, for calibration and every probe
     prepared = {name: probes.get(name).prepare(loaded, spec) for name, spec in specs.items()}  # fails up front
     total = sum(p.trials for p in prepared.values())
     run_id = store.open_run(preset.fingerprint(), f"{preset.name} · {words}", preset.model.name, plan.to_dict(),
@@ -135,12 +136,12 @@ def run(preset: Preset, store: Store, loaded: Loaded | None = None,
     done_keys = {name: store.done_keys(run_id, name) for name in prepared}
     done = sum(len(k) for k in done_keys.values())
     yield Started(run_id, total, done, words)
-    means = _means(loaded, plan)
+    means = _means(loaded, sites)
     status = "failed"
     started, fresh = time.monotonic(), 0
     try:
         for name, probe in prepared.items():
-            with apply_plan(loaded.model, loaded.anatomy, plan, means) as tracker:
+            with apply_plan(loaded.model, loaded.anatomy, sites, means) as tracker:
                 work = probe.work(done_keys[name])
                 size = auto_batch_size(work.batch_size, loaded, work.tokens) if work.items else 1
                 for i in range(0, len(work.items), size):

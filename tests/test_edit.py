@@ -1,5 +1,7 @@
+import pytest
+
 from lab.interventions import BlocksOff, Plan, Sparsify
-from lab.interventions import edit
+from lab.interventions import Site, edit, resolve
 
 from conftest import tiny
 
@@ -24,7 +26,7 @@ def test_toggles_produce_the_right_plan():
 def test_head_toggles_and_keep_sets():
     anatomy = tiny("jamba").anatomy
     plan = edit.toggle_head(Plan(), anatomy, 2, 1)
-    assert plan.heads_off == ((2, 1),) and edit.is_head_off(plan, anatomy, 2, 1)
+    assert plan.heads_off == ((2, 1),) and resolve(plan, anatomy).is_off(Site(2, "attention", 1))
     assert edit.toggle_head(plan, anatomy, 2, 1).heads_off == ()
     keep = Plan(keep_heads=((2, 0),))
     flipped = edit.toggle_head(keep, anatomy, 2, 0)
@@ -42,3 +44,21 @@ def test_sparsify_phase_and_mode_steps():
     assert edit.next_mode(Plan()).mode == "mean"
     assert Plan(off=(BlocksOff("attention"),), phase="generation").describe(anatomy) == \
         "attention off in 1/1 layers, generation only"
+
+
+def test_a_plan_resolves_once_to_canonical_sites():
+    from lab.errors import LabError
+
+    anatomy = tiny("jamba").anatomy
+    plan = Plan(off=(BlocksOff("ssm", (1,)), BlocksOff("attention")), keep_heads=((2, 1), (2, 3)))
+    resolved = resolve(plan, anatomy)
+    assert resolved.names() == ["L1.ssm", "L2.attn", "L2.attn.h0", "L2.attn.h2"]
+    assert resolved.heads_by_layer() == {2: {0, 2}}
+    assert resolved.is_off(Site(2, "attention")) and not resolved.is_off(Site(2, "attention", 1))
+    assert all(Site.parse(name) in resolved.blocks | resolved.heads for name in resolved.names())
+    assert str(Site.parse("L12.attn.h7")) == "L12.attn.h7"
+    for bad in ("L2.ssm.h1", "layer2", "L2.attention"):
+        with pytest.raises(LabError):
+            Site.parse(bad)
+    with pytest.raises(LabError, match="out of range"):
+        resolve(Plan(heads_off=((2, 9),)), anatomy)

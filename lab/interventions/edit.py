@@ -16,14 +16,6 @@ def _with_blocks(plan: Plan, anatomy: Anatomy, off: set[tuple[int, str]]) -> Pla
     return plan.with_(off=tuple(entries))
 
 
-def is_block_off(plan: Plan, anatomy: Anatomy, layer: int, kind: str) -> bool:
-    return (layer, kind) in plan.blocks_off(anatomy)
-
-
-def is_head_off(plan: Plan, anatomy: Anatomy, layer: int, head: int) -> bool:
-    return head in plan.heads_removed(anatomy).get(layer, set())
-
-
 def toggle_block(plan: Plan, anatomy: Anatomy, layer: int, kind: str) -> Plan:
     off = set(plan.blocks_off(anatomy))
     off ^= {(layer, kind)}

@@ -20,6 +20,7 @@ import torch
 
 from lab.errors import LabError
 from lab.interventions.plan import Plan
+from lab.interventions.sites import Resolved, resolve
 from lab.models.anatomy import ADAPTERS, Anatomy
 
 Means = dict[tuple, torch.Tensor]
@@ -191,17 +192,19 @@ def _only_plan(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def apply_plan(model: torch.nn.Module, anatomy: Anatomy, plan: Plan, means: Means | None = None,
+def apply_plan(model: torch.nn.Module, anatomy: Anatomy, plan: Plan | Resolved, means: Means | None = None,
                prompt_len: int | None = None) -> Iterator[PhaseTracker]:
-    """Install `plan` on `model`; yields the PhaseTracker (set .prompt_len for teacher forcing)."""
-    plan.validate(anatomy)
+    """Install `plan` (resolved here unless it already is) on `model`; yields the PhaseTracker (set
+    .prompt_len for teacher forcing)."""
+    plan = plan if isinstance(plan, Resolved) else resolve(plan, anatomy)
     if plan.mode == "mean" and means is None and not plan.is_empty:
         raise LabError("mean ablation needs calibration means: compute them with lab.interventions.calibrate")
     with _only_plan(model):
         yield from _installed(model, anatomy, plan, means or {}, prompt_len)
 
 
-def _installed(model, anatomy: Anatomy, plan: Plan, means: Means, prompt_len: int | None) -> Iterator[PhaseTracker]:
+def _installed(model, anatomy: Anatomy, plan: Resolved, means: Means, prompt_len: int | None
+               ) -> Iterator[PhaseTracker]:
     tracker = PhaseTracker(plan.phase, prompt_len)
     handles, undos = [], []
     previous_impl = None
@@ -212,7 +215,7 @@ def _installed(model, anatomy: Anatomy, plan: Plan, means: Means, prompt_len: in
         if plan.phase != "both":  # positions only matter when the plan acts on one phase
             handles.append(base_module(model, anatomy).register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
         weights = Counter(_weight_address(model.get_submodule(b.out_proj)) for _, b in anatomy.blocks("attention"))
-        for layer, heads in plan.heads_removed(anatomy).items():
+        for layer, heads in plan.heads_by_layer().items():
             block = anatomy.attention(layer)
             proj, mean = model.get_submodule(block.out_proj), means.get(("heads", layer))
             foldable = mean is None and plan.phase == "both" and weights[_weight_address(proj)] == 1  # Zamba ties them
@@ -234,9 +237,9 @@ def _installed(model, anatomy: Anatomy, plan: Plan, means: Means, prompt_len: in
                                          means.get(("heads", layer)))
                 handles.append(proj.register_forward_pre_hook(sparsifier.pre))
                 handles.append(model.get_submodule(block.path).register_forward_hook(sparsifier.post))
-        for layer, kind in plan.blocks_off(anatomy):
-            block = anatomy.layers[layer].block(kind)
-            hook = _block_hook(tracker, means.get(("block", layer, kind)))
+        for site in sorted(plan.blocks):
+            block = anatomy.layers[site.layer].block(site.kind)
+            hook = _block_hook(tracker, means.get(("block", site.layer, site.kind)))
             handles.append(model.get_submodule(block.path).register_forward_hook(hook))
         yield tracker
     finally:

@@ -6,12 +6,14 @@ import torch
 
 from lab.interventions.hooks import Means, _first
 from lab.interventions.plan import Plan
+from lab.interventions.sites import Resolved, resolve
 from lab.models.anatomy import Anatomy
 
 
 @torch.inference_mode()
-def calibrate(model: torch.nn.Module, anatomy: Anatomy, plan: Plan, batches: list[torch.Tensor]) -> Means:
+def calibrate(model: torch.nn.Module, anatomy: Anatomy, plan: Plan | Resolved, batches: list[torch.Tensor]) -> Means:
     """Mean activations over every position of `batches` (token id tensors), for what `plan` touches."""
+    plan = plan if isinstance(plan, Resolved) else resolve(plan, anatomy)
     sums: dict[tuple, torch.Tensor] = {}
     counts: dict[tuple, int] = {}
 
@@ -23,11 +25,11 @@ def calibrate(model: torch.nn.Module, anatomy: Anatomy, plan: Plan, batches: lis
         return add
 
     handles = []
-    for layer, kind in plan.blocks_off(anatomy):
-        add = collect(("block", layer, kind))
-        module = model.get_submodule(anatomy.layers[layer].block(kind).path)
+    for site in sorted(plan.blocks):
+        add = collect(("block", site.layer, site.kind))
+        module = model.get_submodule(anatomy.layers[site.layer].block(site.kind).path)
         handles.append(module.register_forward_hook(lambda m, a, out, add=add: add(_first(out))))
-    head_layers = set(plan.heads_removed(anatomy))
+    head_layers = set(plan.heads_by_layer())
     if plan.sparsify is not None:
         head_layers |= set(anatomy.attention_layers)
     for layer in sorted(head_layers):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lab.errors import LabError
-from lab.interventions import Plan, apply_plan
+from lab.interventions import Plan, Site, apply_plan
 from lab.models.generation import greedy
 from lab.probes import needle as needle_probe
 from lab.probes.base import Prepared, Work, mean
@@ -44,14 +44,9 @@ class HeadsSpec:
         return self
 
 
-def site(layer: int, head: int) -> str:
-    """A head's canonical name, as stored: L2.attn.h3."""
-    return f"L{layer}.attn.h{head}"
-
-
 def _head_of(name: str) -> tuple[int, int]:
-    layer, _, head = name.split(".")
-    return int(layer[1:]), int(head[1:])
+    site = Site.parse(name)
+    return site.layer, site.head
 
 
 @torch.inference_mode()
@@ -82,7 +77,7 @@ def _head_values(loaded, trial, answer: list[int], tracker) -> dict[str, list[fl
         mass = w[..., sorted(span)].sum(-1).mean(-1) if span else torch.zeros(w.shape[0])
         for h in range(w.shape[0]):
             hits = retrieval_hits(top[h].tolist(), ids, answer, span) / span_len
-            values[site(layer, h)] = [hits, float(entropy[h]), float(mass[h])]
+            values[str(Site(layer, "attention", h))] = [hits, float(entropy[h]), float(mass[h])]
     return values
 
 

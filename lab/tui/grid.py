@@ -18,7 +18,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from lab.interventions import Plan
-from lab.interventions.edit import is_block_off, is_head_off
+from lab.interventions.sites import Site, resolve
 from lab.models.anatomy import Anatomy, Layer
 from lab.tui.messages import CellToggled
 
@@ -90,7 +90,7 @@ class LayerGrid(ScrollView, can_focus=True):
 
     def __init__(self, anatomy: Anatomy, plan: Plan, **kwargs):
         super().__init__(**kwargs)
-        self.anatomy, self.plan = anatomy, plan
+        self.anatomy, self.plan, self.resolved = anatomy, plan, resolve(plan, anatomy)
         self.rows = [row_cells(layer) for layer in anatomy.layers]
         self.labels = [layer_label(layer) for layer in anatomy.layers]
         self.overlay: dict[tuple[int, int], float] | None = None
@@ -98,7 +98,7 @@ class LayerGrid(ScrollView, can_focus=True):
         self.virtual_size = Size(width, len(self.rows) + 1)
 
     def set_plan(self, plan: Plan) -> None:
-        self.plan = plan
+        self.plan, self.resolved = plan, resolve(plan, self.anatomy)
         self.refresh()
 
     def set_overlay(self, overlay: dict[tuple[int, int], float] | None) -> None:
@@ -162,13 +162,13 @@ class LayerGrid(ScrollView, can_focus=True):
             if cell.x > x:
                 segments.append(Segment(" " * (cell.x - x)))
             if cell.kind == "head":
-                off = is_head_off(self.plan, self.anatomy, row, cell.head)
+                off = self.resolved.is_off(Site(row, "attention", cell.head))
                 text = "× " if off else "● "
                 cell_style = style("grid--head-off" if off else "grid--head-on")
                 if self.overlay is not None and (row, cell.head) in self.overlay:
                     cell_style = cell_style + Style(bgcolor=heat(self.overlay[(row, cell.head)]))
             else:
-                off = is_block_off(self.plan, self.anatomy, row, cell.kind)
+                off = self.resolved.is_off(Site(row, cell.kind))
                 text = BLOCK_LABELS[cell.kind].center(4) + " "
                 cell_style = style("grid--off" if off else "grid--on")
             if (row, col) == (cursor_row, cursor_col) and self.has_focus:

@@ -1,0 +1,85 @@
+"""A plan resolved against one model, once: the canonical sites it acts on and the op there.
+
+Sites are named as everywhere in lab (the store, the grid, sweeps): `L2.attn` (a block),
+`L2.attn.h3` (a query head), `L4.ssm`, `L5.mlp`, `L5.moe`. Hooks, calibration and the grid read
+the resolved form instead of re-deriving layers and heads from the plan's entries.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from lab.errors import LabError
+from lab.interventions.plan import Plan, Sparsify
+from lab.models.anatomy import BLOCK_KINDS, Anatomy
+
+SHORT = {"attention": "attn", "ssm": "ssm", "mlp": "mlp", "moe": "moe"}
+_NAME = re.compile(r"L(\d+)\.(attn|ssm|mlp|moe)(?:\.h(\d+))?")
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    layer: int
+    kind: str  # one of BLOCK_KINDS
+    head: int | None = None  # a query head of an attention block; None: the whole block
+
+    def __str__(self) -> str:
+        return f"L{self.layer}.{SHORT[self.kind]}" + (f".h{self.head}" if self.head is not None else "")
+
+    @classmethod
+    def parse(cls, name: str) -> Site:
+        match = _NAME.fullmatch(name)
+        if match is None:
+            raise LabError(f"{name!r} is not a site name (L2.attn, L2.attn.h3, L4.ssm, L5.mlp, L5.moe)")
+        layer, short, head = match.groups()
+        kind = next(k for k in BLOCK_KINDS if SHORT[k] == short)
+        if head is not None and kind != "attention":
+            raise LabError(f"{name!r}: only attention blocks have heads")
+        return cls(int(layer), kind, None if head is None else int(head))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a plan does to one model: blocks off, heads off (static), sparsification; op and phase."""
+
+    plan: Plan
+    blocks: frozenset[Site]
+    heads: frozenset[Site]
+
+    @property
+    def sparsify(self) -> Sparsify | None:
+        return self.plan.sparsify
+
+    @property
+    def mode(self) -> str:
+        return self.plan.mode
+
+    @property
+    def phase(self) -> str:
+        return self.plan.phase
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.blocks or self.heads or self.sparsify)
+
+    def is_off(self, site: Site) -> bool:
+        return site in self.blocks or site in self.heads
+
+    def heads_by_layer(self) -> dict[int, set[int]]:
+        by_layer: dict[int, set[int]] = {}
+        for site in self.heads:
+            by_layer.setdefault(site.layer, set()).add(site.head)
+        return dict(sorted(by_layer.items()))
+
+    def names(self) -> list[str]:
+        """Every site switched off, by its canonical name, in layer order."""
+        return [str(site) for site in sorted(self.blocks | self.heads, key=lambda s: (s.layer, s.kind, s.head or -1))]
+
+
+def resolve(plan: Plan, anatomy: Anatomy) -> Resolved:
+    """Check the plan against the model and list its sites; raises LabError on a layer or head out of range."""
+    plan.validate(anatomy)
+    heads = frozenset(Site(layer, "attention", head) for layer, removed in plan.heads_removed(anatomy).items()
+                      for head in removed)
+    return Resolved(plan, frozenset(Site(layer, kind) for layer, kind in plan.blocks_off(anatomy)), heads)
