@@ -16,10 +16,12 @@ import tomli_w
 
 from lab.errors import LabError
 from lab.interventions.plan import Plan
-from lab.models.anatomy import Anatomy
-from lab.models.loading import ModelSpec
+from lab.models.spec import ModelSpec
 from lab.probes.mmlu import MMLUSpec
 from lab.probes.needle import NeedleSpec
+
+if typing.TYPE_CHECKING:
+    from lab.models.anatomy import Anatomy
 
 VERSION = 1  # of the preset format; files without `version` are version 1
 TOP_KEYS = {"version", "name", "description", "model", "plan", "needle", "mmlu"}
