@@ -128,7 +128,7 @@ def cmd_heads(args) -> int:
     from lab.interventions import Plan
     from lab.models import load
     from lab.probes.heads import head_scores, keep_set, ranking
-    from lab.probes.needle import NeedleSpec
+    from lab.probes.needle import NeedleSpec, check_fits
     from lab.report import heads_table
 
     spec = NeedleSpec(task=args.task, lengths=tuple(args.lengths), depths=tuple(args.depths), trials=args.trials,
@@ -139,6 +139,7 @@ def cmd_heads(args) -> int:
             raise LabError("--write needs --keep to choose the heads")
         _check_writable(args.write)
     loaded = load(_spec(args))
+    check_fits(spec, loaded)
     ranked = ranking(head_scores(loaded, spec), args.score)
     keep = keep_set(ranked, fraction) if fraction is not None else []
     if args.json:

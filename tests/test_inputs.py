@@ -119,6 +119,7 @@ def test_fingerprints_of_shipped_presets_are_unchanged():
 # ---- 3. wrong types name the key -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, message", [
+    ("name = 5", "name: expected a string"),
     ("[needle]\nlengths = ['a']", "needle.lengths: expected a list of integers"),
     ("[needle]\nlengths = [300.5]", "needle.lengths: expected a list of integers"),
     ("[needle]\nlengths = [[300]]", "needle.lengths: expected a list of integers"),
@@ -193,6 +194,11 @@ def test_check_fits_against_max_position_embeddings():
     # RecurrentGemma attends in a local window: it declares no position limit, so any length fits
     assert getattr(tiny("recurrent_gemma").model.config, "max_position_embeddings", None) is None
     needle.check_fits(NeedleSpec(lengths=(1_000_000,)), tiny("recurrent_gemma"))
+
+
+def test_heads_checks_the_model_positions_before_scoring(capsys):
+    err = one_line_error(capsys, ["heads", "random:jamba", "--lengths", "300000"])
+    assert "more than the model's 262144 positions" in err
 
 
 def test_jrt_prompts_keep_their_length(tmp_path):
