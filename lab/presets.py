@@ -68,7 +68,8 @@ class Preset:
         """Identity of the results: what changes them (not batch sizes)."""
         data = self.to_dict()
         data.pop("version"), data.pop("name"), data.pop("description", None)
-        data["model"].update({k: getattr(self.model, k) for k in COMMAND_LINE_ONLY})  # hashed since before v1
+        # the flags were hashed before version 1 of the format; kept, so that stored runs keep their fingerprints
+        data["model"].update({k: getattr(self.model, k) for k in COMMAND_LINE_ONLY})
         for key in ("needle", "mmlu"):
             if key in data:
                 data[key].pop("batch_size", None)
@@ -90,7 +91,7 @@ def _compact_arrays(text: str) -> str:
 
 
 _NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-_PLURALS = {bool: "true or false values", int: "integers", float: "numbers", str: "strings"}
+_PLURALS = {int: "integers", float: "numbers", str: "strings"}
 
 
 def _fits(value, hint) -> bool:
