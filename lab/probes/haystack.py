@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 
@@ -47,12 +48,19 @@ def file_sentences(path: str | Path):
     files = sorted(f for f in path.glob("**/*.txt") if f.is_file()) if path.is_dir() else [path]
     if not path.exists() or not files:
         raise LabError(f"haystack {path} not found (give a .txt file or a folder of .txt files)")
-    text = read_text(path, files)
-    parts = [p.strip() + "." for p in text.replace("\n", " ").split(".") if p.strip()]
-    if not parts:
-        raise LabError(f"haystack {path} has no sentences")
+    parts = _file_parts(path, tuple((f, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
     while True:
         yield from parts
+
+
+@functools.lru_cache(maxsize=4)
+def _file_parts(path: Path, versions: tuple) -> tuple[str, ...]:
+    """The sentences of `path`, read once per version (file, mtime, size) of its files, not once per prompt."""
+    text = read_text(path, [file for file, _, _ in versions])
+    parts = tuple(p.strip() + "." for p in text.replace("\n", " ").split(".") if p.strip())
+    if not parts:
+        raise LabError(f"haystack {path} has no sentences")
+    return parts
 
 
 def read_text(path: Path, files: list[Path]) -> str:
