@@ -10,7 +10,6 @@ import pytest
 from lab import presets
 from lab.cli import main
 from lab.errors import LabError
-from lab.interventions import Plan
 from lab.probes import mmlu, needle
 from lab.probes.haystack import file_sentences
 from lab.probes.needle import NeedleSpec
