@@ -83,15 +83,15 @@ def cmd_run(args) -> int:
     from lab.report import summary_tables
     from lab.session import Session
 
-    preset = presets.load(args.preset)
-    if args.model:
-        preset = preset.with_model(args.model)
+    preset = presets.load(args.preset)  # a preset never allows remote code or pickles: only these flags do
+    preset = preset.with_model(args.model or preset.model.name, trust_remote_code=args.trust_remote_code,
+                               allow_pickle=args.allow_pickle)
     store = _store(args)
     session = Session.open(preset.model)
     with session.claim("a probe run") as job:
         final = _drive(session.run(preset, store, job), args.json)
     if args.json:
-        print(json.dumps(final.summary, indent=1))
+        print(json.dumps({"run": final.run_id, **final.summary}, indent=1))
     else:
         from rich.console import Console
 
@@ -145,12 +145,17 @@ def cmd_heads(args) -> int:
 
     spec = HeadsSpec(task=args.task, lengths=tuple(args.lengths), depths=tuple(args.depths), trials=args.trials,
                      max_new_tokens=args.max_new_tokens).validate()
+    fraction = _percentage(args.keep) if args.keep else None
+    if args.write:
+        if fraction is None:
+            raise LabError("--write needs --keep to choose the heads")
+        _check_writable(args.write)
     preset = presets.Preset(name=f"{args.model}: head scores", model=_spec(args), heads=spec)
     session = Session.open(preset.model)
     with session.claim("head scoring") as job:
         final = _drive(session.run(preset, _store(args), job), args.json)
     ranked = ranking(scores(final.summary["heads"]), args.score)
-    keep = keep_set(ranked, float(args.keep.rstrip("%")) / 100) if args.keep else []
+    keep = keep_set(ranked, fraction) if fraction is not None else []
     if args.json:
         print(json.dumps({"run": final.run_id, "score": args.score, "keep": [list(k) for k in keep],
                           "ranking": [{"layer": l, "head": h, "value": v} for (l, h), v in ranked]}))
@@ -161,12 +166,33 @@ def cmd_heads(args) -> int:
 
         Console().print(heads_table(ranked, args.score, set(keep), args.top))
     if args.write:
-        if not keep:
-            raise LabError("--write needs --keep to choose the heads")
         base = presets.Preset(name=f"{args.model}: keep {args.keep} of heads by {args.score}", model=_spec(args))
         path = presets.save(base.with_plan(Plan(keep_heads=tuple(keep))), args.write)
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _percentage(text: str) -> float:
+    """'15%' or '15' as the fraction 0.15; a LabError unless it is above 0 and at most 100."""
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise LabError(f"--keep: {text!r} is not a percentage (e.g. 15%)") from None
+    if not 0 < value <= 100:
+        raise LabError(f"--keep: {text!r} must be above 0 % and at most 100 %")
+    return value / 100
+
+
+def _check_writable(name: str) -> None:
+    """Fail before any work when `name` cannot be written as a file (presets.save creates missing folders)."""
+    from pathlib import Path
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise LabError(f"--write {name}: is a directory; give a file name such as keep.toml")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if (path.exists() and not os.access(path, os.W_OK)) or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise LabError(f"--write {name}: cannot write there")
 
 
 def cmd_bench(args) -> int:
@@ -234,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", help="a .toml file or a name from presets/")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--model", help="override the preset's model")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (never a preset's)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow non-safetensors weights (never a preset's)")
     _db_option(p)
     p.set_defaults(func=cmd_run)
 

@@ -6,22 +6,29 @@ import hashlib
 import json
 import re
 import tomllib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
 from pathlib import Path
 
 import tomli_w
 
 from lab.errors import LabError
 from lab.interventions.plan import Plan
-from lab.models.anatomy import Anatomy
-from lab.models.loading import ModelSpec
+from lab.models.spec import ModelSpec
 from lab.probes.heads import HeadsSpec
 from lab.probes.mmlu import MMLUSpec
 from lab.probes.needle import NeedleSpec
 
-TOP_KEYS = {"name", "description", "model", "plan", "needle", "mmlu", "heads"}
+if typing.TYPE_CHECKING:
+    from lab.models.anatomy import Anatomy
+
+VERSION = 1  # of the preset format; files without `version` are version 1
+TOP_KEYS = {"version", "name", "description", "model", "plan", "needle", "mmlu", "heads"}
 PROBE_TABLES = ("needle", "mmlu", "heads")  # in run order
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+COMMAND_LINE_ONLY = {"trust_remote_code": "--trust-remote-code", "allow_pickle": "--allow-pickle"}
+BUILTIN_PRESETS = resources.files("lab") / "data" / "presets"
 
 
 @dataclass(frozen=True)
@@ -42,17 +49,19 @@ class Preset:
     def plan_for(self, anatomy: Anatomy) -> Plan:
         return Plan.from_dict(self.plan, anatomy)
 
-    def with_model(self, name: str) -> Preset:
-        return replace(self, model=replace(self.model, name=name))
+    def with_model(self, name: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> Preset:
+        """Another model; remote code and pickles only as the caller (the command line) asks."""
+        return replace(self, model=replace(self.model, name=name, trust_remote_code=trust_remote_code,
+                                           allow_pickle=allow_pickle))
 
     def with_plan(self, plan: Plan) -> Preset:
         return replace(self, plan=plan.to_dict())
 
     def to_dict(self) -> dict:
-        data: dict = {"name": self.name}
+        data: dict = {"version": VERSION, "name": self.name}
         if self.description:
             data["description"] = self.description
-        data["model"] = {k: v for k, v in asdict(self.model).items() if v is not None}
+        data["model"] = {k: v for k, v in asdict(self.model).items() if v is not None and k not in COMMAND_LINE_ONLY}
         data["plan"] = self.plan
         for key in PROBE_TABLES:
             spec = getattr(self, key)
@@ -66,7 +75,9 @@ class Preset:
     def fingerprint(self) -> str:
         """Identity of the results: what changes them (not batch sizes)."""
         data = self.to_dict()
-        data.pop("name", None), data.pop("description", None)
+        data.pop("version"), data.pop("name"), data.pop("description", None)
+        # the flags were hashed before version 1 of the format; kept, so that stored runs keep their fingerprints
+        data["model"].update({k: getattr(self.model, k) for k in COMMAND_LINE_ONLY})
         for key in PROBE_TABLES:
             if key in data:
                 data[key].pop("batch_size", None)
@@ -87,34 +98,70 @@ def _compact_arrays(text: str) -> str:
         text = new
 
 
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_PLURALS = {int: "integers", float: "numbers", str: "strings"}
+
+
+def _fits(value, hint) -> bool:
+    """Whether a TOML value has the type a dataclass field declares (bool is no number here)."""
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if isinstance(hint, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint) if h is not type(None))
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def _expected(hint) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_PLURALS[typing.get_args(hint)[0]]}"
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_expected(h) for h in typing.get_args(hint) if h is not type(None))
+    return _NAMES[hint]
+
+
 def _section(cls, data, section: str):
     if not isinstance(data, dict):
         raise LabError(f"[{section}] must be a table")
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(data) - set(known)
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
     if unknown:
         raise LabError(f"[{section}]: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(known))})")
-    values = {}
+    hints = typing.get_type_hints(cls)
     for key, value in data.items():
-        default = getattr(cls(), key)
-        if isinstance(default, tuple):
-            if not isinstance(value, list):
-                raise LabError(f"{section}.{key}: expected a list")
-            value = tuple(value)
-        elif isinstance(default, bool) and not isinstance(value, bool):
-            raise LabError(f"{section}.{key}: expected true or false")
-        elif isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
-            raise LabError(f"{section}.{key}: expected an integer")
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise LabError(f"{section}.{key}: expected a string")
-        values[key] = value
-    return cls(**values)
+        if not _fits(value, hints[key]):
+            raise LabError(f"{section}.{key}: expected {_expected(hints[key])}, got {_shorten(repr(value))}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _shorten(text: str, most: int = 60) -> str:
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
+def _model(data) -> ModelSpec:
+    """The [model] table; remote code and pickles are the command line's to allow, never a preset's."""
+    if isinstance(data, dict):
+        for key, option in COMMAND_LINE_ONLY.items():
+            if data.get(key, False) is not False:
+                raise LabError(f"[model] {key} is not allowed in a preset; pass {option} on the command line")
+        data = {k: v for k, v in data.items() if k not in COMMAND_LINE_ONLY}
+    return _section(ModelSpec, data, "model")
+
+
+def _check_version(data: dict) -> None:
+    version = data.get("version", VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise LabError(f"version: expected {VERSION}, got {_shorten(repr(version))}")
+    if version > VERSION:
+        raise LabError(f"preset format version {version} is newer than this lab reads ({VERSION}); upgrade lab")
 
 
 def from_dict(data: dict) -> Preset:
     unknown = set(data) - TOP_KEYS
     if unknown:
         raise LabError(f"unknown preset key {sorted(unknown)[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
+    _check_version(data)
     plan = data.get("plan", {})
     if not isinstance(plan, dict):
         raise LabError("[plan] must be a table")
@@ -122,9 +169,11 @@ def from_dict(data: dict) -> Preset:
     needle = _section(NeedleSpec, data["needle"], "needle").validate() if "needle" in data else None
     mmlu = _section(MMLUSpec, data["mmlu"], "mmlu").validate() if "mmlu" in data else None
     heads = _section(HeadsSpec, data["heads"], "heads").validate() if "heads" in data else None
-    return Preset(name=str(data.get("name", "untitled")), description=str(data.get("description", "")),
-                  model=_section(ModelSpec, data.get("model", {}), "model"), plan=plan, needle=needle, mmlu=mmlu,
-                  heads=heads)
+    for key in ("name", "description"):
+        if not isinstance(data.get(key, ""), str):
+            raise LabError(f"{key}: expected a string, got {_shorten(repr(data[key]))}")
+    return Preset(name=data.get("name", "untitled"), description=data.get("description", ""),
+                  model=_model(data.get("model", {})), plan=plan, needle=needle, mmlu=mmlu, heads=heads)
 
 
 def parse(text: str, origin: str = "preset") -> Preset:
@@ -135,10 +184,10 @@ def parse(text: str, origin: str = "preset") -> Preset:
     return from_dict(data)
 
 
-def resolve(name: str) -> Path:
-    """A preset path, or a name in presets/ (with or without .toml)."""
+def resolve(name: str):
+    """A preset file (a Path), or a builtin preset by name, with or without .toml (a resource)."""
     path = Path(name).expanduser()
-    for candidate in (path, PRESET_DIR / name, PRESET_DIR / f"{name}.toml"):
+    for candidate in (path, BUILTIN_PRESETS / name, BUILTIN_PRESETS / f"{name}.toml"):
         if candidate.is_file():
             return candidate
     raise LabError(f"preset {name} not found (a .toml file, or one of: {', '.join(list_presets()) or 'none'})")
@@ -146,7 +195,13 @@ def resolve(name: str) -> Path:
 
 def load(name: str) -> Preset:
     path = resolve(name)
-    return parse(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise LabError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except OSError as error:
+        raise LabError(f"{path}: cannot read ({error.strerror or error})") from None
+    return parse(text, str(path))
 
 
 def save(preset: Preset, path: str | Path) -> Path:
@@ -157,4 +212,5 @@ def save(preset: Preset, path: str | Path) -> Path:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.toml")) if PRESET_DIR.is_dir() else []
+    """Names of the builtin presets (shipped in the package: lab/data/presets)."""
+    return sorted(p.name[: -len(".toml")] for p in BUILTIN_PRESETS.iterdir() if p.name.endswith(".toml"))

@@ -167,3 +167,19 @@ def test_probes_ask_logits_only_where_they_score():
             assert seen[2:] == [(1, 1)] * 3  # prefill, then one position per decode step
     finally:
         handle.remove()
+
+
+def test_user_haystack_is_read_once_per_file_version(tmp_path, monkeypatch):
+    from lab.probes import haystack
+
+    reads = []
+    real = haystack.read_text
+    monkeypatch.setattr(haystack, "read_text", lambda *args: reads.append(args) or real(*args))
+    path = tmp_path / "h.txt"
+    path.write_text("First one. Second one.")
+    builder = PromptBuilder(tiny("recurrent_gemma").tokenizer, NeedleSpec(task="passkey", haystack=str(path)))
+    for depth in (0, 50, 100):
+        builder.build(300, depth, 0)
+    assert len(reads) == 1
+    path.write_text("First one. Second one, changed.")
+    assert next(haystack.file_sentences(path)) == "First one." and len(reads) == 2

@@ -116,13 +116,13 @@ def test_cli_run_json_runs_and_export(tmp_path, capsys):
     db = str(tmp_path / "r.sqlite")
     assert main(["run", str(path), "--db", db, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert set(summary) == {"needle", "mmlu"}
+    assert set(summary) == {"run", "needle", "mmlu"} and summary["run"] == 1
     assert set(summary["needle"]) == {"accuracy", "score", "trials", "by_length", "by_depth"}
     assert set(summary["mmlu"]) == {"accuracy", "questions", "by_category", "by_subject"}
     assert main(["runs", "--db", db, "--json"]) == 0
     runs = json.loads(capsys.readouterr().out)
     assert runs[0]["name"] == "demo · attention off in 1/1 layers, generation only" and runs[0]["trials"] == 14
-    assert main(["export", "1", "--db", db, "--format", "csv"]) == 0
+    assert main(["export", str(summary["run"]), "--db", db, "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("probe,key") and len(lines) == 15
     assert main(["export", "1", "--db", db, "--format", "json"]) == 0

@@ -46,8 +46,8 @@ class Plan:
         return not (self.off or self.heads_off or self.keep_heads is not None or self.sparsify)
 
     # ---- resolution against a model -------------------------------------------------------
-    def validate(self, anatomy: Anatomy) -> Plan:
-        """Check every layer, head and kind against the model; return self or raise LabError."""
+    def check_names(self) -> Plan:
+        """Check what needs no model: mode, phase, block kinds, sparsify metric; return self or raise LabError."""
         if self.mode not in MODES:
             raise LabError(f"plan.mode: {self.mode!r} is not one of {', '.join(MODES)}")
         if self.phase not in PHASES:
@@ -55,6 +55,14 @@ class Plan:
         for entry in self.off:
             if entry.kind not in BLOCK_KINDS:
                 raise LabError(f"plan.off: kind {entry.kind!r} is not one of {', '.join(BLOCK_KINDS)}")
+        if self.sparsify is not None and self.sparsify.metric not in METRICS:
+            raise LabError(f"plan.sparsify.metric: {self.sparsify.metric!r} is not one of {', '.join(METRICS)}")
+        return self
+
+    def validate(self, anatomy: Anatomy) -> Plan:
+        """Check every layer, head and kind against the model; return self or raise LabError."""
+        self.check_names()
+        for entry in self.off:
             for layer in entry.layers or ():
                 if not 0 <= layer < anatomy.num_layers:
                     raise LabError(f"plan.off: layer {layer} is out of range (0..{anatomy.num_layers - 1})")
@@ -66,8 +74,6 @@ class Plan:
                 if not 0 <= head < block.heads:
                     raise LabError(f"plan.{key}: head {head} is out of range for layer {layer} (0..{block.heads - 1})")
         if self.sparsify is not None:
-            if self.sparsify.metric not in METRICS:
-                raise LabError(f"plan.sparsify.metric: {self.sparsify.metric!r} is not one of {', '.join(METRICS)}")
             most = max((b.heads for _, b in anatomy.blocks("attention")), default=0)
             if not 0 <= self.sparsify.k <= most:
                 raise LabError(f"plan.sparsify.k: {self.sparsify.k} is out of range (0..{most})")
@@ -141,20 +147,25 @@ class Plan:
             if not isinstance(entry, dict) or "kind" not in entry or set(entry) - {"kind", "layers"}:
                 raise LabError(f"plan.off[{i}]: expected {{kind = \"attention\", layers = [..]}} (layers optional)")
             layers = entry.get("layers")
-            off.append(BlocksOff(str(entry["kind"]), None if layers is None else tuple(_ints(layers, "plan.off"))))
+            off.append(BlocksOff(_str(entry, "kind", None, "plan.off"),
+                                 None if layers is None else tuple(_ints(layers, "plan.off"))))
         heads = [_head(h, "heads_off") for h in _list(data, "heads_off")]
         for layer, group in (_head(h, "kv_heads_off") for h in _list(data, "kv_heads_off")):
             if anatomy is not None:  # without a model only the format can be checked
                 heads.extend(kv_group_heads(anatomy, layer, group))
         keep = data.get("keep_heads")
+        if keep is not None:
+            keep = tuple(_head(h, "keep_heads") for h in _list(data, "keep_heads"))
         sparsify = data.get("sparsify")
         if sparsify is not None:
             if not isinstance(sparsify, dict) or "k" not in sparsify or set(sparsify) - {"k", "metric"}:
                 raise LabError("plan.sparsify: expected {k = N, metric = \"entropy\"|\"l2\"}")
-            sparsify = Sparsify(int(sparsify["k"]), str(sparsify.get("metric", "entropy")))
-        plan = cls(off=tuple(off), heads_off=tuple(dict.fromkeys(heads)),
-                   keep_heads=None if keep is None else tuple(_head(h, "keep_heads") for h in keep),
-                   sparsify=sparsify, mode=str(data.get("mode", "zero")), phase=str(data.get("phase", "both")))
+            k = sparsify["k"]
+            if not isinstance(k, int) or isinstance(k, bool):
+                raise LabError(f"plan.sparsify.k: expected an integer, got {k!r}")
+            sparsify = Sparsify(k, _str(sparsify, "metric", "entropy", "plan.sparsify"))
+        plan = cls(off=tuple(off), heads_off=tuple(dict.fromkeys(heads)), keep_heads=keep, sparsify=sparsify,
+                   mode=_str(data, "mode", "zero", "plan"), phase=_str(data, "phase", "both", "plan")).check_names()
         return plan.validate(anatomy) if anatomy is not None else plan
 
     def with_(self, **changes) -> Plan:
@@ -181,6 +192,13 @@ def _list(data: dict, key: str) -> list:
     value = data.get(key, [])
     if not isinstance(value, list):
         raise LabError(f"plan.{key}: expected a list")
+    return value
+
+
+def _str(data: dict, key: str, default: str | None, table: str) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str):
+        raise LabError(f"{table}.{key}: expected a string, got {value!r}")
     return value
 
 

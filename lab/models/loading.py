@@ -11,25 +11,13 @@ import torch
 
 from lab.errors import LabError
 from lab.models.anatomy import SUPPORTED, Anatomy, build_anatomy
+from lab.models.spec import ModelSpec
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "toy" / "models"
 BUILTINS = ("toy-recurrentgemma", "toy-jamba")
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to load and how. `name`: builtin, `random:<model_type>`, a directory or a hub id."""
-
-    name: str = "toy-recurrentgemma"
-    dtype: str = "auto"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | device_map (accelerate, spread over GPUs)
-    attn_implementation: str | None = None  # None: transformers' default (sdpa where supported)
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    fast: bool = True  # lab's parallel scans in place of the reference recurrences (lab.fast)
 
 
 @dataclass

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 
 from lab.errors import LabError
+
+MAX_HAYSTACK_BYTES = 64 << 20  # a user's haystack, all files together
 
 _ADJ = ("quiet", "old", "narrow", "bright", "patient", "careful", "distant", "heavy", "curious", "gentle",
         "rusty", "modest", "crowded", "hidden", "steady", "wooden", "silver", "humble", "restless", "tidy")
@@ -42,15 +45,47 @@ def sentences(seed: int = 0):
 def file_sentences(path: str | Path):
     """Sentences from a text file or every .txt file in a folder, cycled forever."""
     path = Path(path).expanduser()
-    files = sorted(path.glob("**/*.txt")) if path.is_dir() else [path]
+    files = sorted(f for f in path.glob("**/*.txt") if f.is_file()) if path.is_dir() else [path]
     if not path.exists() or not files:
         raise LabError(f"haystack {path} not found (give a .txt file or a folder of .txt files)")
-    text = " ".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-    parts = [p.strip() + "." for p in text.replace("\n", " ").split(".") if p.strip()]
-    if not parts:
-        raise LabError(f"haystack {path} has no sentences")
+    parts = _file_parts(path, tuple((f, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
     while True:
         yield from parts
+
+
+@functools.lru_cache(maxsize=4)
+def _file_parts(path: Path, versions: tuple) -> tuple[str, ...]:
+    """The sentences of `path`, read once per version (file, mtime, size) of its files, not once per prompt."""
+    text = read_text(path, [file for file, _, _ in versions])
+    parts = tuple(p.strip() + "." for p in text.replace("\n", " ").split(".") if p.strip())
+    if not parts:
+        raise LabError(f"haystack {path} has no sentences")
+    return parts
+
+
+def read_text(path: Path, files: list[Path]) -> str:
+    """The files' UTF-8 text joined by spaces; at most MAX_HAYSTACK_BYTES in all, no binary files."""
+    texts, left = [], MAX_HAYSTACK_BYTES
+    for file in files:
+        try:
+            with file.open("rb") as f:
+                data = f.read(left + 1)
+        except OSError as error:
+            raise LabError(f"haystack {file}: cannot read ({error.strerror or error})") from None
+        left -= len(data)
+        if left < 0:
+            raise LabError(f"haystack {path} is larger than {_size(MAX_HAYSTACK_BYTES)}; give a smaller text file")
+        if b"\0" in data:
+            raise LabError(f"haystack {file} contains NUL bytes: give a text file")
+        try:
+            texts.append(data.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise LabError(f"haystack {file} is not UTF-8 text (byte {error.start})") from None
+    return " ".join(texts)
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n} bytes"
 
 
 def sentence_stream(source: str, seed: int):

@@ -129,6 +129,7 @@ class HeadsProbe:
         if not loaded.anatomy.attention_layers:
             raise LabError(f"{loaded.anatomy.architecture} has no attention heads to score")
         needle = spec.needle()
+        needle_probe.check_fits(needle, loaded)
         builder = needle_probe.PromptBuilder(loaded.tokenizer, needle)
         builder.build(min(needle.lengths), 0, 0)  # a length too short for the prompt fails here, up front
         cells = needle.cells()

@@ -8,6 +8,7 @@ project's own toy-knowledge set (the same CSV layout, shipped in lab/toy/data).
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +91,17 @@ class Question:
 
 
 def _read_csv(path: Path, subject: str) -> list[Question]:
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f) if r]
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise LabError(f"{path}: cannot read ({error.strerror or error})") from None
+    if b"\0" in data:
+        raise LabError(f"{path} contains NUL bytes: not a CSV text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise LabError(f"{path} is not UTF-8 text (byte {error.start})") from None
+    rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
     out = []
     for i, row in enumerate(rows):
         if len(row) != 6 or row[5].strip() not in LETTERS:
@@ -161,6 +171,9 @@ def load_questions(spec: MMLUSpec) -> tuple[list[Question], dict[str, list[Quest
         raise LabError(f"mmlu.subjects: unknown subject {missing[0]!r} in {spec.source}")
     split = "val" if spec.split == "validation" and spec.source != "cais/mmlu" else spec.split
     questions = [q for s in subjects for q in (data[s][split][: spec.limit] if spec.limit else data[s][split])]
+    if not questions:
+        raise LabError(f"no MMLU questions in {TOY_DIR if spec.source == 'toy' else spec.source} "
+                       f"(no {split} rows in its <subject>_{split}.csv files)")
     return questions, {s: data[s].get("dev", []) for s in subjects}
 
 

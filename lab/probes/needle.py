@@ -34,6 +34,9 @@ _KEY_WORDS = ("amber", "brisk", "cobalt", "dusty", "eager", "frosty", "golden", 
 _KEY_NOUNS = ("anchor", "badger", "canyon", "dragon", "ember", "falcon", "glacier", "harbor", "island", "jungle",
               "kettle", "ladder", "meadow", "nickel", "oyster", "pepper", "quartz", "raven", "saddle", "tunnel")
 CTX = object()  # marks where the haystack goes in a list of prompt pieces
+MAX_TOKENS = 1_048_576  # longest prompt plus answer lab builds, whatever the model
+RULER_TASKS = ("multikey", "multivalue", "multiquery")
+MAX_KEYS = len(_KEY_WORDS) * len(_KEY_NOUNS)  # distinct RULER keys
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,26 @@ class NeedleSpec:
             raise LabError("needle.depths: give percentages between 0 and 100")
         if self.trials < 1 or self.batch_size < 0 or self.max_new_tokens < 1 or self.keys < 1:
             raise LabError("needle: trials, max_new_tokens and keys must be at least 1, batch_size >= 0 (0: auto)")
+        if max(self.lengths) + self.max_new_tokens > MAX_TOKENS:
+            raise LabError(f"needle: length {max(self.lengths)} + {self.max_new_tokens} new tokens is above lab's "
+                           f"limit of {MAX_TOKENS:,} tokens")
+        if self.task in RULER_TASKS and self.keys > MAX_KEYS:
+            raise LabError(f"needle.keys: {self.keys} is more than the {MAX_KEYS} keys task {self.task} has")
+        self._check_distinct()
         return self
+
+    def _check_distinct(self) -> None:
+        """Two lengths or depths that make the same trial key would run once and count as done forever."""
+        twice = sorted({n for n in self.lengths if self.lengths.count(n) > 1})
+        if twice:
+            raise LabError(f"needle.lengths: {twice[0]} appears twice")
+        seen: dict[str, float] = {}
+        for depth in self.depths:
+            label = depth_label(depth)
+            if label in seen:
+                raise LabError(f"needle.depths: {seen[label]} and {depth} are the same trial (d{label}); "
+                               "give distinct depths")
+            seen[label] = depth
 
     def cells(self) -> list[tuple[int, float, int]]:
         return [(n, d, t) for n in self.lengths for d in self.depths for t in range(self.trials)]
@@ -84,8 +106,25 @@ class Trial:
     contexts: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each context copy
 
 
+def depth_label(depth: float) -> str:
+    """A depth as trial keys write it (6 significant digits: 50.00001 is 50)."""
+    return f"{depth:g}"
+
+
 def trial_key(task: str, length: int, depth: float, index: int) -> str:
-    return f"{task}/L{length}/d{depth:g}/t{index}"
+    return f"{task}/L{length}/d{depth_label(depth)}/t{index}"
+
+
+def check_fits(spec: NeedleSpec, loaded) -> None:
+    """Raise LabError when the longest prompt plus its answer exceeds the model's declared positions.
+
+    A prompt is exactly its length, JRT's two context copies included. Models that declare no
+    max_position_embeddings (RecurrentGemma: local attention in a window) are not limited here."""
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    longest = max(spec.lengths)
+    if isinstance(limit, int) and limit > 0 and longest + spec.max_new_tokens > limit:
+        raise LabError(f"needle: length {longest} + {spec.max_new_tokens} new tokens is more than the model's "
+                       f"{limit} positions (max_position_embeddings); use shorter lengths")
 
 
 class PromptBuilder:
@@ -256,6 +295,7 @@ class NeedleProbe:
     summary = staticmethod(summary)
 
     def prepare(self, loaded, spec: NeedleSpec) -> Prepared:
+        check_fits(spec, loaded)
         builder = PromptBuilder(loaded.tokenizer, spec)
         builder.build(min(spec.lengths), 0, 0)  # a length too short for the prompt fails here, up front
         cells = spec.cells()
