@@ -74,11 +74,11 @@ def test_a_new_model_takes_only_the_command_line_flags():
 def test_lab_run_passes_the_command_line_flags_to_the_model(tmp_path, monkeypatch, capsys):
     seen = []
 
-    def fake_run(preset, store):
-        seen.append(preset.model)
+    def fake_open(spec):  # the session loads the model: see what it is asked for
+        seen.append(spec)
         raise LabError("stop here")
 
-    monkeypatch.setattr("lab.runner.run", fake_run)
+    monkeypatch.setattr("lab.session.Session.open", staticmethod(fake_open))
     path = write(tmp_path, TINY_RUN)
     db = str(tmp_path / "r.sqlite")
     one_line_error(capsys, ["run", path, "--db", db, "--model", "random:jamba"])
