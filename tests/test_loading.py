@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,6 +153,39 @@ def test_flash_attention_without_its_package_is_one_line(model_dir, where):
 def test_uncached_hub_id_offline_says_not_in_cache(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _fails("some-org/not-cached-model", "not in the HF cache")
+
+
+def test_hub_ids_in_the_cache_offline(saved, tmp_path):
+    """A hub id is looked up in the HF cache (a subprocess: the cache folder is read when huggingface_hub is
+    imported): complete, broken config, without tokenizer, without weights, absent."""
+    import os
+    import subprocess
+    import sys
+
+    for repo, skip in (("good", ""), ("broken", ""), ("notok", "tokenizer"), ("noweights", "model.safetensors")):
+        root = tmp_path / f"models--org--{repo}"
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text("0" * 40)
+        (root / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        for file in saved.iterdir():
+            if not (skip and file.name.startswith(skip)):
+                (root / "snapshots" / ("0" * 40) / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "models--org--broken" / "snapshots" / ("0" * 40) / "config.json").write_text("{oops")
+    code = ("from lab.models import load\nfrom lab.errors import LabError\n"
+            "for repo in ('good', 'broken', 'notok', 'noweights', 'absent'):\n"
+            "    try:\n        print(load('org/' + repo).anatomy.num_layers)\n"
+            "    except LabError as error:\n        print(error)\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parent.parent
+    lines = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert lines[0] == "6"
+    assert lines[1].endswith("config.json is not valid JSON: Expecting property name enclosed in double quotes: "
+                             "line 1 column 2 (char 1)")
+    assert lines[2].startswith("model org/notok is not fully in the HF cache (no tokenizer.json / tokenizer_config")
+    assert lines[3].startswith("model org/noweights is not fully in the HF cache (org/noweights does not appear to "
+                               "have a file named model.safetensors")
+    assert lines[4].startswith("model org/absent is not in the HF cache and the hub cannot be reached")
 
 
 # 3. bad weights files
