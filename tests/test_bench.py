@@ -43,3 +43,12 @@ def test_config_spec_errors_are_one_line(capsys):
         load(ModelSpec("toy-recurrentgemma", device="meta"))
     assert main(["inspect", "config:jamba-mini-1.6", "--device", "meta", "--json"]) == 0
     assert '"architecture": "jamba", "num_layers": 32' in capsys.readouterr().out
+
+
+def test_config_too_large_for_this_machine_is_refused_before_building(monkeypatch):
+    from lab.models import configs
+
+    monkeypatch.setattr(configs, "available_memory", lambda: 2**30)
+    with pytest.raises(LabError, match=r"config:recurrentgemma-2b needs 5 GiB for its weights, 1 GiB are free here; "
+                                       "use --device meta"):
+        load(ModelSpec("config:recurrentgemma-2b", device="cpu"))

@@ -52,6 +52,34 @@ def build(name: str, device: str, dtype, attn_implementation):
         device = "cpu"
     if dtype == "auto":
         dtype = torch.bfloat16 if name.startswith("config:") and device.startswith("cuda") else torch.float32
+    if device == "cpu" and name.startswith("config:"):
+        _check_fits_in_memory(name, config, dtype)
     torch.manual_seed(0)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation).eval()
+
+
+def _check_fits_in_memory(name: str, config, dtype) -> None:
+    """A published config too large for this machine's free memory is refused before the kernel's OOM killer
+    ends the process (sized by building it on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = available_memory()
+    if free is not None and needed > free:
+        raise LabError(f"{name} needs {needed / 2**30:.0f} GiB for its weights, {free / 2**30:.0f} GiB are free here; "
+                       "use --device meta to inspect it, or a GPU")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available on this machine (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
