@@ -5,7 +5,7 @@
 2. MMLU-format throughput: one forward scores all four choices versus one forward per choice;
 3. the overhead of an active plan (heads off; sparsification) on a forward pass;
 4. prefill tokens/s and, on a GPU, the fraction of its bf16 peak.
-Models are given by a preset/spec, or published configs instantiated with random weights.
+Models are given by a spec, config:<published> included (published configs with random weights).
 """
 
 from __future__ import annotations
@@ -16,21 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from lab import fast
-from lab.errors import LabError
 from lab.interventions import Plan, Sparsify, apply_plan
-from lab.models import Loaded, build_anatomy, load
-from lab.models.tiny import byte_tokenizer
+from lab.models import Loaded, ModelSpec, load
 from lab.probes import mmlu as mmlu_probe
 from lab.probes import needle as needle_probe
 from lab.runner import auto_batch_size
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM
-PUBLISHED = {  # configs built in code: no download
-    "recurrentgemma-2b": ("recurrent_gemma", {}),  # RecurrentGemmaConfig's defaults are the 2B model
-    "recurrentgemma-9b": ("recurrent_gemma", dict(hidden_size=4096, lru_width=4096, num_hidden_layers=38,
-                                                  num_attention_heads=16, intermediate_size=12288 * 2)),
-    "jamba-mini-1.6": ("jamba", {}),  # JambaConfig's defaults: 32 layers, 16 experts (52 B parameters)
-}
 
 
 @dataclass
@@ -49,27 +41,6 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-def load_published(name: str, device: str, dtype: str) -> Loaded:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lab.models import ModelSpec, quiet_hf
-    from lab.models.loading import DTYPES, resolve_device
-
-    if name not in PUBLISHED:
-        raise LabError(f"unknown published config {name!r}; known: {', '.join(PUBLISHED)}")
-    quiet_hf()
-    fast.enable(True)  # as load() does for every model
-    model_type, overrides = PUBLISHED[name]
-    config = AutoConfig.for_model(model_type, vocab_size=260, pad_token_id=256, eos_token_id=257, bos_token_id=258,
-                                  **overrides)
-    target = resolve_device(device)
-    torch_dtype = DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if target.startswith("cuda") else torch.float32)
-    with torch.device(target):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype).eval()
-    return Loaded(model, byte_tokenizer(), build_anatomy(model), ModelSpec(f"config:{name}", device=target))
-
-
 def _needle_trials(loaded: Loaded, lengths, depths):
     spec = needle_probe.NeedleSpec(task="passkey", lengths=tuple(lengths), depths=tuple(depths), max_new_tokens=40)
     builder = needle_probe.PromptBuilder(loaded.tokenizer, spec)
@@ -86,15 +57,15 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int) -> dict
     """Grid time for lab's needle probe versus one-prompt-at-a-time generate() on the reference recurrences."""
     spec, trials = _needle_trials(loaded, lengths, depths)
     batch_size = auto_batch_size(spec.batch_size, loaded, max(spec.lengths) + spec.max_new_tokens)  # as the runner
-    was = fast.enabled()
+    was = fast.enabled(loaded.model)
     try:
-        fast.enable(True)
+        fast.apply(loaded.model, True)
         with apply_plan(loaded.model, loaded.anatomy, Plan()) as tracker:
             needle_probe.run_batch(loaded, spec, trials[:2], tracker)  # warm-up
             with Timer(loaded.device) as lab_time:  # batches as the runner makes them: by length, spanning lengths
                 for i in range(0, len(trials), batch_size):
                     needle_probe.run_batch(loaded, spec, trials[i:i + batch_size], tracker)
-        fast.enable(False)
+        fast.apply(loaded.model, False)
         _reference_generate(loaded, trials[0], 2)  # warm-up
         step = max(1, len(trials) // reference_sample)
         sample = trials[::step][:reference_sample]
@@ -102,7 +73,7 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int) -> dict
             for trial in sample:
                 _reference_generate(loaded, trial, spec.max_new_tokens)
     finally:
-        fast.enable(was)
+        fast.apply(loaded.model, was)
     reference = ref_time.seconds * len(trials) / len(sample)
     return {"prompts": len(trials), "new_tokens": spec.max_new_tokens, "lab_s": round(lab_time.seconds, 3),
             "reference_s": round(reference, 3), "reference_measured_prompts": len(sample),
@@ -219,8 +190,5 @@ def run_bench(loaded: Loaded, quick: bool) -> dict:
 
 
 def load_for_bench(model: str, device: str, dtype: str) -> Loaded:
-    if model.startswith("config:"):
-        return load_published(model.split(":", 1)[1], device, dtype)
-    from lab.models import ModelSpec
-
+    """Any spec load() takes, config:<published> included."""
     return load(ModelSpec(model, device=device, dtype=dtype))

@@ -1,7 +1,11 @@
 import json
 
-from lab.bench import PUBLISHED
+import pytest
+
 from lab.cli import main
+from lab.errors import LabError
+from lab.models import ModelSpec, load
+from lab.models.configs import PUBLISHED, published_config
 
 
 def test_bench_reports_every_measure(capsys):
@@ -17,8 +21,34 @@ def test_bench_reports_every_measure(capsys):
 
 def test_published_configs_are_built_in_code():
     assert set(PUBLISHED) == {"recurrentgemma-2b", "recurrentgemma-9b", "jamba-mini-1.6"}
-    from transformers import AutoConfig
-
-    model_type, overrides = PUBLISHED["recurrentgemma-2b"]
-    config = AutoConfig.for_model(model_type, **overrides)
+    config = published_config("recurrentgemma-2b")  # the config alone: no weights are built
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (26, 2560, 10)
+    jamba = published_config("jamba-mini-1.6")
+    assert (jamba.num_hidden_layers, jamba.num_experts, jamba.vocab_size) == (32, 16, 260)
+
+
+@pytest.mark.parametrize("name, layers", [("recurrentgemma-2b", 26), ("recurrentgemma-9b", 38),
+                                          ("jamba-mini-1.6", 32)])
+def test_config_specs_load_on_the_meta_device(name, layers):
+    """`config:` specs are model specs like any other; on the meta device nothing is allocated."""
+    loaded = load(ModelSpec(f"config:{name}", device="meta"))
+    assert loaded.device.type == "meta" and loaded.anatomy.num_layers == layers
+    assert loaded.num_params > 1e9  # byte vocabulary: the 2B model without its 256k-token embedding
+
+
+def test_config_spec_errors_are_one_line(capsys):
+    with pytest.raises(LabError, match="unknown published config 'gpt-5'; known: recurrentgemma-2b"):
+        load("config:gpt-5")
+    with pytest.raises(LabError, match="device meta .* only for random: and config: specs"):
+        load(ModelSpec("toy-recurrentgemma", device="meta"))
+    assert main(["inspect", "config:jamba-mini-1.6", "--device", "meta", "--json"]) == 0
+    assert '"architecture": "jamba", "num_layers": 32' in capsys.readouterr().out
+
+
+def test_config_too_large_for_this_machine_is_refused_before_building(monkeypatch):
+    from lab.models import configs
+
+    monkeypatch.setattr(configs, "available_memory", lambda: 2**30)
+    with pytest.raises(LabError, match=r"config:recurrentgemma-2b needs 5 GiB for its weights, 1 GiB are free here; "
+                                       "use --device meta"):
+        load(ModelSpec("config:recurrentgemma-2b", device="cpu"))

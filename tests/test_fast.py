@@ -56,7 +56,7 @@ def _reference_vs_fast(loaded, x, plan, prompt_len, prompt):
     outs = {}
     try:
         for on in (False, True):
-            fast.enable(on)
+            fast.apply(model, on)
             with torch.no_grad():
                 full = model(input_ids=x).logits
                 with apply_plan(model, anatomy, plan, prompt_len=prompt_len):
@@ -65,16 +65,95 @@ def _reference_vs_fast(loaded, x, plan, prompt_len, prompt):
                                      return_dict_in_generate=True, pad_token_id=256, eos_token_id=None)
             outs[on] = (full, planned, torch.stack(gen.logits, 1))
     finally:
-        fast.enable(True)
+        fast.apply(model, True)
     return outs[False], outs[True]
 
 
 def test_recurrentgemma_fast_path_matches_reference_with_plans():
     plan = Plan(off=(BlocksOff("attention"),), phase="generation")
-    reference, quick = _reference_vs_fast(load(ModelSpec("random:recurrent_gemma", device="cpu")), ids(2, 200), plan, 150, 50)
+    loaded = load(ModelSpec("random:recurrent_gemma", device="cpu"))
+    reference, quick = _reference_vs_fast(loaded, ids(2, 200), plan, 150, 50)
     for a, b in zip(reference, quick):
         assert torch.allclose(a, b, atol=1e-4)
-    assert fast.enabled()
+    assert fast.enabled(loaded.model)
+
+
+def _scan_calls(monkeypatch) -> list:
+    """Record calls of lab's parallel scan (RecurrentGemma's RG-LRU prefill on the fast path)."""
+    from lab.fast import scan
+
+    calls = []
+    real = scan.linear_scan
+    monkeypatch.setattr(scan, "linear_scan", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    return calls
+
+
+def test_fast_paths_are_chosen_per_model(monkeypatch):
+    """ModelSpec(fast=False) puts its own model on the reference code and leaves other models as they were."""
+    calls = _scan_calls(monkeypatch)
+    quick = load(ModelSpec("random:recurrent_gemma", device="cpu"))
+    reference = load(ModelSpec("random:recurrent_gemma", device="cpu", fast=False))
+    with torch.no_grad():
+        expected = reference.model(input_ids=ids(1, 40)).logits
+        assert not calls and not fast.enabled(reference.model)
+        got = quick.model(input_ids=ids(1, 40)).logits
+    assert calls and fast.enabled(quick.model)
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert fast.enabled()  # the default for models never given to lab.fast.apply
+
+
+def test_static_decoder_only_for_models_on_the_fast_paths():
+    from lab.fast import decode
+
+    assert decode.supports(load(ModelSpec("random:recurrent_gemma", device="cpu")).model)
+    assert not decode.supports(load(ModelSpec("random:recurrent_gemma", device="cpu", fast=False)).model)
+
+
+def test_jamba_mixers_follow_their_own_model(monkeypatch):
+    from lab.fast import mamba
+
+    monkeypatch.setattr(mamba, "PARALLEL_DEVICES", {"cuda", "cpu"})
+    calls = []
+    real = mamba.linear_scan
+    monkeypatch.setattr(mamba, "linear_scan", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    reference = load(ModelSpec("random:jamba", device="cpu", fast=False))
+    quick = load(ModelSpec("random:jamba", device="cpu"))
+    with torch.no_grad():
+        reference.model(input_ids=ids(1, 30))
+        assert not calls
+        quick.model(input_ids=ids(1, 30))
+    assert calls
+
+
+def test_lab_fast_has_no_import_cycle():
+    """Edges: every `lab.fast...` import in lab/fast/*.py, at any depth; `from lab.fast import x` reaches x when
+    it is a module, else the package (__init__)."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(fast.__file__).parent
+    modules = {path.stem for path in folder.glob("*.py")}
+    edges = {}
+    for path in folder.glob("*.py"):
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lab.fast"):
+                names = [alias.name for alias in node.names]
+                if node.module == "lab.fast":
+                    targets |= {name if name in modules else "__init__" for name in names}
+                else:
+                    targets.add(node.module.split(".")[2])
+            elif isinstance(node, ast.ImportFrom) and node.module == "lab" and any(a.name == "fast" for a in node.names):
+                targets.add("__init__")
+        edges[path.stem] = targets - {path.stem}
+    for start in edges:  # nothing reaches back to where it started
+        seen, todo = set(), list(edges[start])
+        while todo:
+            module = todo.pop()
+            assert module != start, f"import cycle: lab.fast.{start} is imported back by what it imports"
+            if module not in seen:
+                seen.add(module)
+                todo += edges.get(module, ())
 
 
 def test_windowed_attention_in_query_chunks_matches_one_masked_product(monkeypatch):

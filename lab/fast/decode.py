@@ -14,12 +14,15 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from lab.fast.state import enabled
+
 
 def supports(model) -> bool:
-    """Whether `greedy` can decode this model: RecurrentGemma with sdpa or eager attention, on one device
-    (accelerate's offload hooks move weights during the forward, which a CUDA graph cannot replay)."""
+    """Whether `greedy` may decode this model: lab's fast paths on for it (lab.fast.apply), RecurrentGemma with
+    sdpa or eager attention, on one device (accelerate's offload hooks move weights during the forward, which
+    a CUDA graph cannot replay)."""
     config = model.config
-    return (config.model_type == "recurrent_gemma" and config._attn_implementation in ("sdpa", "eager")
+    return (enabled(model) and config.model_type == "recurrent_gemma" and config._attn_implementation in ("sdpa", "eager")
             and not getattr(model, "hf_device_map", None))
 
 

@@ -1,4 +1,4 @@
-"""RecurrentGemma's prefill with lab's GPU kernels (lab.fast.triton_griffin), switched by lab.fast.enable.
+"""RecurrentGemma's prefill with lab's GPU kernels (lab.fast.triton_griffin), for models lab.fast acts on.
 
 The recurrent block, the RMSNorm and the MLP get forwards that use the kernels when the input is on a
 GPU, no gradient is wanted and Triton is importable; otherwise (CPU, training, one-token decoding)
@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lab.fast.scan import triton_applies
+from lab.fast.state import acts_on, triton_applies
 
 QUERY_CHUNK = 512
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _originals: dict = {}
 
 
 def _rms_norm_forward(self, x):
-    if not (triton_applies(x, self.weight) and x.is_contiguous()):
+    if not (acts_on(self) and triton_applies(x, self.weight) and x.is_contiguous()):
         return _originals["norm"](self, x)
     from lab.fast import triton_griffin
 
@@ -28,7 +30,7 @@ def _rms_norm_forward(self, x):
 
 def _mlp_forward(self, hidden_states):
     gelu_tanh = self.config.hidden_activation == "gelu_pytorch_tanh"
-    if not (gelu_tanh and triton_applies(hidden_states, self.gate_proj.weight)):
+    if not (gelu_tanh and acts_on(self) and triton_applies(hidden_states, self.gate_proj.weight)):
         return _originals["mlp"](self, hidden_states)
     from lab.fast import triton_griffin
 
@@ -37,7 +39,7 @@ def _mlp_forward(self, hidden_states):
 
 def _recurrent_block_forward(self, input_states, position_ids, attention_mask, use_cache=True, **kwargs):
     batch, steps, _ = input_states.shape
-    if (steps == 1 or type(self.act_fn).__name__ != "GELUTanh"
+    if (steps == 1 or type(self.act_fn).__name__ != "GELUTanh" or not acts_on(self)
             or not triton_applies(input_states, self.linear_x.weight)):
         return _originals["block"](self, input_states, position_ids, attention_mask, use_cache=use_cache, **kwargs)
     from lab.fast import triton_griffin
@@ -91,14 +93,30 @@ def _windowed_sdpa(module, query, key, value, attention_mask, *args, sliding_win
     return torch.cat(outputs, 1), None
 
 
-def enable(on: bool) -> None:
+def _sdpa(module, query, *args, **kwargs):
+    """transformers' "sdpa" entry: for modules lab.fast acts on, windowed attention as above and, on a GPU,
+    without cuDNN's attention (it builds a plan per new prompt shape: seconds per length of a grid; the
+    flash and memory-efficient kernels need none)."""
+    if not acts_on(module):
+        return _originals["sdpa"](module, query, *args, **kwargs)
+    if not query.is_cuda:
+        return _windowed_sdpa(module, query, *args, **kwargs)
+    with sdpa_kernel(NO_CUDNN):
+        return _windowed_sdpa(module, query, *args, **kwargs)
+
+
+def install() -> None:
+    """Route RecurrentGemma's norm, MLP and recurrent block forwards and the "sdpa" attention entry through
+    the functions above (once)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.recurrent_gemma import modeling_recurrent_gemma as rg
 
+    if _originals:
+        return
     targets = {"norm": (rg.RecurrentGemmaRMSNorm, _rms_norm_forward), "mlp": (rg.RecurrentGemmaMlp, _mlp_forward),
                "block": (rg.RecurrentGemmaRecurrentBlock, _recurrent_block_forward)}
     for key, (cls, fast_forward) in targets.items():
-        _originals.setdefault(key, cls.forward)
-        cls.forward = fast_forward if on else _originals[key]
-    _originals.setdefault("sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"])
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = _windowed_sdpa if on else _originals["sdpa"]
+        _originals[key] = cls.forward
+        cls.forward = fast_forward
+    _originals["sdpa"] = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = _sdpa

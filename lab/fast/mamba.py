@@ -8,22 +8,29 @@ loop is faster.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import importlib.util
 
 import torch
 import torch.nn.functional as F
 
-from lab.fast.scan import linear_scan, triton_applies
+from lab.fast.scan import linear_scan
+from lab.fast.state import acts_on, enabled, triton_applies
 
-_state = {"original": None}
+_originals: dict = {}
+_mixer_fast = contextvars.ContextVar("lab_fast_mamba_mixer", default=None)  # set while a mixer runs
 PARALLEL_DEVICES = {"cuda"}  # on a CPU the reference loop over time is cheaper (measured 5x)
 
 
 def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, use_mambapy=False, use_associative_scan=False, **kwargs):
-    """Same contract as transformers' jamba mamba_selective_scan: inputs (batch, channels, time)."""
-    if use_mambapy or hidden_states.device.type not in PARALLEL_DEVICES:
-        return _state["original"](hidden_states, dt, A, B, C, D=D, z=z, delta_bias=delta_bias,
+    """Same contract as transformers' jamba mamba_selective_scan: inputs (batch, channels, time). The reference
+    runs where lab.fast does not act on the calling mixer, mamba-ssm is installed, or on a CPU."""
+    fast = _mixer_fast.get()
+    if (not (enabled() if fast is None else fast) or _has_mamba_ssm() or use_mambapy
+            or hidden_states.device.type not in PARALLEL_DEVICES):
+        return _originals["scan"](hidden_states, dt, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                   delta_softplus=delta_softplus, return_last_state=return_last_state,
                                   use_mambapy=use_mambapy, use_associative_scan=use_associative_scan, **kwargs)
     batch, channels, steps = hidden_states.shape
@@ -54,11 +61,25 @@ def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, 
     return out
 
 
-def enable(on: bool = True) -> None:
-    """Use the parallel scan for Jamba's Mamba blocks (only when mamba-ssm is not installed)."""
+@functools.cache
+def _has_mamba_ssm() -> bool:
+    return importlib.util.find_spec("mamba_ssm") is not None
+
+
+def _mixer_forward(self, *args, **kwargs):
+    """JambaMambaMixer.forward, telling selective_scan whether lab.fast acts on this mixer."""
+    token = _mixer_fast.set(acts_on(self))
+    try:
+        return _originals["mixer"](self, *args, **kwargs)
+    finally:
+        _mixer_fast.reset(token)
+
+
+def install() -> None:
+    """Route Jamba's mixer forward and its module's mamba_selective_scan through the functions above (once)."""
     from transformers.models.jamba import modeling_jamba as jamba
 
-    if _state["original"] is None:
-        _state["original"] = jamba.mamba_selective_scan
-    kernels = importlib.util.find_spec("mamba_ssm") is not None
-    jamba.mamba_selective_scan = selective_scan if on and not kernels else _state["original"]
+    if _originals:
+        return
+    _originals["mixer"], _originals["scan"] = jamba.JambaMambaMixer.forward, jamba.mamba_selective_scan
+    jamba.JambaMambaMixer.forward, jamba.mamba_selective_scan = _mixer_forward, selective_scan

@@ -5,17 +5,16 @@ with t - offset through (a, x) o (a', x') = (a a', a' x + x'). Products of gates
 stable. Without gradients on a GPU, a Triton kernel (lab.fast.triton_scan) does the same in one
 pass. It replaces RecurrentGemma's Python loop over time steps (RG-LRU) for prefill where
 lab.fast.griffin's fused RG-LRU kernel does not apply; decoding one token at a time still uses the
-reference code.
+reference code. Where lab's fast paths are off for a model (lab.fast.state), the reference runs.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import torch
 
-_state = {"enabled": False, "original": None}
+from lab.fast.state import acts_on, triton_applies
+
+_originals: dict = {}
 
 
 def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None,
@@ -39,44 +38,20 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None
     return x.to(out_dtype), x[:, -1]
 
 
-@functools.cache
-def has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_applies(first: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """Whether lab's Triton kernels may take these tensors: on a GPU, Triton importable, and no gradient
-    wanted through any of them (the kernels have no backward)."""
-    tensors = [t for t in (first, *others) if t is not None]
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return first.is_cuda and not wants_grad and has_triton()
-
-
 def _rglru_scan(self, hidden_states, recurrent_gate, reset, recurrent_states, acc_dtype=torch.float32):
-    """Drop-in for RecurrentGemmaRglru._rnn_scan: the parallel scan for prefill, reference for decode."""
-    if hidden_states.shape[1] == 1:
-        return _state["original"](self, hidden_states, recurrent_gate, reset, recurrent_states, acc_dtype)
+    """RecurrentGemmaRglru._rnn_scan: the parallel scan for prefill where lab's fast paths are on, else
+    (off, or decoding one token) the reference."""
+    if hidden_states.shape[1] == 1 or not acts_on(self):
+        return _originals["rnn_scan"](self, hidden_states, recurrent_gate, reset, recurrent_states, acc_dtype)
     gate = recurrent_gate * ~reset
     out, last = linear_scan(gate, hidden_states, recurrent_states, out_dtype=hidden_states.dtype)
     return out, last.type(acc_dtype)
 
 
-def enable(on: bool = True) -> None:
-    """Switch lab's parallel scans on (default) or back to transformers' reference loops."""
+def install() -> None:
+    """Route RecurrentGemmaRglru._rnn_scan through _rglru_scan (once)."""
     from transformers.models.recurrent_gemma import modeling_recurrent_gemma as rg
 
-    from lab.fast import griffin, mamba
-
-    mamba.enable(on)
-    griffin.enable(on)
-    # cuDNN's attention builds a plan per new shape (seconds for masked, window-limited prompts); the
-    # flash and memory-efficient kernels need none, so a grid of lengths does not pay it per length.
-    torch.backends.cuda.enable_cudnn_sdp(not on)
-    if _state["original"] is None:
-        _state["original"] = rg.RecurrentGemmaRglru._rnn_scan
-    rg.RecurrentGemmaRglru._rnn_scan = _rglru_scan if on else _state["original"]
-    _state["enabled"] = on
-
-
-def enabled() -> bool:
-    return _state["enabled"]
+    if "rnn_scan" not in _originals:
+        _originals["rnn_scan"] = rg.RecurrentGemmaRglru._rnn_scan
+        rg.RecurrentGemmaRglru._rnn_scan = _rglru_scan

@@ -1,4 +1,4 @@
-"""Load a model spec (builtin toy, random tiny config, local directory or hub id)."""
+"""Load a model spec (builtin toy, random: or config: spec, local directory or hub id) as a `Loaded`."""
 
 from __future__ import annotations
 
@@ -8,16 +8,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from lab.errors import LabError
+from lab.models import configs
 from lab.models.anatomy import SUPPORTED, Anatomy, build_anatomy
+from lab.models.checks import (TOKENIZER_FILES, attention_error, check_attention, check_loading_info, check_tokenizer,
+                               check_weights, first_line, read_config)
 from lab.models.spec import ModelSpec
+from lab.models.tiny import byte_tokenizer
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "toy" / "models"
 BUILTINS = ("toy-recurrentgemma", "toy-jamba")
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, ImportError, SafetensorError)
 
 
 @dataclass
@@ -50,8 +56,8 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LabError(f"device {device!r} asked for, but no CUDA GPU is available here")
-    if device not in ("cpu", "device_map") and not re.fullmatch(r"cuda(:\d+)?", device):
-        raise LabError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or device_map")
+    if device not in ("cpu", "device_map", "meta") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise LabError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N, device_map or meta")
     return device
 
 
@@ -61,33 +67,40 @@ def _dtype(spec: ModelSpec):
     return DTYPES[spec.dtype]
 
 
-def _source(name: str) -> str:
-    """A local directory or hub id for `name`, or a LabError."""
+def _folder(name: str) -> Path | None:
+    """The local folder of a builtin or directory spec; None for a hub id; a LabError for anything else."""
     if name in BUILTINS:
         path = BUILTIN_DIR / name
         if not (path / "config.json").exists():
             raise LabError(f"builtin model {name} is missing from {path}; train it with python -m lab.toy.train")
-        return str(path)
+        return path
     if Path(name).expanduser().is_dir():
-        path = Path(name).expanduser()
-        if not (path / "config.json").exists():
-            raise LabError(f"{path} has no config.json; save the model with save_pretrained")
-        return str(path)
+        return Path(name).expanduser()
     if _HUB_ID.match(name) and not name.startswith((".", "/")):
-        return name
-    raise LabError(f"unknown model {name!r}: not a builtin ({', '.join(BUILTINS)}), random:<type>, directory or hub id")
+        return None
+    raise LabError(f"unknown model {name!r}: not a builtin ({', '.join(BUILTINS)}), random:<type>, "
+                   "config:<name>, directory or hub id")
+
+
+def _cached(repo_id: str, filename: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _not_cached(name: str, detail: str = "") -> LabError:
+    return LabError(f"model {name} is not {'fully ' if detail else ''}in the HF cache{detail} and the hub cannot be "
+                    "reached; download it where there is network (huggingface-cli download) or pass a local directory")
 
 
 def _hub_error(name: str, error: Exception) -> LabError:
     text = str(error)
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or any(
-        w in text.lower() for w in ("offline", "connection", "resolve", "network", "max retries", "timed out"))
-    if offline:
-        return LabError(f"model {name} is not in the HF cache and the hub cannot be reached; "
-                        "download it where there is network (huggingface-cli download) or pass a local directory")
+    if any(w in text.lower() for w in ("offline", "connect", "resolve", "network", "max retries", "timed out")):
+        return _not_cached(name)
     if "trust_remote_code" in text:
         return LabError(f"model {name} needs custom code; pass --trust-remote-code if you trust it")
-    return LabError(f"unknown model {name}: {text.splitlines()[0] if text else type(error).__name__}")
+    return LabError(f"model {name}: {first_line(error)}")
 
 
 def _hub_reachable() -> bool:
@@ -97,7 +110,7 @@ def _hub_reachable() -> bool:
 
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE") == "1":
         return False
     try:
         socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
@@ -106,71 +119,88 @@ def _hub_reachable() -> bool:
         return False
 
 
-def _load_config(source: str, spec: ModelSpec):
-    """The config from a directory or the HF cache; the hub only when it is reachable."""
-    from transformers import AutoConfig
-
-    kwargs = dict(trust_remote_code=spec.trust_remote_code)
-    try:
-        return AutoConfig.from_pretrained(source, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as error:
-        if Path(source).is_dir() or not _hub_reachable():
-            raise _hub_error(spec.name, error if Path(source).is_dir() else OSError("offline")) from None
-    try:
-        return AutoConfig.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as error:
-        raise _hub_error(spec.name, error) from None
-
-
 def load(spec: ModelSpec | str) -> Loaded:
-    """Load a model and tokenizer and compute its anatomy; every failure is a one-line LabError."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Load a model and tokenizer, apply lab's fast paths as the spec says and compute the anatomy;
+    every failure is a one-line LabError."""
     from lab import fast
 
     spec = ModelSpec(spec) if isinstance(spec, str) else spec
     quiet_hf()
-    fast.enable(spec.fast)
     device = resolve_device(spec.device)
     dtype = _dtype(spec)
-    if spec.name.startswith("random:"):
-        return _load_random(spec, device, dtype)
-    source = _source(spec.name)
-    config = _load_config(source, spec)
-    if config.model_type not in SUPPORTED:
-        raise LabError(f"{spec.name} is a {config.model_type} model, not a supported hybrid; "
-                       f"supported: {', '.join(SUPPORTED)}")
-    kwargs = dict(dtype=dtype, attn_implementation=spec.attn_implementation,
-                  trust_remote_code=spec.trust_remote_code, use_safetensors=None if spec.allow_pickle else True)
-    if device == "device_map":
-        kwargs["device_map"] = "auto"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        if device != "device_map":
-            model = model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
-    except torch.OutOfMemoryError:
-        raise _oom(spec, config, device) from None
-    except (OSError, ValueError) as error:
-        if "safetensors" in str(error).lower():
-            raise LabError(f"{spec.name} has no safetensors weights; pass --allow-pickle only if you trust it") from None
-        raise _hub_error(spec.name, error) from None
-    model.eval()
+    check_attention(spec.attn_implementation)
+    fast.install()  # before the model exists, so that accelerate's hooks (device_map) wrap lab's dispatchers
+    if spec.name.startswith(configs.PREFIXES):
+        model, tokenizer = _build(spec, device, dtype), byte_tokenizer()
+    elif device == "meta":
+        raise LabError("device meta builds a model without weights: only for random: and config: specs")
+    else:
+        model, tokenizer = _from_pretrained(spec, device, dtype)
+    fast.apply(model, spec.fast)
     return Loaded(model, tokenizer, build_anatomy(model), spec)
 
 
-def _load_random(spec: ModelSpec, device: str, dtype) -> Loaded:
-    from transformers import AutoModelForCausalLM
+def _build(spec: ModelSpec, device: str, dtype):
+    try:
+        return configs.build(spec.name, device, dtype, spec.attn_implementation)
+    except torch.OutOfMemoryError:
+        raise _oom(spec, configs.spec_config(spec.name), device) from None
+    except (ImportError, ValueError) as error:
+        raise attention_error(spec.attn_implementation, error) or LabError(f"{spec.name}: {first_line(error)}") from None
 
-    from lab.models.tiny import byte_tokenizer, tiny_config
 
-    config = tiny_config(spec.name.split(":", 1)[1])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=spec.attn_implementation)
-    if dtype != "auto":
-        model = model.to(dtype)
-    model = model.to("cpu" if device == "device_map" else device).eval()
-    return Loaded(model, byte_tokenizer(), build_anatomy(model), spec)
+def _from_pretrained(spec: ModelSpec, device: str, dtype):
+    """Model and tokenizer from a folder or the HF cache (the hub only when it is reachable)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = _folder(spec.name)
+    config_file = folder / "config.json" if folder else _cached(spec.name, "config.json")
+    online = folder is None and _hub_reachable()
+    if config_file is None and not online:
+        raise _not_cached(spec.name)
+    if config_file is not None:
+        read_config(config_file, spec.trust_remote_code)
+    if folder is not None:
+        check_tokenizer(folder)
+        check_weights(folder, spec.allow_pickle)
+    source = str(folder or spec.name)
+    common = dict(trust_remote_code=spec.trust_remote_code, local_files_only=not online)
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+        if config.model_type not in SUPPORTED:
+            raise LabError(f"{spec.name} is a {config.model_type} model, not a supported hybrid; "
+                           f"supported: {', '.join(SUPPORTED)}")
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        if folder is None and not any(_cached(spec.name, name) for name in TOKENIZER_FILES):
+            missing = " (no tokenizer.json / tokenizer_config.json)"
+            raise LabError(f"model {spec.name} has no tokenizer{missing}") if online else _not_cached(spec.name, missing)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, config=config, dtype=dtype, attn_implementation=spec.attn_implementation,
+            use_safetensors=None if spec.allow_pickle else True, output_loading_info=True,
+            ignore_mismatched_sizes=True, device_map="auto" if device == "device_map" else None, **common)
+        check_loading_info(spec.name, model, info)
+        if device != "device_map":
+            model = model.to(device)
+    except torch.OutOfMemoryError:
+        raise _oom(spec, config, device) from None
+    except LOAD_ERRORS as error:
+        raise _load_error(spec, folder, online, error) from None
+    return model.eval(), tokenizer
+
+
+def _load_error(spec: ModelSpec, folder: Path | None, online: bool, error: Exception) -> LabError:
+    """A transformers or safetensors failure as one line: the attention asked for, the folder's files, a file
+    missing from the HF cache offline, pickles only, else the hub's answer."""
+    attention = attention_error(spec.attn_implementation, error)
+    if attention:
+        return attention
+    if folder is not None:
+        return LabError(f"model {folder}: {first_line(error)}")
+    if not online and isinstance(error, OSError):
+        return _not_cached(spec.name, f" ({first_line(error).split('. ')[0]})")
+    if "safetensors" in str(error).lower() and not spec.allow_pickle:
+        return LabError(f"{spec.name} has no safetensors weights; pass --allow-pickle only if you trust it")
+    return _hub_error(spec.name, error)
 
 
 def _oom(spec: ModelSpec, config, device: str) -> LabError:

@@ -1,0 +1,49 @@
+"""Which modules lab's fast paths act on, and whether a Triton kernel may run. Imports nothing from lab.fast.
+
+lab.fast.install() replaces a few transformers functions, once, by dispatchers that ask `acts_on(module)` on
+every call and otherwise run transformers' own code. A module of a model given to lab.fast.apply follows
+that model's setting; any other module follows the default (lab.fast.enable), so one model's setting
+never changes another's.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import weakref
+
+import torch
+
+_settings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> bool
+_default = {"on": True}
+
+
+def set_model(model: torch.nn.Module, on: bool) -> None:
+    for module in model.modules():
+        _settings[module] = on
+
+
+def set_default(on: bool) -> None:
+    _default["on"] = on
+
+
+def acts_on(module: torch.nn.Module) -> bool:
+    return _settings.get(module, _default["on"])
+
+
+def enabled(model: torch.nn.Module | None = None) -> bool:
+    """Whether lab's fast paths act on `model`; without one, the default for models never given to apply()."""
+    return _default["on"] if model is None else acts_on(model)
+
+
+@functools.cache
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_applies(first: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether lab's Triton kernels may take these tensors: on a GPU, Triton importable, and no gradient
+    wanted through any of them (the kernels have no backward)."""
+    tensors = [t for t in (first, *others) if t is not None]
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return first.is_cuda and not wants_grad and has_triton()

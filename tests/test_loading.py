@@ -1,0 +1,217 @@
+"""Loading models from directories, the HF cache and configs: every bad input is a one-line LabError."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lab.cli import main
+from lab.errors import LabError
+from lab.models import ModelSpec, load
+from lab.models.loading import BUILTIN_DIR
+from lab.models.tiny import byte_tokenizer, tiny_config
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _save(path, **overrides):
+    """A tiny random RecurrentGemma saved as save_pretrained does, with its byte tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("recurrent_gemma", **overrides)).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("saved"))
+
+
+@pytest.fixture
+def model_dir(saved, tmp_path):
+    """A fresh copy of the saved model, to break."""
+    for file in saved.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    return tmp_path
+
+
+def _fails(spec, *fragments):
+    with pytest.raises(LabError) as info:
+        load(spec)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def _rewrite_weights(model_dir, keep=lambda name: True, **replace):
+    weights = load_file(model_dir / "model.safetensors")
+    weights = {name: replace.get(name, tensor) for name, tensor in weights.items() if keep(name)}
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def _edit_config(model_dir, **fields):
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, **fields}))
+
+
+# 1. missing weights
+
+
+def test_weights_file_without_tensors_is_refused(model_dir):
+    save_file({}, model_dir / "model.safetensors", metadata={"format": "pt"})
+    message = _fails(str(model_dir), "weights missing from the checkpoint", "model.embed_tokens.weight",
+                     "it would run with random weights")
+    assert message.count(",") < 6  # names a few, not all 112
+
+
+def test_checkpoint_without_attention_weights_is_refused(model_dir):
+    _rewrite_weights(model_dir, keep=lambda name: not any(p in name for p in ATTENTION))
+    _fails(str(model_dir), "10 weights missing", "model.layers.2.temporal_block.")
+
+
+def test_tied_lm_head_is_not_missing_but_an_untied_one_is(tmp_path):
+    tied = load(str(_save(tmp_path / "tied")))  # save_pretrained leaves the tied lm_head out of the file
+    assert tied.model.lm_head.weight.data_ptr() == tied.model.model.embed_tokens.weight.data_ptr()
+    untied = _save(tmp_path / "untied", tie_word_embeddings=False)
+    _rewrite_weights(untied, keep=lambda name: name != "lm_head.weight")
+    _fails(str(untied), "1 weight missing", "lm_head.weight")
+
+
+def test_builtins_and_saved_models_load_with_their_weights(saved):
+    for name, path in (("toy-recurrentgemma", BUILTIN_DIR / "toy-recurrentgemma"),
+                       ("toy-jamba", BUILTIN_DIR / "toy-jamba"), (str(saved), saved)):
+        loaded = load(ModelSpec(name, device="cpu"))
+        stored = load_file(path / "model.safetensors")["model.embed_tokens.weight"]
+        assert torch.equal(loaded.model.get_input_embeddings().weight, stored)
+
+
+def test_wrong_shapes_are_refused(model_dir):
+    name = "model.layers.0.temporal_block.linear_x.weight"
+    _rewrite_weights(model_dir, **{name: torch.zeros(3, 3)})
+    _fails(str(model_dir), "1 weight has the wrong shape", f"{name}: [3, 3] in the checkpoint, [64, 64] in the model")
+
+
+# 2. local problems are named as such, not blamed on the hub
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"{not json", "is not valid JSON: Expecting property name"),
+    (b"", "is not valid JSON: the file is empty"),
+    (bytes(range(256)), "is not valid JSON: not UTF-8 text"),
+    (b"[1, 2]", "does not hold a JSON object"),
+    (b'{"hidden_size": 64}', "has no model_type"),
+], ids=["broken", "empty", "binary", "list", "no-model-type"])
+def test_broken_config_json_says_what_is_wrong(model_dir, monkeypatch, content, reason):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (model_dir / "config.json").write_bytes(content)
+    message = _fails(str(model_dir), f"{model_dir}/config.json {reason}")
+    assert "HF cache" not in message
+
+
+def test_missing_tokenizer_is_named(model_dir):
+    (model_dir / "tokenizer.json").unlink()
+    (model_dir / "tokenizer_config.json").unlink()
+    _fails(str(model_dir), f"{model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+
+
+def test_custom_code_needs_trust_remote_code(model_dir):
+    _edit_config(model_dir, model_type="my_hybrid", auto_map={"AutoConfig": "my_code.MyConfig"})
+    _fails(str(model_dir), f"{model_dir} needs its own code (auto_map); pass --trust-remote-code if you trust it")
+    message = _fails(ModelSpec(str(model_dir), trust_remote_code=True), str(model_dir))  # trusted, but no my_code.py
+    assert "HF cache" not in message
+
+
+def test_auto_map_beside_a_transformers_model_type_loads_with_transformers_code(model_dir):
+    _edit_config(model_dir, auto_map={"AutoModelForCausalLM": "my_code.MyModel"})
+    assert load(str(model_dir)).anatomy.num_layers == 6
+
+
+@pytest.mark.parametrize("attn, reason", [
+    ("foo", "attn_implementation 'foo' is not one of eager, "),
+    (3, "attn_implementation must be a name such as 'sdpa', not 3"),
+])
+@pytest.mark.parametrize("where", ["directory", "random:recurrent_gemma"])
+def test_bad_attn_implementation_is_named(model_dir, attn, reason, where):
+    name = str(model_dir) if where == "directory" else where
+    _fails(ModelSpec(name, attn_implementation=attn), reason)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash_attn is installed here")
+@pytest.mark.parametrize("where", ["directory", "random:recurrent_gemma"])
+def test_flash_attention_without_its_package_is_one_line(model_dir, where):
+    name = str(model_dir) if where == "directory" else where
+    _fails(ModelSpec(name, attn_implementation="flash_attention_2"), "attn_implementation 'flash_attention_2' cannot")
+
+
+def test_uncached_hub_id_offline_says_not_in_cache(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _fails("some-org/not-cached-model", "not in the HF cache")
+
+
+def test_hub_ids_in_the_cache_offline(saved, tmp_path):
+    """A hub id is looked up in the HF cache (a subprocess: the cache folder is read when huggingface_hub is
+    imported): complete, broken config, without tokenizer, without weights, absent."""
+    import os
+    import subprocess
+    import sys
+
+    for repo, skip in (("good", ""), ("broken", ""), ("notok", "tokenizer"), ("noweights", "model.safetensors")):
+        root = tmp_path / f"models--org--{repo}"
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text("0" * 40)
+        (root / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        for file in saved.iterdir():
+            if not (skip and file.name.startswith(skip)):
+                (root / "snapshots" / ("0" * 40) / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "models--org--broken" / "snapshots" / ("0" * 40) / "config.json").write_text("{oops")
+    code = ("from lab.models import load\nfrom lab.errors import LabError\n"
+            "for repo in ('good', 'broken', 'notok', 'noweights', 'absent'):\n"
+            "    try:\n        print(load('org/' + repo).anatomy.num_layers)\n"
+            "    except LabError as error:\n        print(error)\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parent.parent
+    lines = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert lines[0] == "6"
+    assert lines[1].endswith("config.json is not valid JSON: Expecting property name enclosed in double quotes: "
+                             "line 1 column 2 (char 1)")
+    assert lines[2].startswith("model org/notok is not fully in the HF cache (no tokenizer.json / tokenizer_config")
+    assert lines[3].startswith("model org/noweights is not fully in the HF cache (org/noweights does not appear to "
+                               "have a file named model.safetensors")
+    assert lines[4].startswith("model org/absent is not in the HF cache and the hub cannot be reached")
+
+
+# 3. bad weights files
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda data: data[:-1000], "file not fully covered"),
+    (lambda data: data[:5000], "invalid header length"),
+    (lambda data: b"", "header too small"),
+    (lambda data: b"\xff" * 8 + data[8:], "header too large"),
+], ids=["truncated-data", "truncated-header", "zero-bytes", "bad-header"])
+def test_damaged_safetensors_file_is_one_line(model_dir, damage, reason):
+    path = model_dir / "model.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    _fails(str(model_dir), f"{path} is not a readable safetensors file", reason)
+
+
+def test_no_weights_and_pickled_weights(model_dir):
+    (model_dir / "model.safetensors").unlink()
+    _fails(str(model_dir), f"{model_dir} has no weights (model.safetensors)")
+    (model_dir / "pytorch_model.bin").write_bytes(b"not read")
+    _fails(str(model_dir), "only pickled weights", "--allow-pickle")
+
+
+def test_cli_prints_one_line_for_a_broken_model(model_dir, capsys):
+    (model_dir / "config.json").write_bytes(b"")
+    assert main(["inspect", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lab: ") and err.count("\n") == 1 and "Traceback" not in err
