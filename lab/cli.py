@@ -19,7 +19,7 @@ def _model_args(parser: argparse.ArgumentParser, default: str | None = None) -> 
     else:
         parser.add_argument("--model", default=default, help="builtin name, random:<type>, directory or hub id")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or device_map (accelerate)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, device_map (accelerate) or meta (random:/config: specs, no memory)")
     parser.add_argument("--attn", dest="attn_implementation", default=None, help="eager, sdpa, ...")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code")
     parser.add_argument("--allow-pickle", action="store_true", help="allow non-safetensors weights")

@@ -25,13 +25,12 @@ def greedy(loaded, prompts: list[list[int]], max_new_tokens: int, static: bool =
     Prompts of one length run as one unpadded group. static: decode with lab.fast.decode where it
     supports the model (fixed buffers, all groups in one CUDA graph on a GPU); needs a plan without
     phase tracking, whose hooks read positions on the host."""
-    from lab import fast
     from lab.fast import decode
 
     tok, model = loaded.tokenizer, loaded.model
     groups = _by_length(prompts)
     tensors = [torch.tensor([prompts[i] for i in group], device=loaded.device) for group in groups]
-    if static and fast.enabled() and decode.supports(model):
+    if static and decode.supports(model):  # false for a model loaded with fast=False
         rows = decode.greedy(model, tensors, max_new_tokens, tok.eos_token_id).tolist()
     else:
         rows = []
