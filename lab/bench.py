@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lab import fast
+from lab.errors import LabError
 from lab.interventions import Plan, Sparsify, apply_plan
 from lab.models import Loaded, ModelSpec, load
 from lab.probes import mmlu as mmlu_probe
@@ -141,7 +142,7 @@ def bench_plans(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
 
     fns = {name: lambda plan=plan: forward(plan) for name, plan in plans.items()}
     seconds = _median_seconds({**fns, "eager": eager}, repeats)
-    return {"length": length, "batch": batch, "base_s": round(seconds["none"], 5),
+    return {"base_s": round(seconds["none"], 5),
             "heads_off_overhead": round(seconds["heads_off"] / seconds["none"] - 1, 4),
             "heads_off_hooked_overhead": round(seconds["heads_off_hooked"] / seconds["none"] - 1, 4),
             "sparsify_overhead_vs_eager": round(seconds["sparsify"] / seconds["eager"] - 1, 4),
@@ -156,12 +157,11 @@ def bench_prefill(loaded: Loaded, length: int, batch: int, repeats: int) -> dict
         return _timed(loaded, lambda: loaded.model(input_ids=ids, use_cache=False))
 
     seconds = _median_seconds({"prefill": prefill}, repeats)["prefill"]
-    params = loaded.num_params - loaded.model.get_input_embeddings().weight.numel()
-    flops = 2 * params * batch * length
+    flops = 2 * active_parameters(loaded) * batch * length  # MoE: the experts a token goes through
     for layer, block in loaded.anatomy.blocks("attention"):  # QK^T and PV, causal (window-limited)
         span = min(length, block.window or length)
         flops += 2 * 2 * batch * block.heads * block.head_dim * length * span / 2
-    out = {"length": length, "batch": batch, "tokens_per_s": round(batch * length / seconds), "tflops": round(
+    out = {"tokens_per_s": round(batch * length / seconds), "tflops": round(
         flops / seconds / 1e12, 2)}
     if loaded.device.type == "cuda":
         name = torch.cuda.get_device_name()
@@ -171,22 +171,80 @@ def bench_prefill(loaded: Loaded, length: int, batch: int, repeats: int) -> dict
     return out
 
 
-def run_bench(loaded: Loaded, quick: bool) -> dict:
+ROWS = ("needle", "mmlu", "plans", "prefill")
+
+
+def _measured(measure, shape: str) -> dict:
+    """measure(), or {"skipped": why} when it runs out of memory or fails: one row never stops the others."""
+    try:
+        return measure()
+    except torch.OutOfMemoryError:
+        return {"skipped": f"out of memory at {shape}"}
+    except (RuntimeError, LabError) as error:
+        return {"skipped": f"failed at {shape}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def parse_rows(text: str | None) -> tuple[str, ...]:
+    """The rows named in `text`, comma-separated (None: every row); checked before any model loads."""
+    rows = tuple(r.strip() for r in (text or ",".join(ROWS)).split(",") if r.strip())
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows:
+        raise LabError(f"unknown bench row {unknown[0] if unknown else text!r}; rows: {', '.join(ROWS)}")
+    return rows
+
+
+def run_bench(loaded: Loaded, quick: bool, rows: tuple[str, ...] = ROWS, progress=None) -> dict:
+    """Every measure of `rows`, each on its own (see _measured); progress(label) before each."""
     on_gpu = loaded.device.type == "cuda"
     lengths = needle_probe.PAPER_LENGTHS if on_gpu and not quick else (256, 512, 768, 1024)
     depths = needle_probe.PAPER_DEPTHS if on_gpu and not quick else (0, 50, 100)
-    return {
-        "model": loaded.spec.name, "parameters": loaded.num_params,
-        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
-        "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-        "needle_grid": bench_needle(loaded, lengths, depths, reference_sample=10 if on_gpu else 4),
-        "mmlu": bench_mmlu(loaded, questions=128 if on_gpu else 16, batch_size=64 if on_gpu else 8),
+    length = 4096 if on_gpu else 1024
+    measures = []  # (key, label, shape, measure)
+    if "needle" in rows:
+        measures.append(("needle_grid", "needle grid", f"{len(lengths) * len(depths)} prompts",
+                         lambda: bench_needle(loaded, lengths, depths, reference_sample=10 if on_gpu else 4)))
+    if "mmlu" in rows:
+        questions, batch = (128, 64) if on_gpu else (16, 8)
+        measures.append(("mmlu", "MMLU", f"{questions} questions, batch {batch}",
+                         lambda: bench_mmlu(loaded, questions=questions, batch_size=batch)))
+    if "plans" in rows:
         # one prompt (on a GPU bound by launching kernels from Python, so hook code counts) and a probe-sized batch
-        "plan_overhead": [bench_plans(loaded, length=4096 if on_gpu else 1024, batch=batch, repeats=9 if on_gpu else 5)
-                          for batch in ((1, 8) if on_gpu else (1,))],
-        "prefill": bench_prefill(loaded, length=4096 if on_gpu else 1024, batch=8 if on_gpu else 1,
-                                 repeats=5 if on_gpu else 3),
-    }
+        for batch in (1, 8) if on_gpu else (1,):
+            measures.append(("plan_overhead", "plan overhead", f"{batch} x {length}", lambda batch=batch: {
+                "length": length, "batch": batch, **bench_plans(loaded, length, batch, repeats=9 if on_gpu else 5)}))
+    if "prefill" in rows:
+        batch = 8 if on_gpu else 1
+        measures.append(("prefill", "prefill", f"{batch} x {length}", lambda batch=batch: {
+            "length": length, "batch": batch, **bench_prefill(loaded, length, batch, repeats=5 if on_gpu else 3)}))
+    results = {"model": loaded.spec.name, "parameters": loaded.num_params,
+               "active_parameters": active_parameters(loaded),
+               "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+               "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", "")}
+    for i, (key, label, shape, measure) in enumerate(measures):
+        if progress is not None:
+            progress(f"{label}, {shape} ({i + 1}/{len(measures)})")
+        row = _measured(measure, shape)
+        if key == "plan_overhead":
+            results.setdefault(key, []).append(row)
+        else:
+            results[key] = row
+    return results
+
+
+def active_parameters(loaded: Loaded) -> int:
+    """Parameters one token passes through, embeddings aside: each MoE block counts top-k of its experts."""
+    model, config = loaded.model, loaded.model.config
+    active = loaded.num_params - model.get_input_embeddings().weight.numel()
+    top_k = getattr(config, "num_experts_per_tok", None)
+    for _, block in loaded.anatomy.blocks("moe"):
+        experts = getattr(model.get_submodule(block.path), "experts", None)
+        if experts is not None and top_k and block.experts:
+            every = sum(p.numel() for p in experts.parameters())
+            active -= every - every * top_k // block.experts
+    return active
 
 
 def load_for_bench(model: str, device: str, dtype: str) -> Loaded:

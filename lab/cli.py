@@ -196,10 +196,23 @@ def _check_writable(name: str) -> None:
 
 
 def cmd_bench(args) -> int:
-    from lab.bench import load_for_bench, run_bench
+    from lab.bench import load_for_bench, parse_rows, run_bench
     from lab.report import bench_tables
 
-    results = run_bench(load_for_bench(args.model, args.device, args.dtype), quick=args.quick)
+    rows = parse_rows(args.rows)
+    loaded = load_for_bench(args.model, args.device, args.dtype)
+    status = None
+    if not args.json and sys.stderr.isatty():
+        from rich.console import Console
+
+        status = Console(stderr=True).status("measuring")
+        status.start()
+    try:
+        results = run_bench(loaded, quick=args.quick, rows=rows,
+                            progress=None if status is None else lambda label: status.update(f"measuring {label}"))
+    finally:
+        if status is not None:
+            status.stop()
     if args.json:
         print(json.dumps(results, indent=1))
     else:
@@ -297,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quick", action="store_true", help="a small needle grid even on a GPU")
+    p.add_argument("--rows", help="measure only these rows, comma-separated: needle, mmlu, plans, prefill")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -99,22 +99,39 @@ def heads_table(ranked: list, score: str, keep: set, top: int) -> Table:
 
 
 def bench_tables(results: dict) -> list[Table]:
-    table = _table(f"lab bench: {results['model']} ({results['parameters'] / 1e6:.1f} M parameters, "
+    active = results.get("active_parameters", results["parameters"])
+    experts = f", {active / 1e6:.1f} M active per token" if active < 0.9 * results["parameters"] else ""
+    table = _table(f"lab bench: {results['model']} ({results['parameters'] / 1e6:.1f} M parameters{experts}, "
                    f"{results['dtype']}) on {results['device']}",
                    {"measure": "left", "lab": "right", "reference": "right", "ratio": "right"})
-    n, m, p, f = results["needle_grid"], results["mmlu"], results["plan_overhead"], results["prefill"]
-    _row(table, f"needle grid, {n['prompts']} prompts x {n['new_tokens']} tokens", f"{n['lab_s']:.2f} s",
-         f"{n['reference_s']:.2f} s ({n['reference_measured_prompts']} timed)", f"{n['speedup']:.1f}x")
-    _row(table, f"MMLU 5-shot, {m['questions']} questions", f"{m['lab_qps']:.1f} q/s",
-         f"{m['per_choice_qps']:.1f} q/s", f"{m['speedup']:.1f}x")
-    for plan in p:
+
+    def skipped(label: str, row: dict) -> bool:
+        if "skipped" in row:
+            _row(table, label, f"skipped: {row['skipped']}", "", "")
+        return "skipped" in row
+
+    n = results.get("needle_grid")
+    if n is not None and not skipped("needle grid", n):
+        _row(table, f"needle grid, {n['prompts']} prompts x {n['new_tokens']} tokens", f"{n['lab_s']:.2f} s",
+             f"{n['reference_s']:.2f} s ({n['reference_measured_prompts']} timed)", f"{n['speedup']:.1f}x")
+    m = results.get("mmlu")
+    if m is not None and not skipped("MMLU 5-shot", m):
+        _row(table, f"MMLU 5-shot, {m['questions']} questions", f"{m['lab_qps']:.1f} q/s",
+             f"{m['per_choice_qps']:.1f} q/s", f"{m['speedup']:.1f}x")
+    for plan in results.get("plan_overhead", []):
+        if skipped("plan overhead", plan):
+            continue
         shape = f"{plan['batch']} x {plan['length']} tokens"
         _row(table, f"plan overhead, heads off ({shape})", f"{100 * plan['heads_off_overhead']:+.1f} %", "", "")
         _row(table, f"plan overhead, heads off in prefill phase: hooks ({shape})",
              f"{100 * plan['heads_off_hooked_overhead']:+.1f} %", "", "")
         _row(table, f"plan overhead, sparsify vs eager ({shape})", f"{100 * plan['sparsify_overhead_vs_eager']:+.1f} %",
              "", "")
-    peak = f", {100 * f['fraction_of_bf16_peak']:.0f} % of bf16 peak" if "fraction_of_bf16_peak" in f else ""
-    _row(table, f"prefill {f['batch']} x {f['length']} tokens", f"{f['tokens_per_s']:,} tok/s",
-         f"{f['tflops']} TFLOP/s{peak}", "")
+        _row(table, f"plan overhead, sparsify vs default attention ({shape})",
+             f"{100 * plan['sparsify_overhead_vs_default']:+.1f} %", "", "")
+    f = results.get("prefill")
+    if f is not None and not skipped("prefill", f):
+        peak = f", {100 * f['fraction_of_bf16_peak']:.0f} % of bf16 peak" if "fraction_of_bf16_peak" in f else ""
+        _row(table, f"prefill {f['batch']} x {f['length']} tokens", f"{f['tokens_per_s']:,} tok/s",
+             f"{f['tflops']} TFLOP/s{peak}", "")
     return [table]

@@ -52,3 +52,38 @@ def test_config_too_large_for_this_machine_is_refused_before_building(monkeypatc
     with pytest.raises(LabError, match=r"config:recurrentgemma-2b needs 5 GiB for its weights, 1 GiB are free here; "
                                        "use --device meta"):
         load(ModelSpec("config:recurrentgemma-2b", device="cpu"))
+
+
+def test_bench_rows_run_alone_and_a_failing_row_is_reported_not_fatal(capsys, monkeypatch):
+    import torch
+
+    from lab import bench
+
+    assert main(["bench", "random:jamba", "--device", "cpu", "--rows", "prefill", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "prefill" in data and not {"needle_grid", "mmlu", "plan_overhead"} & set(data)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bench, "bench_mmlu", out_of_memory)
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["bench", "random:jamba", "--device", "cpu", "--rows", "mmlu,prefill"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped: out of memory at 16 questions, batch 8" in out and "tok/s" in out
+
+
+def test_bench_bad_rows_fail_before_loading(capsys, monkeypatch):
+    monkeypatch.setattr("lab.bench.load_for_bench", lambda *a: pytest.fail("loaded a model"))
+    assert main(["bench", "random:jamba", "--rows", "needle,speed"]) == 2
+    assert capsys.readouterr().err.strip() == "lab: unknown bench row 'speed'; rows: needle, mmlu, plans, prefill"
+
+
+def test_flops_count_the_experts_a_token_uses():
+    from lab.bench import active_parameters
+
+    loaded = load(ModelSpec("random:jamba"))  # 2 of 4 experts per token in its two MoE layers
+    dense = loaded.num_params - loaded.model.get_input_embeddings().weight.numel()
+    experts = sum(p.numel() for layer, block in loaded.anatomy.blocks("moe")
+                  for p in loaded.model.get_submodule(block.path).experts.parameters())
+    assert active_parameters(loaded) == dense - experts // 2
