@@ -198,6 +198,8 @@ def parse_rows(text: str | None) -> tuple[str, ...]:
 
 def run_bench(loaded: Loaded, quick: bool, rows: tuple[str, ...] = ROWS, progress=None) -> dict:
     """Every measure of `rows`, each on its own (see _measured); progress(label) before each."""
+    if loaded.device.type == "meta":
+        raise LabError("a model on the meta device has no weights to time: use it with lab inspect only")
     on_gpu = loaded.device.type == "cuda"
     lengths = needle_probe.PAPER_LENGTHS if on_gpu and not quick else (256, 512, 768, 1024)
     depths = needle_probe.PAPER_DEPTHS if on_gpu and not quick else (0, 50, 100)

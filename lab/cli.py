@@ -49,6 +49,8 @@ def cmd_inspect(args) -> int:
 def _store(args, readonly: bool = False):
     from lab.store import Store
 
+    if args.db is not None and not args.db.strip():
+        raise LabError("--db is empty: give the results database's path (or leave --db out for the default)")
     return Store(args.db, readonly=readonly)
 
 
@@ -140,8 +142,11 @@ def cmd_export(args) -> int:
 def cmd_heads(args) -> int:
     from lab import presets
     from lab.interventions import Plan
-    from lab.probes.heads import HeadsSpec, keep_set, ranking, scores
+    from lab.probes.heads import SCORES, HeadsSpec, keep_set, ranking, scores
     from lab.session import Session
+
+    if args.score not in SCORES:  # before the scoring work, not after it
+        raise LabError(f"--score: {args.score!r} is not one of {', '.join(SCORES)}")
 
     spec = HeadsSpec(task=args.task, lengths=tuple(args.lengths), depths=tuple(args.depths), trials=args.trials,
                      max_new_tokens=args.max_new_tokens).validate()
@@ -254,8 +259,17 @@ def _db_option(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> No
                         help="results database (default: $LAB_DB or ~/.local/share/lab/results.sqlite)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one `lab: ...` line and exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("lab").strip()
+        print(f"lab: {command + ': ' if command else ''}{message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lab", description=__doc__)
+    parser = _Parser(prog="lab", description=__doc__)
     parser.add_argument("--model", help="model for the console (default: the preset's, else toy-recurrentgemma)")
     parser.add_argument("--preset", help="open the console with this preset")
     parser.add_argument("--no-mouse", action="store_true", help="no mouse tracking (kinder to flaky SSH links)")

@@ -206,8 +206,11 @@ def load(name: str) -> Preset:
 
 def save(preset: Preset, path: str | Path) -> Path:
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(preset.to_toml(), encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(preset.to_toml(), encoding="utf-8")
+    except OSError as error:
+        raise LabError(f"cannot write the preset {path}: {error.strerror or error}") from None
     return path
 
 

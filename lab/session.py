@@ -51,6 +51,8 @@ class Session:
     """Owns one loaded model; every job on it goes through claim()."""
 
     def __init__(self, loaded: Loaded):
+        if loaded.device.type == "meta":
+            raise LabError("a model on the meta device has no weights to run: use it with lab inspect only")
         self.loaded = loaded
         self._lock = threading.Lock()
         self._job: Job | None = None

@@ -1,9 +1,11 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["LAB_DB"] = os.path.join(tempfile.mkdtemp(prefix="lab-tests-"), "results.sqlite")  # never the user's
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 

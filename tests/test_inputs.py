@@ -297,3 +297,36 @@ def test_run_json_names_the_run(tmp_path, capsys):
     assert first["run"] == 1 and set(first) == {"run", "needle"}
     assert main(["export", str(first["run"]), "--db", db, "--format", "json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["trials"]) == 1
+
+
+# ---- found by the hostile-input pass ------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "abc"], "lab: export: argument run: invalid int value: 'abc' (see lab export --help)"),
+    (["--color", "foo"], "lab: argument --color: invalid choice: 'foo'"),
+    (["runs", "--db", ""], "lab: --db is empty"),
+    (["heads", "random:jamba", "--score", "foo"], "lab: --score: 'foo' is not one of retrieval, entropy, needle_mass"),
+])
+def test_bad_command_lines_are_one_line(capsys, argv, message):
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own errors leave through sys.exit
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_meta_models_are_refused_where_weights_are_needed(tmp_path, capsys):
+    path = write(tmp_path, TINY_RUN.replace('name = "random:recurrent_gemma"',
+                                           'name = "random:recurrent_gemma"\ndevice = "meta"'))
+    for argv in (["run", path, "--db", str(tmp_path / "r.sqlite")], ["bench", "random:jamba", "--device", "meta"]):
+        assert main(argv) == 2
+        assert "meta device has no weights" in capsys.readouterr().err
+
+
+def test_heads_write_where_nothing_can_be_written_is_one_line(tmp_path, capsys):
+    from lab import presets
+
+    with pytest.raises(LabError, match="cannot write the preset /proc/x.toml"):
+        presets.save(presets.Preset(), "/proc/x.toml")

@@ -215,3 +215,17 @@ def test_cli_prints_one_line_for_a_broken_model(model_dir, capsys):
     assert main(["inspect", str(model_dir)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lab: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+# found by the hostile-input pass after the fixes above
+
+@pytest.mark.parametrize("name", ["héllo/wörld", "x/.y", "a" * 200, "a--b/c", ""])
+def test_names_that_are_no_hub_id_are_one_line(name):
+    _fails(ModelSpec(name), "model name is empty" if not name else "unknown model")
+
+
+@pytest.mark.parametrize("fields, reason", [({"num_hidden_layers": -3}, "`num_hidden_layers` (-3) must be equal"),
+                                            ({"dtype": "banana"}, "no attribute 'banana'")])
+def test_bad_config_values_are_one_line(model_dir, fields, reason):
+    _edit_config(model_dir, **fields)
+    _fails(str(model_dir), str(model_dir), reason)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from lab.errors import LabError
@@ -22,8 +23,11 @@ BUILTIN_DIR = Path(__file__).resolve().parent.parent / "toy" / "models"
 BUILTINS = ("toy-recurrentgemma", "toy-jamba")
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, ImportError, SafetensorError)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9_][A-Za-z0-9_.-]{0,95})?$")  # the hub's rule
+# what transformers, huggingface_hub and safetensors raise on a bad folder or config (a config value of the
+# wrong kind ends in AttributeError, a failed config check in StrictDataclassError)
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, ImportError, SafetensorError,
+               StrictDataclassError)
 
 
 @dataclass
@@ -69,6 +73,8 @@ def _dtype(spec: ModelSpec):
 
 def _folder(name: str) -> Path | None:
     """The local folder of a builtin or directory spec; None for a hub id; a LabError for anything else."""
+    if not name.strip():
+        raise LabError("the model name is empty: give a builtin, random:<type>, config:<name>, directory or hub id")
     if name in BUILTINS:
         path = BUILTIN_DIR / name
         if not (path / "config.json").exists():
@@ -76,7 +82,7 @@ def _folder(name: str) -> Path | None:
         return path
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser()
-    if _HUB_ID.match(name) and not name.startswith((".", "/")):
+    if _HUB_ID.match(name) and ".." not in name and "--" not in name and not name.endswith("."):
         return None
     raise LabError(f"unknown model {name!r}: not a builtin ({', '.join(BUILTINS)}), random:<type>, "
                    "config:<name>, directory or hub id")
@@ -191,6 +197,8 @@ def _from_pretrained(spec: ModelSpec, device: str, dtype):
 def _load_error(spec: ModelSpec, folder: Path | None, online: bool, error: Exception) -> LabError:
     """A transformers or safetensors failure as one line: the attention asked for, the folder's files, a file
     missing from the HF cache offline, pickles only, else the hub's answer."""
+    if isinstance(error, StrictDataclassError) and error.__cause__ is not None:  # a config value failed its check
+        error = error.__cause__
     attention = attention_error(spec.attn_implementation, error)
     if attention:
         return attention
