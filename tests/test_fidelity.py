@@ -249,3 +249,62 @@ def test_last_prompt_token_boundary_ablates_the_first_answer_step(mode):
     lab = _first_token_logprobs(loaded, base, trial, plan)
     torch.testing.assert_close(paper, reference, atol=1e-4, rtol=0)
     assert (lab - reference).abs().max() > 0.1  # lab's boundary leaves the step that predicts it unablated
+
+
+# ---- 3. Jamba's MMLU as the paper ran it: lm-eval with apply_chat_template and fewshot_as_multiturn ------------
+
+MMLU_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _bos_tokenizer():
+    """Bytes, a chat template with a system role, and a BOS that add_special_tokens puts first."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = byte_tokenizer()
+    tok.chat_template = MMLU_TEMPLATE
+    tok._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
+    return tok
+
+
+def test_mmlu_chat_renders_lm_evals_multiturn_prompt():
+    from lab.probes.mmlu import Question, Scorer
+
+    question = Question("high_school_physics", 0, " What is the unit of force? ", ("joule", "newton", "watt", "pascal"), 1)
+    shots = [Question("high_school_physics", i, q, ("mass", "speed", "velocity", "time"), i)
+             for i, q in enumerate(["Which is a scalar?", "Which is a speed?"])]
+    tok = _bos_tokenizer()
+    scorer = Scorer(tok, 2, chat=True, bos=False)
+    # lm-eval: system = description; per shot user doc_to_text + assistant "A".."D"; the question as a user turn;
+    # the generation prompt's trailing "\n" moves into the continuation, whose letters have no leading space
+    expected = ("<|system|>\nThe following are multiple choice questions (with answers) about high school physics."
+                "\n\n<|end|>\n"
+                "<|user|>\nWhich is a scalar?\nA. mass\nB. speed\nC. velocity\nD. time\nAnswer:<|end|>\n"
+                "<|assistant|>\nA<|end|>\n"
+                "<|user|>\nWhich is a speed?\nA. mass\nB. speed\nC. velocity\nD. time\nAnswer:<|end|>\n"
+                "<|assistant|>\nB<|end|>\n"
+                "<|user|>\nWhat is the unit of force?\nA. joule\nB. newton\nC. watt\nD. pascal\nAnswer:<|end|>\n"
+                "<|assistant|>\n")
+    assert tok.decode(scorer.ids(question, shots)) == expected
+    assert scorer.choice_ids[1] == [tok.convert_tokens_to_ids(letter) for letter in "ABCD"]
+    with_bos = Scorer(tok, 2, chat=True, bos=True).ids(question, shots)
+    assert with_bos == [tok.bos_token_id] + scorer.ids(question, shots)
+
+
+def test_mmlu_plain_prompt_is_unchanged_and_bos_is_an_option():
+    from lab.probes.mmlu import Question, Scorer, prompt
+
+    question = Question("anatomy", 0, "Which bone?", ("a", "b", "c", "d"), 0)
+    tok = _bos_tokenizer()
+    plain = Scorer(tok, 0)  # lab's default: the tokenizer's BOS, then the prompt and the space before " A".." D"
+    assert plain.ids(question, []) == [tok.bos_token_id] + tok(prompt(question, []) + " ",
+                                                                add_special_tokens=False)["input_ids"]
+    assert tok.decode(plain.choice_ids[1]) == "ABCD"
+    assert Scorer(tok, 0, bos=False).ids(question, []) == plain.ids(question, [])[1:]
+
+
+def test_mmlu_chat_needs_a_chat_template():
+    from lab.probes.mmlu import Scorer
+
+    with pytest.raises(LabError, match="no chat template"):
+        Scorer(byte_tokenizer(), 5, chat=True)
