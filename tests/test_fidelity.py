@@ -308,3 +308,67 @@ def test_mmlu_chat_needs_a_chat_template():
 
     with pytest.raises(LabError, match="no chat template"):
         Scorer(byte_tokenizer(), 5, chat=True)
+
+
+# ---- the paper presets --------------------------------------------------------------------------------------
+
+PAPER_MODELS = ("recurrentgemma-2b", "recurrentgemma-9b", "jamba-mini-1.6")
+NEEDLE_PRESETS = [f"{m}-{c}" for m in PAPER_MODELS for c in ("base", "attention-off", "jrt", "sparse-15", "ssm-off")]
+
+
+@pytest.mark.parametrize("name", NEEDLE_PRESETS)
+def test_paper_needle_presets_use_the_papers_protocol(name):
+    preset = presets.load(name)
+    spec = preset.needle
+    assert (spec.length_counts, spec.buffer, spec.needle_wrap) == ("context", 200, "newline")
+    assert spec.jrt == spec.jrt_form.startswith("repeat") == name.endswith("-jrt")
+    if name.startswith("jamba"):
+        assert (spec.chat, spec.instruction, spec.answer_line, spec.phase_boundary) == \
+               (True, INSTRUCTION, False, "prompt")
+    else:
+        assert (spec.chat, spec.answer_prefix, spec.phase_boundary) == \
+               (False, "Here is the most relevant sentence in the context: ", "last-prompt-token")
+    if name.endswith("attention-off"):  # the paper's ablation is k = 0 (heads zeroed, bias kept), not a block off
+        assert preset.plan["sparsify"]["k"] == 0 and "off" not in preset.plan
+    assert "Paper protocol:" in preset.description
+
+
+@pytest.mark.parametrize("name", [f"jamba-mini-1.6-mmlu-{k}" for k in ("base", "k0", "sparse-k5")])
+def test_paper_mmlu_presets_render_lm_evals_chat_prompt_without_bos(name):
+    spec = presets.load(name).mmlu
+    assert (spec.chat, spec.bos) == (True, False)
+
+
+V1_FIELDS = {"needle": {"task", "lengths", "depths", "trials", "mode", "max_new_tokens", "chat", "jrt", "haystack",
+                        "seed", "needle", "question", "answer_prefix", "keys", "batch_size"},
+             "mmlu": {"source", "shots", "subjects", "limit", "split", "batch_size"}}
+
+
+@pytest.mark.parametrize("name", [n for n in presets.list_presets() if n.startswith("toy-")])
+def test_toy_presets_leave_every_new_option_out_of_the_fingerprint(name):
+    """Preset.fingerprint hashes to_dict(); the options newer than the stored runs are left out at their default
+    (spec.unhashed()), so the shipped toys' fingerprints stay those pinned in test_inputs."""
+    from dataclasses import asdict
+
+    for key, spec in presets.load(name).probes.items():
+        assert set(asdict(spec)) - set(spec.unhashed()) == V1_FIELDS[key]
+
+
+def test_k0_keeps_the_output_projection_bias_where_attention_off_removes_it():
+    loaded = tiny("recurrent_gemma")
+    _, block = next(iter(loaded.anatomy.blocks("attention")))
+    bias = loaded.model.get_submodule(block.out_proj).bias
+    assert bias is not None and bias.abs().max() > 0
+    seen = []
+    ids = torch.tensor([list(range(40, 60))])
+    for plan in ({"sparsify": {"k": 0, "metric": "entropy"}}, {"off": [{"kind": "attention"}]}):
+        with apply_plan(loaded.model, loaded.anatomy, Plan.from_dict(plan, loaded.anatomy)), torch.inference_mode():
+            handle = loaded.model.get_submodule(block.path).register_forward_hook(  # after the plan's own hooks
+                lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).clone()))
+            try:
+                loaded.model(input_ids=ids, use_cache=False)
+            finally:
+                handle.remove()
+    k0, off = seen
+    torch.testing.assert_close(k0, bias.expand_as(k0))
+    assert not off.any()
