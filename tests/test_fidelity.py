@@ -372,3 +372,52 @@ def test_k0_keeps_the_output_projection_bias_where_attention_off_removes_it():
     k0, off = seen
     torch.testing.assert_close(k0, bias.expand_as(k0))
     assert not off.any()
+
+
+# ---- 11. RULER's niah templates ------------------------------------------------------------------------------
+
+# RULER scripts/data/synthetic/constants.py, 'niah' template + answer_prefix, as prepare.py joins them (base model)
+RULER_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
+                  "I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special magic "
+                  "{type_needle_v} for {query} mentioned in the provided text? The special magic {type_needle_v} for "
+                  "{query} mentioned in the provided text are")
+
+
+def ruler_input(context: str, query: str, single: bool) -> str:
+    """RULER niah.py's generate_input_output, from the template on."""
+    template, type_needle_v = RULER_TEMPLATE, "numbers"
+    if single:
+        template = template.replace("Some", "A").replace("are all", "is").replace("are", "is")
+        template, type_needle_v = template.replace("answers", "answer"), type_needle_v[:-1]
+    return template.format(type_needle_v=type_needle_v, context=context, query=query)
+
+
+@pytest.mark.parametrize("task, keys, single", [("multikey", 4, True), ("multivalue", 4, False),
+                                                 ("multivalue", 1, True), ("multiquery", 4, False),
+                                                 ("multiquery", 2, False)])
+def test_ruler_format_matches_rulers_niah_template(tok, task, keys, single):
+    spec = NeedleSpec(task=task, keys=keys, format="ruler", max_new_tokens=128)
+    trial = PromptBuilder(tok, spec).build(2000, 50, 0)
+    start, end = trial.contexts[0]
+    context = tok.decode(trial.ids[start:end])
+    needle_keys = re.findall(r"One of the special magic numbers for (\S+) is: \d{7}\.", context)
+    if task == "multiquery":
+        query = re.search(r"numbers for (.*?) mentioned", tok.decode(trial.ids[end:])).group(1)
+        assert re.fullmatch(", ".join([r"\S+"] * (keys - 1)) + r", and \S+", query)  # RULER's Oxford comma
+        assert sorted(query.replace(", and ", ", ").split(", ")) == sorted(needle_keys)
+    else:
+        query = needle_keys[0] if task == "multivalue" else re.search(
+            r"numbers for (\S+) is: " + trial.values[0], context).group(1)
+    assert tok.decode(trial.ids) == ruler_input(context, query, single)
+    assert len(trial.ids) + 128 == 2000  # RULER counts the tokens to generate inside max_seq_length
+    assert not context[:1].isspace() or context.startswith(" One of")  # RULER's context starts at once
+    for s, e in trial.needle_spans:
+        assert tok.decode(trial.ids[start:s]).endswith(".") or s == start
+
+
+def test_ruler_format_draws_a_depth_per_needle(tok):
+    spec = NeedleSpec(task="multiquery", keys=4, format="ruler")
+    starts = {tuple(s for s, _ in PromptBuilder(tok, spec).build(3000, 50, i).needle_spans) for i in range(5)}
+    assert len(starts) == 5  # the grid depth does not place them
+    with pytest.raises(LabError, match="ruler is for the tasks"):
+        NeedleSpec(task="passkey", format="ruler").validate()

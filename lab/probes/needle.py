@@ -8,6 +8,7 @@ to the nearest sentence boundary.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -24,8 +25,11 @@ JRT_FORMS = ("split", "repeat")  # split: the copies share the length (lab); rep
 LENGTH_COUNTS = ("prompt", "context")  # what length - buffer counts: the whole prompt (lab), haystack + needles (paper)
 NEEDLE_WRAPS = {"space": " {}", "newline": "\n{}\n"}  # how a needle sits in the haystack; newline: the paper's
 PHASE_BOUNDARIES = ("prompt", "last-prompt-token")  # last-prompt-token: the paper's RecurrentGemma sampler
+FORMATS = ("lab", "ruler")  # ruler: RULER's niah templates, needles at random depths, new tokens inside the length
+RULER_DEPTHS = tuple(round(100 * i / 39) for i in range(40))  # RULER's np.round(np.linspace(0, 100, 40))
 # options added after stored runs' fingerprints were pinned: at their default they stay out of the fingerprint
-LATER_OPTIONS = ("jrt_form", "length_counts", "buffer", "needle_wrap", "instruction", "answer_line", "phase_boundary")
+LATER_OPTIONS = ("jrt_form", "length_counts", "buffer", "needle_wrap", "instruction", "answer_line", "phase_boundary",
+                 "format")
 PAPER_LENGTHS = (250, 677, 1105, 1532, 1959, 2387, 2814, 3241, 3669, 4096)
 PAPER_DEPTHS = (0, 11, 22, 33, 44, 56, 67, 78, 89, 100)
 PAPER_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -69,15 +73,18 @@ class NeedleSpec:
     instruction: str = ""  # appended to the last question (the paper's Jamba chat prompt)
     answer_line: bool = True  # end with the answer line (chat: pre-filled after the generation prompt)
     phase_boundary: str = "prompt"  # last-prompt-token: the last prompt token is the first generation step (paper)
+    format: str = "lab"  # ruler: RULER's niah prompts exactly (RULER tasks only; the depth axis only seeds the draw)
 
     def validate(self) -> NeedleSpec:
         for name, allowed in (("task", TASKS), ("mode", MODES), ("jrt_form", JRT_FORMS),
                               ("length_counts", LENGTH_COUNTS), ("needle_wrap", tuple(NEEDLE_WRAPS)),
-                              ("phase_boundary", PHASE_BOUNDARIES)):
+                              ("phase_boundary", PHASE_BOUNDARIES), ("format", FORMATS)):
             if getattr(self, name) not in allowed:
                 raise LabError(f"needle.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.buffer < 0:
             raise LabError("needle.buffer: give a token count >= 0")
+        if self.format == "ruler" and self.task not in RULER_TASKS:
+            raise LabError(f"needle.format: ruler is for the tasks {', '.join(RULER_TASKS)}, not {self.task}")
         if not self.lengths or any(n <= 0 for n in self.lengths):
             raise LabError("needle.lengths: give positive token counts")
         if not self.depths or any(not 0 <= d <= 100 for d in self.depths):
@@ -181,6 +188,8 @@ class PromptBuilder:
         if spec.task == "multikey":
             real, distract = [line.format(keys[0], values[0])], [line.format(k, v) for k, v in zip(keys[1:], values[1:])]
             asked, answer = keys[0], f" {values[0]}"
+            if spec.format == "ruler":
+                return real, distract, *_ruler_text(False, asked), answer
             question = f"\nWhat is the special magic number for {asked} mentioned in the provided text?"
             return real, distract, RULER_INTRO, question, f" The special magic number for {asked} mentioned in the provided text is", answer
         if spec.task == "multivalue":
@@ -189,6 +198,9 @@ class PromptBuilder:
         else:  # multiquery
             real = [line.format(k, v) for k, v in zip(keys, values)]
             asked = ", ".join(keys[:-1]) + (" and " if len(keys) > 1 else "") + keys[-1]
+        if spec.format == "ruler":
+            return (real, [], *_ruler_text(len(keys) > 1, _ruler_query(keys) if spec.task == "multiquery" else asked),
+                    " " + ", ".join(values))
         question = f"\nWhat are all the special magic numbers for {asked} mentioned in the provided text?"
         return (real, [], RULER_INTRO, question,
                 f" The special magic numbers for {asked} mentioned in the provided text are", " " + ", ".join(values))
@@ -232,7 +244,8 @@ class PromptBuilder:
                   [(self.encode(wrap.format(n)), False) for n in distract]
         needle_tokens = sum(len(ids) for ids, _ in needles)
         shares = copies if spec.jrt_form == "split" else 1  # contexts that share the length
-        room = length - spec.buffer
+        target = length - spec.buffer - (spec.max_new_tokens if spec.format == "ruler" else 0)  # RULER: answer inside
+        room = target
         if spec.length_counts == "prompt":
             room -= self._fixed(pieces if shares == copies else self._pieces(intro, question, answer_line, 1))
         budget, spare = divmod(room - shares * needle_tokens, shares)
@@ -257,7 +270,7 @@ class PromptBuilder:
             spans = [(s + spare, e + spare) for s, e in spans]
             contexts = [(contexts[0][0], contexts[0][1] + spare)] + [(s + spare, e + spare) for s, e in contexts[1:]]
         if spec.length_counts == "prompt" and shares == copies:
-            assert len(ids) == length - spec.buffer, (len(ids), length)
+            assert len(ids) == target, (len(ids), target)
         values = [answer.strip()] if spec.task in ("sentence", "passkey", "multikey") else answer.strip().split(", ")
         return Trial(trial_key(spec.task, length, depth, index), length, depth, index, ids, answer, values, spans,
                      contexts)
@@ -265,20 +278,31 @@ class PromptBuilder:
     def _haystack(self, budget: int, rng: random.Random) -> tuple[list[int], list[int]]:
         ids, bounds = [], [0]
         stream = sentence_stream(self.spec.haystack, rng.randint(0, 2**31))
+        ruler = self.spec.format == "ruler"
         while len(ids) < budget:
-            ids += self.encode(next(stream))
+            piece = next(stream)
+            if ruler:  # RULER's essay: whitespace collapsed, the context starts right after the intro's newline
+                piece = re.sub(r"\s+", " ", piece)
+                piece = piece.lstrip(" ") if not ids else piece
+            ids += self.encode(piece)
             bounds.append(len(ids))
         return ids[:budget], bounds
 
     def _insert(self, hay, bounds, needles, depth, rng):
-        """Put the real needle(s) at `depth` (then evenly after it), distractors at random boundaries."""
-        real = [ids for ids, is_real in needles if is_real]
-        fake = [ids for ids, is_real in needles if not is_real]
-        n = len(hay)
-        wanted = [depth + (100 - depth) * i / len(real) for i in range(len(real))]
-        places = [(n if d >= 100 else max(b for b in bounds if b <= int(n * d / 100)), ids, True)
-                  for d, ids in zip(wanted, real)]
-        places += [(rng.choice(bounds), ids, False) for ids in fake]
+        """Put the real needle(s) at `depth` (then evenly after it), distractors at random boundaries; RULER:
+        every needle, in shuffled order, after the sentence at one of RULER's depths drawn without replacement."""
+        if self.spec.format == "ruler":
+            needles = rng.sample(needles, len(needles))
+            depths = sorted(rng.sample(RULER_DEPTHS, len(needles)))
+            places = [(bounds[int((len(bounds) - 1) * d / 100)], ids, is_real) for d, (ids, is_real) in zip(depths, needles)]
+        else:
+            real = [ids for ids, is_real in needles if is_real]
+            fake = [ids for ids, is_real in needles if not is_real]
+            n = len(hay)
+            wanted = [depth + (100 - depth) * i / len(real) for i in range(len(real))]
+            places = [(n if d >= 100 else max(b for b in bounds if b <= int(n * d / 100)), ids, True)
+                      for d, ids in zip(wanted, real)]
+            places += [(rng.choice(bounds), ids, False) for ids in fake]
         out, spans, last = [], [], 0
         for at, ids, is_real in sorted(places, key=lambda p: (p[0], not p[2])):
             out += hay[last:at]
@@ -288,6 +312,21 @@ class PromptBuilder:
             last = at
         out += hay[last:]
         return out, spans
+
+
+def _ruler_text(plural: bool, query: str) -> tuple[str, str, str]:
+    """(intro, question, answer line) of RULER's niah template (scripts/data/synthetic/constants.py), made
+    singular as niah.py does when one value is asked for."""
+    kind, are = ("numbers", "are") if plural else ("number", "is")
+    intro = (f"{'Some' if plural else 'A'} special magic {kind} {are} hidden within the following text. "
+             f"Make sure to memorize it. I will quiz you about the {kind} afterwards.\n")
+    question = f"\nWhat {'are all' if plural else 'is'} the special magic {kind} for {query} mentioned in the provided text?"
+    return intro, question, f" The special magic {kind} for {query} mentioned in the provided text {are}"
+
+
+def _ruler_query(keys: list[str]) -> str:
+    """RULER's list of asked keys: 'a, b, and c' (its Oxford comma, also for two: 'a, and b')."""
+    return ", ".join(keys[:-1]) + ", and " + keys[-1] if len(keys) > 1 else keys[0]
 
 
 def score(trial: Trial, output: str, task: str) -> dict:
