@@ -364,8 +364,9 @@ def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[di
 
 
 def _generate(loaded, spec: NeedleSpec, prompts: list[list[int]], tracker) -> list[list[int]]:
-    """Greedy answers; with the paper's phase boundary each prompt length runs apart, its last token in generation."""
-    if spec.phase_boundary == "prompt":
+    """Greedy answers; with the paper's phase boundary each prompt length runs apart, its last token in generation
+    (a plan acting in both phases has no boundary to move)."""
+    if spec.phase_boundary == "prompt" or tracker.phase == "both":
         tracker.prompt_len = None  # the prefill call defines the prompt
         return greedy(loaded, prompts, spec.max_new_tokens, static=tracker.phase == "both")
     answers: list[list[int]] = [[] for _ in prompts]
