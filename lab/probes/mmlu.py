@@ -66,6 +66,12 @@ class MMLUSpec:
     limit: int = 0  # questions per subject, 0: all
     split: str = "test"
     batch_size: int = 0  # 0: automatic (halved and retried on out-of-memory)
+    chat: bool = False  # lm-eval's apply_chat_template + fewshot_as_multiturn, with the tokenizer's chat template
+    bos: bool = True  # the tokenizer adds its special tokens (BOS); lm-eval before v0.4.10 did not
+
+    def unhashed(self) -> list[str]:
+        """Options added after fingerprints were pinned that are at their default (Preset.fingerprint drops them)."""
+        return [name for name in ("chat", "bos") if getattr(self, name) == MMLUSpec.__dataclass_fields__[name].default]
 
     def validate(self) -> MMLUSpec:
         if not 0 <= self.shots <= 5:
@@ -182,37 +188,68 @@ def format_question(q: Question, with_answer: bool) -> str:
     return text + (f" {LETTERS[q.answer]}" if with_answer else "")
 
 
+def description(q: Question) -> str:
+    subject = q.subject.split("__", 1)[-1].replace("_", " ")
+    return f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+
+
 def prompt(q: Question, shots: list[Question]) -> str:
     """The lm-eval `mmlu` context: description, k dev shots (first_n), the question, 'Answer:'."""
-    subject = q.subject.split("__", 1)[-1].replace("_", " ")
-    description = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-    return description + "\n\n".join([format_question(s, True) for s in shots] + [format_question(q, False)])
+    return description(q) + "\n\n".join([format_question(s, True) for s in shots] + [format_question(q, False)])
+
+
+def chat_messages(q: Question, shots: list[Question]) -> list[dict]:
+    """lm-eval's apply_chat_template=True, fewshot_as_multiturn=True: the description as the system message,
+    each shot a user turn and an assistant turn holding its letter, then the question as a user turn."""
+    messages = [{"role": "system", "content": description(q)}]
+    for shot in shots:
+        messages += [{"role": "user", "content": format_question(shot, False)},
+                     {"role": "assistant", "content": LETTERS[shot.answer]}]
+    return messages + [{"role": "user", "content": format_question(q, False)}]
 
 
 class Scorer:
-    """Turns questions into token ids; the four continuations share one forward pass."""
+    """Turns questions into token ids; the four continuations share one forward pass.
 
-    def __init__(self, tokenizer, shots: int):
-        self.tok, self.shots = tokenizer, shots
-        self.choice_ids = self._choice_ids()
+    As lm-eval's loglikelihood: the context's trailing whitespace moves to the continuation (" A".."D" in plain
+    prompts; after a chat template "A".."D" with no delimiter, behind the generation prompt's newline if it has one),
+    and the continuation is what encoding context + continuation adds to the context's own tokens."""
 
-    def _choice_ids(self) -> tuple[list[int], list[int]]:
-        """(shared prefix of the continuations, last token of each of ' A'..' D')."""
+    def __init__(self, tokenizer, shots: int, chat: bool = False, bos: bool = True):
+        self.tok, self.shots, self.chat, self.bos = tokenizer, shots, chat, bos
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise LabError("mmlu.chat = true, but the tokenizer has no chat template")
+        sample = self._context(Question("x", 0, "x", ("a", "b", "c", "d"), 0), [])
+        self.space = sample[len(sample.rstrip()):]  # the whitespace every context ends with
+        self.choice_ids = self._choice_ids(sample.rstrip())
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=self.bos)["input_ids"]
+
+    def _context(self, q: Question, dev: list[Question]) -> str:
+        if not self.chat:
+            return prompt(q, dev[: self.shots])
+        return self.tok.apply_chat_template(chat_messages(q, dev[: self.shots]), tokenize=False,
+                                            add_generation_prompt=True)
+
+    def _choice_ids(self, context: str) -> tuple[list[int], list[int]]:
+        """(shared prefix of the continuations, last token of each of the four letters)."""
+        delimiter = "" if self.chat else " "
+        ctx = self.tok(context, add_special_tokens=False)["input_ids"]  # special tokens sit at the ends: left out
         conts = []
         for letter in LETTERS:
-            whole = self.tok("Answer: " + letter, add_special_tokens=False)["input_ids"]
-            ctx = self.tok("Answer:", add_special_tokens=False)["input_ids"]
+            whole = self.tok(context + self.space + delimiter + letter, add_special_tokens=False)["input_ids"]
             if whole[: len(ctx)] != ctx:
-                raise LabError("this tokenizer merges 'Answer:' with the choice letter; MMLU scoring needs them apart")
+                raise LabError("this tokenizer merges the prompt's end with the choice letter; MMLU scoring needs "
+                               "them apart")
             conts.append(whole[len(ctx):])
         prefix = conts[0][:-1]
         if any(c[:-1] != prefix for c in conts):
-            raise LabError("the choice letters ' A'..' D' do not differ only in their last token")
+            raise LabError("the choice letters do not differ only in their last token")
         return prefix, [c[-1] for c in conts]
 
     def ids(self, q: Question, dev: list[Question]) -> list[int]:
-        ids = self.tok(prompt(q, dev[: self.shots]), add_special_tokens=True)["input_ids"]
-        return ids + self.choice_ids[0]
+        return self._encode(self._context(q, dev).rstrip()) + self.choice_ids[0]
 
 
 @torch.inference_mode()
@@ -249,7 +286,7 @@ class MMLUProbe:
 
     def prepare(self, loaded, spec: MMLUSpec) -> Prepared:
         questions, dev = load_questions(spec)
-        scorer = Scorer(loaded.tokenizer, spec.shots)
+        scorer = Scorer(loaded.tokenizer, spec.shots, spec.chat, spec.bos)
 
         def answer(batch, tracker):
             return run_batch(loaded, scorer, batch, tracker)

@@ -8,6 +8,7 @@ to the nearest sentence boundary.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,15 @@ from lab.probes.haystack import sentence_stream
 
 TASKS = ("sentence", "passkey", "multikey", "multivalue", "multiquery")
 MODES = ("generate", "fast")
+JRT_FORMS = ("split", "repeat")  # split: the copies share the length (lab); repeat: the whole block twice (the paper)
+LENGTH_COUNTS = ("prompt", "context")  # what length - buffer counts: the whole prompt (lab), haystack + needles (paper)
+NEEDLE_WRAPS = {"space": " {}", "newline": "\n{}\n"}  # how a needle sits in the haystack; newline: the paper's
+PHASE_BOUNDARIES = ("prompt", "last-prompt-token")  # last-prompt-token: the paper's RecurrentGemma sampler
+FORMATS = ("lab", "ruler")  # ruler: RULER's niah templates, needles at random depths, new tokens inside the length
+RULER_DEPTHS = tuple(round(100 * i / 39) for i in range(40))  # RULER's np.round(np.linspace(0, 100, 40))
+# options added after stored runs' fingerprints were pinned: at their default they stay out of the fingerprint
+LATER_OPTIONS = ("jrt_form", "length_counts", "buffer", "needle_wrap", "instruction", "answer_line", "phase_boundary",
+                 "format")
 PAPER_LENGTHS = (250, 677, 1105, 1532, 1959, 2387, 2814, 3241, 3669, 4096)
 PAPER_DEPTHS = (0, 11, 22, 33, 44, 56, 67, 78, 89, 100)
 PAPER_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -56,12 +66,25 @@ class NeedleSpec:
     answer_prefix: str = PAPER_ANSWER_PREFIX
     keys: int = 4  # RULER: needles per prompt (keys, values or queries)
     batch_size: int = 0  # 0: automatic (halved and retried on out-of-memory)
+    jrt_form: str = "split"  # split: the two copies share the length; repeat: the full context block twice (paper)
+    length_counts: str = "prompt"  # length - buffer tokens are the whole prompt, or haystack + needles (paper)
+    buffer: int = 0  # tokens kept out of the length (the paper: 200)
+    needle_wrap: str = "space"  # " needle" or "\nneedle\n" (the paper)
+    instruction: str = ""  # appended to the last question (the paper's Jamba chat prompt)
+    answer_line: bool = True  # end with the answer line (chat: pre-filled after the generation prompt)
+    phase_boundary: str = "prompt"  # last-prompt-token: the last prompt token is the first generation step (paper)
+    format: str = "lab"  # ruler: RULER's niah prompts exactly (RULER tasks only; the depth axis only seeds the draw)
 
     def validate(self) -> NeedleSpec:
-        if self.task not in TASKS:
-            raise LabError(f"needle.task: {self.task!r} is not one of {', '.join(TASKS)}")
-        if self.mode not in MODES:
-            raise LabError(f"needle.mode: {self.mode!r} is not one of {', '.join(MODES)}")
+        for name, allowed in (("task", TASKS), ("mode", MODES), ("jrt_form", JRT_FORMS),
+                              ("length_counts", LENGTH_COUNTS), ("needle_wrap", tuple(NEEDLE_WRAPS)),
+                              ("phase_boundary", PHASE_BOUNDARIES), ("format", FORMATS)):
+            if getattr(self, name) not in allowed:
+                raise LabError(f"needle.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.buffer < 0:
+            raise LabError("needle.buffer: give a token count >= 0")
+        if self.format == "ruler" and self.task not in RULER_TASKS:
+            raise LabError(f"needle.format: ruler is for the tasks {', '.join(RULER_TASKS)}, not {self.task}")
         if not self.lengths or any(n <= 0 for n in self.lengths):
             raise LabError("needle.lengths: give positive token counts")
         if not self.depths or any(not 0 <= d <= 100 for d in self.depths):
@@ -92,6 +115,10 @@ class NeedleSpec:
     def cells(self) -> list[tuple[int, float, int]]:
         return [(n, d, t) for n in self.lengths for d in self.depths for t in range(self.trials)]
 
+    def unhashed(self) -> list[str]:
+        """Options added after fingerprints were pinned that are at their default (Preset.fingerprint drops them)."""
+        return [name for name in LATER_OPTIONS if getattr(self, name) == NeedleSpec.__dataclass_fields__[name].default]
+
 
 @dataclass
 class Trial:
@@ -115,15 +142,18 @@ def trial_key(task: str, length: int, depth: float, index: int) -> str:
     return f"{task}/L{length}/d{depth_label(depth)}/t{index}"
 
 
-def check_fits(spec: NeedleSpec, loaded) -> None:
+def check_fits(spec: NeedleSpec, loaded, longest: int | None = None) -> None:
     """Raise LabError when the longest prompt plus its answer exceeds the model's declared positions.
 
-    A prompt is exactly its length, JRT's two context copies included. Models that declare no
-    max_position_embeddings (RecurrentGemma: local attention in a window) are not limited here."""
+    `longest` is the longest prompt as built (a paper-form JRT prompt is about twice its length);
+    by default max(lengths), which a prompt counted by the "prompt" rule never exceeds. Models that
+    declare no max_position_embeddings (RecurrentGemma: local attention in a window) are not limited here."""
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    longest = max(spec.lengths)
+    length = max(spec.lengths)
+    longest = length if longest is None else longest
     if isinstance(limit, int) and limit > 0 and longest + spec.max_new_tokens > limit:
-        raise LabError(f"needle: length {longest} + {spec.max_new_tokens} new tokens is more than the model's "
+        what = f"length {length}" if longest == length else f"length {length} (a prompt of {longest} tokens)"
+        raise LabError(f"needle: {what} + {spec.max_new_tokens} new tokens is more than the model's "
                        f"{limit} positions (max_position_embeddings); use shorter lengths")
 
 
@@ -158,6 +188,8 @@ class PromptBuilder:
         if spec.task == "multikey":
             real, distract = [line.format(keys[0], values[0])], [line.format(k, v) for k, v in zip(keys[1:], values[1:])]
             asked, answer = keys[0], f" {values[0]}"
+            if spec.format == "ruler":
+                return real, distract, *_ruler_text(False, asked), answer
             question = f"\nWhat is the special magic number for {asked} mentioned in the provided text?"
             return real, distract, RULER_INTRO, question, f" The special magic number for {asked} mentioned in the provided text is", answer
         if spec.task == "multivalue":
@@ -166,15 +198,23 @@ class PromptBuilder:
         else:  # multiquery
             real = [line.format(k, v) for k, v in zip(keys, values)]
             asked = ", ".join(keys[:-1]) + (" and " if len(keys) > 1 else "") + keys[-1]
+        if spec.format == "ruler":
+            return (real, [], *_ruler_text(len(keys) > 1, _ruler_query(keys) if spec.task == "multiquery" else asked),
+                    " " + ", ".join(values))
         question = f"\nWhat are all the special magic numbers for {asked} mentioned in the provided text?"
         return (real, [], RULER_INTRO, question,
                 f" The special magic numbers for {asked} mentioned in the provided text are", " " + ", ".join(values))
 
-    def _pieces(self, intro: str, question: str, answer_line: str) -> list:
-        block = [intro, CTX, question]
-        body = block * 2 if self.spec.jrt else block
+    def _pieces(self, intro: str, question: str, answer_line: str, copies: int) -> list:
+        """The prompt as text pieces and CTX marks: [intro, CTX, question] per copy, the instruction after
+        the last question, then the answer line (chat: the user turn, the generation prompt, the answer line)."""
+        body = [intro, CTX, question] * copies
+        if self.spec.instruction:
+            core = body[-1].rstrip()
+            body[-1] = core + " " + self.spec.instruction + body[-1][len(core):]
+        tail = [answer_line] if self.spec.answer_line else []
         if not self.spec.chat:
-            return body + [answer_line]
+            return body + tail
         if not getattr(self.tok, "chat_template", None):
             raise LabError("needle.chat = true, but the tokenizer has no chat template")
         mark = "\u241f"
@@ -185,21 +225,33 @@ class PromptBuilder:
         pieces: list = []
         for i, part in enumerate(parts):
             pieces += ([CTX] if i else []) + [part]
-        return pieces + [answer_line.lstrip()]
+        return pieces + [line.lstrip() for line in tail]
+
+    def _fixed(self, pieces: list) -> int:
+        """Tokens of a prompt outside its contexts (BOS included)."""
+        return len(self.bos) + sum(len(self.encode(p)) for p in pieces if p is not CTX)
 
     def build(self, length: int, depth: float, index: int) -> Trial:
         spec = self.spec
         rng = random.Random(f"{spec.seed}/{spec.task}/{length}/{depth}/{index}")
         real, distract, intro, question, answer_line, answer = self._needles(rng)
-        pieces = self._pieces(intro, question, answer_line)
-        copies = sum(p is CTX for p in pieces)
-        fixed = len(self.bos) + sum(len(self.encode(p)) for p in pieces if p is not CTX)
-        needles = [(self.encode(" " + n), True) for n in real] + [(self.encode(" " + n), False) for n in distract]
+        copies = 2 if spec.jrt else 1
+        pieces = self._pieces(intro, question, answer_line, copies)
+        if (spec.chat and not spec.answer_line) or pieces[-1][-1:].isspace():
+            answer = answer.lstrip()  # the answer starts a fresh turn, or the prompt ends with its space
+        wrap = NEEDLE_WRAPS[spec.needle_wrap]
+        needles = [(self.encode(wrap.format(n)), True) for n in real] + \
+                  [(self.encode(wrap.format(n)), False) for n in distract]
         needle_tokens = sum(len(ids) for ids, _ in needles)
-        budget, spare = divmod(length - fixed - copies * needle_tokens, copies)
+        shares = copies if spec.jrt_form == "split" else 1  # contexts that share the length
+        target = length - spec.buffer - (spec.max_new_tokens if spec.format == "ruler" else 0)  # RULER: answer inside
+        room = target
+        if spec.length_counts == "prompt":
+            room -= self._fixed(pieces if shares == copies else self._pieces(intro, question, answer_line, 1))
+        budget, spare = divmod(room - shares * needle_tokens, shares)
         if budget < 0:
             raise LabError(f"needle: context length {length} is too short for task {spec.task} "
-                           f"(needs at least {fixed + copies * needle_tokens} tokens)")
+                           f"(needs at least {length - room + shares * needle_tokens} tokens)")
         hay, bounds = self._haystack(budget + spare, rng)
         context = self._insert(hay[:budget], [b for b in bounds if b <= budget], needles, depth, rng)
         ids, spans, contexts = list(self.bos), [], []
@@ -217,7 +269,8 @@ class PromptBuilder:
             ids[at:at] = hay[budget:budget + spare]
             spans = [(s + spare, e + spare) for s, e in spans]
             contexts = [(contexts[0][0], contexts[0][1] + spare)] + [(s + spare, e + spare) for s, e in contexts[1:]]
-        assert len(ids) == length, (len(ids), length)
+        if spec.length_counts == "prompt" and shares == copies:
+            assert len(ids) == target, (len(ids), target)
         values = [answer.strip()] if spec.task in ("sentence", "passkey", "multikey") else answer.strip().split(", ")
         return Trial(trial_key(spec.task, length, depth, index), length, depth, index, ids, answer, values, spans,
                      contexts)
@@ -225,20 +278,31 @@ class PromptBuilder:
     def _haystack(self, budget: int, rng: random.Random) -> tuple[list[int], list[int]]:
         ids, bounds = [], [0]
         stream = sentence_stream(self.spec.haystack, rng.randint(0, 2**31))
+        ruler = self.spec.format == "ruler"
         while len(ids) < budget:
-            ids += self.encode(" " + next(stream))
+            piece = next(stream)
+            if ruler:  # RULER's essay: whitespace collapsed, the context starts right after the intro's newline
+                piece = re.sub(r"\s+", " ", piece)
+                piece = piece.lstrip(" ") if not ids else piece
+            ids += self.encode(piece)
             bounds.append(len(ids))
         return ids[:budget], bounds
 
     def _insert(self, hay, bounds, needles, depth, rng):
-        """Put the real needle(s) at `depth` (then evenly after it), distractors at random boundaries."""
-        real = [ids for ids, is_real in needles if is_real]
-        fake = [ids for ids, is_real in needles if not is_real]
-        n = len(hay)
-        wanted = [depth + (100 - depth) * i / len(real) for i in range(len(real))]
-        places = [(n if d >= 100 else max(b for b in bounds if b <= int(n * d / 100)), ids, True)
-                  for d, ids in zip(wanted, real)]
-        places += [(rng.choice(bounds), ids, False) for ids in fake]
+        """Put the real needle(s) at `depth` (then evenly after it), distractors at random boundaries; RULER:
+        every needle, in shuffled order, after the sentence at one of RULER's depths drawn without replacement."""
+        if self.spec.format == "ruler":
+            needles = rng.sample(needles, len(needles))
+            depths = sorted(rng.sample(RULER_DEPTHS, len(needles)))
+            places = [(bounds[int((len(bounds) - 1) * d / 100)], ids, is_real) for d, (ids, is_real) in zip(depths, needles)]
+        else:
+            real = [ids for ids, is_real in needles if is_real]
+            fake = [ids for ids, is_real in needles if not is_real]
+            n = len(hay)
+            wanted = [depth + (100 - depth) * i / len(real) for i in range(len(real))]
+            places = [(n if d >= 100 else max(b for b in bounds if b <= int(n * d / 100)), ids, True)
+                      for d, ids in zip(wanted, real)]
+            places += [(rng.choice(bounds), ids, False) for ids in fake]
         out, spans, last = [], [], 0
         for at, ids, is_real in sorted(places, key=lambda p: (p[0], not p[2])):
             out += hay[last:at]
@@ -248,6 +312,21 @@ class PromptBuilder:
             last = at
         out += hay[last:]
         return out, spans
+
+
+def _ruler_text(plural: bool, query: str) -> tuple[str, str, str]:
+    """(intro, question, answer line) of RULER's niah template (scripts/data/synthetic/constants.py), made
+    singular as niah.py does when one value is asked for."""
+    kind, are = ("numbers", "are") if plural else ("number", "is")
+    intro = (f"{'Some' if plural else 'A'} special magic {kind} {are} hidden within the following text. "
+             f"Make sure to memorize it. I will quiz you about the {kind} afterwards.\n")
+    question = f"\nWhat {'are all' if plural else 'is'} the special magic {kind} for {query} mentioned in the provided text?"
+    return intro, question, f" The special magic {kind} for {query} mentioned in the provided text {are}"
+
+
+def _ruler_query(keys: list[str]) -> str:
+    """RULER's list of asked keys: 'a, b, and c' (its Oxford comma, also for two: 'a, and b')."""
+    return ", ".join(keys[:-1]) + ", and " + keys[-1] if len(keys) > 1 else keys[0]
 
 
 def score(trial: Trial, output: str, task: str) -> dict:
@@ -264,13 +343,13 @@ def score(trial: Trial, output: str, task: str) -> dict:
 def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[dict]:
     """Answer a batch of trials (of any lengths) under the active plan; return one result row each."""
     tok = loaded.tokenizer
+    early = spec.phase_boundary == "last-prompt-token"
     if spec.mode == "generate":
-        tracker.prompt_len = None  # the prefill call defines the prompt
-        answers = greedy(loaded, [t.ids for t in trials], spec.max_new_tokens, static=tracker.phase == "both")
+        answers = _generate(loaded, spec, [t.ids for t in trials], tracker)
         outputs = [tok.decode(ids, skip_special_tokens=True) for ids in answers]
     else:
         answers = [tok(t.answer, add_special_tokens=False)["input_ids"] for t in trials]
-        preds = teacher_forced(loaded, [t.ids for t in trials], answers, tracker)
+        preds = teacher_forced(loaded, [t.ids for t in trials], answers, _EarlyBoundary(tracker) if early else tracker)
         outputs = [tok.decode(p[:len(a)], skip_special_tokens=True) for p, a in zip(preds, answers)]
         # Teacher forcing shows the model the answer, so text containment would reward copying the input:
         # a trial passes only if every answer token is the greedy choice.
@@ -284,6 +363,38 @@ def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[di
     return rows
 
 
+def _generate(loaded, spec: NeedleSpec, prompts: list[list[int]], tracker) -> list[list[int]]:
+    """Greedy answers; with the paper's phase boundary each prompt length runs apart, its last token in generation
+    (a plan acting in both phases has no boundary to move)."""
+    if spec.phase_boundary == "prompt" or tracker.phase == "both":
+        tracker.prompt_len = None  # the prefill call defines the prompt
+        return greedy(loaded, prompts, spec.max_new_tokens, static=tracker.phase == "both")
+    answers: list[list[int]] = [[] for _ in prompts]
+    for n in sorted({len(p) for p in prompts}):
+        rows = [i for i, p in enumerate(prompts) if len(p) == n]
+        tracker.prompt_len = n - 1
+        for i, row in zip(rows, greedy(loaded, [prompts[i] for i in rows], spec.max_new_tokens)):
+            answers[i] = row
+    tracker.prompt_len = None
+    return answers
+
+
+class _EarlyBoundary:
+    """A phase tracker as the paper's RecurrentGemma sampler sees it: prefill ends one token before the prompt
+    does, so the step that predicts the first answer token is a generation step."""
+
+    def __init__(self, tracker):
+        self._tracker = tracker
+
+    @property
+    def prompt_len(self) -> int | None:
+        return self._tracker.prompt_len
+
+    @prompt_len.setter
+    def prompt_len(self, n: int | None) -> None:
+        self._tracker.prompt_len = None if n is None else n - 1
+
+
 def summary(rows: list[dict]) -> dict:
     return {"accuracy": round(mean(r["exact"] for r in rows), 4), "score": round(mean(r["score"] for r in rows), 4),
             "trials": len(rows), "by_length": mean_by(rows, "length", "exact"),
@@ -295,9 +406,10 @@ class NeedleProbe:
     summary = staticmethod(summary)
 
     def prepare(self, loaded, spec: NeedleSpec) -> Prepared:
-        check_fits(spec, loaded)
         builder = PromptBuilder(loaded.tokenizer, spec)
         builder.build(min(spec.lengths), 0, 0)  # a length too short for the prompt fails here, up front
+        longest = len(builder.build(max(spec.lengths), 0, 0).ids)
+        check_fits(spec, loaded, longest)
         cells = spec.cells()
 
         def answer(batch, tracker):
@@ -306,6 +418,8 @@ class NeedleProbe:
         def work(done: set[str]) -> Work:
             todo = sorted((c for c in cells if trial_key(spec.task, *c) not in done), key=lambda cell: cell[0])
             # a batch may span lengths: run_batch prefills each length apart
-            return Work(todo, max((n for n, _, _ in todo), default=0) + spec.max_new_tokens, spec.batch_size, answer)
+            extra = longest - max(spec.lengths)  # a prompt's tokens beyond its length (paper-form JRT, buffers)
+            return Work(todo, max((n + extra for n, _, _ in todo), default=0) + spec.max_new_tokens, spec.batch_size,
+                        answer)
 
         return Prepared(len(cells), work)

@@ -11,8 +11,18 @@ _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 PAPER_RUBRIC = (("eat a sandwich", 1.0), ("dolores park", 0.5), ("sit in dolores park", 0.5), ("on a sunny day", 1.0))
 
 
+_NOT_WORD = re.compile(r"[^\w\s]")
+
+
 def normalise(text: str) -> str:
+    """lab's: lowercase, ASCII punctuation to spaces, whitespace collapsed ("Dolores-Park" -> "dolores park")."""
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def paper_normalise(text: str) -> str:
+    """The paper's clean_text: lowercase, every non-word character deleted, whitespace collapsed
+    ("Dolores-Park" -> "dolorespark")."""
+    return " ".join(_NOT_WORD.sub("", text.lower()).split())
 
 
 def exact(output: str, answer: str) -> float:
@@ -21,10 +31,11 @@ def exact(output: str, answer: str) -> float:
 
 
 def paper_score(output: str, answer: str, rubric=PAPER_RUBRIC) -> float:
-    """0..5: 5 if the whole needle is in the output, else the rubric's partial credit."""
-    if exact(output, answer):
+    """0..5 as the paper's compute_score: 5 if the whole needle is in the output, else the rubric's partial
+    credit, both after the paper's normalisation. The paper's "success rate" is the mean of this / 5."""
+    clean, needle = paper_normalise(output), paper_normalise(answer)
+    if needle and needle in clean:
         return 5.0
-    clean = normalise(output)
     return min(5.0, sum(points for phrase, points in rubric if phrase in clean))
 
 
