@@ -81,6 +81,8 @@ class Preset:
         for key in PROBE_TABLES:
             if key in data:
                 data[key].pop("batch_size", None)
+                for name in getattr(getattr(self, key), "unhashed", list)():  # options newer than the stored runs
+                    data[key].pop(name)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
