@@ -167,11 +167,11 @@ def cmd_sweeps(args) -> int:
     from lab.sweeps import result
     from lab.sweeps.report import sweep_table, sweeps_table, write_csv
 
+    if args.csv and args.sweep is None:
+        raise LabError("--csv needs a sweep id: lab sweeps ID --csv")
     with _store(args, readonly=True) as store:
         found = result(store, args.sweep) if args.sweep is not None else store.sweeps()
     if args.csv:
-        if args.sweep is None:
-            raise LabError("--csv needs a sweep id: lab sweeps ID --csv")
         write_csv(found, sys.stdout)
     elif args.json:
         print(json.dumps(found, indent=1))

@@ -285,7 +285,7 @@ class Store:
         with self._errors("read"):
             rows = self.db.execute("SELECT s.*, (SELECT COUNT(*) FROM sweep_runs l WHERE l.sweep_id = s.id) AS linked "
                                    "FROM sweeps s ORDER BY s.id").fetchall()
-        return [dict(r) for r in rows]
+        return [{**dict(r), "options": json.loads(r["options"])} for r in rows]
 
     def sweep(self, sweep_id: int) -> dict:
         """One sweep's row, with "runs": its linked conditions in order (label, value, control, run's plan...)."""

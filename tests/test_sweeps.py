@@ -408,6 +408,32 @@ def test_drive_is_quiet_with_json_and_returns_the_result(capsys):
     assert capsys.readouterr().err == f"sweep: head scores (done already)\nsweep: 1/2 {MARKUP}\n"
 
 
+def test_drive_shows_conditions_done_of_total_on_a_terminal(monkeypatch):
+    from rich.progress import Progress
+
+    from lab import report
+    from lab.runner import Progress as TrialProgress, Started
+
+    bars = []
+    monkeypatch.setattr(report, "progress_bar", lambda: bars.append(Progress(console=Console(file=io.StringIO())))
+                        or bars[-1])
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    seen = []
+    events = [sweeps.SweepStarted(1, 3), sweeps.Stage(0, 3, "base", True), sweeps.Stage(1, 3, MARKUP, False),
+              Started(2, 4, 1, "1/16 heads off"), TrialProgress("needle", [], 3, 4, None),
+              sweeps.Stage(2, 3, "L2.attn.h1", False), sweeps.SweepFinished(1, "done", {})]
+
+    def watched():
+        for event in events:
+            yield event
+            seen.append([(t.description, t.completed, t.total) for t in bars[0].tasks])
+
+    drive(watched(), quiet=False)
+    assert seen[2] == [(f"2/3 {MARKUP}".replace("[", "\\["), 1, 3), ("", 0, None)]
+    assert seen[4][1] == ("1/16 heads off", 3, 4)
+    assert seen[-1][0][1:] == (3, 3)
+
+
 # 6. measured on the toy: the paper's curve from k = 0 to k = heads
 
 def test_toy_recurrentgemma_k_sweep_goes_from_nothing_to_everything(tmp_path):

@@ -42,6 +42,8 @@ def drive(events: Iterable, quiet: bool) -> SweepFinished | None:
                 bar.update(trials, completed=event.done)
             elif isinstance(event, SweepFinished):
                 final = event
+                if bar is not None and event.status == "done":
+                    bar.update(conditions, completed=bar.tasks[conditions].total)
     finally:
         if bar is not None:
             bar.stop()
