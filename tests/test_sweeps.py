@@ -117,6 +117,7 @@ def test_keep_top_keeps_the_top_percent_of_the_ranking():
     assert found[1].plan["keep_heads"] == [[2, 1], [5, 3]] == [list(h) for h in keep_set(ranked, 0.25)]
     assert found[1].label == "top 25 % by retrieval (2 heads)"
     assert found[2].plan["off"] == BASE["off"]
+    assert conditions(Options("keep-top", values=(10,)), anatomy, {}, ranked)[1].label == "top 10 % by retrieval (1 head)"
 
 
 @pytest.mark.parametrize("axis, options, size", [

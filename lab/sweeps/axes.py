@@ -170,7 +170,7 @@ def _keep_top_changes(options: Options, heads: list, base: dict, ranked) -> Iter
         def draw(rng, n=len(keep)):
             return _replace(base, "keep_heads", [list(h) for h in sorted(rng.sample(heads, n))])
 
-        yield (f"top {percent:g} % by {score} ({len(keep)} heads)", percent,
+        yield (f"top {percent:g} % by {score} ({len(keep)} head{'s' if len(keep) > 1 else ''})", percent,
                _replace(base, "keep_heads", [list(h) for h in keep]), draw)
 
 
