@@ -139,6 +139,49 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from rich.console import Console
+
+    from lab import presets, sweeps
+    from lab.session import Session
+    from lab.sweeps.report import drive, sweep_table
+
+    options = sweeps.Options(axis=args.over, layers=sweeps.numbers(args.layers, "--layers") if args.layers else None,
+                             values=sweeps.numbers(args.values, "--values") if args.values else None,
+                             metric=args.metric, score=args.score, controls=args.controls, seed=args.seed).validate()
+    preset = presets.load(args.preset)  # remote code and pickles only from these flags, never from the preset
+    preset = preset.with_model(args.model or preset.model.name, trust_remote_code=args.trust_remote_code,
+                               allow_pickle=args.allow_pickle)
+    store = _store(args)
+    final = drive(sweeps.run(preset, options, Session.open(preset.model), store), args.json)
+    if args.json:
+        print(json.dumps(final.result, indent=1))
+    else:
+        console = Console()
+        console.print(f"sweep {final.sweep_id} ({final.status}), results in {store.path}", markup=False)
+        console.print(sweep_table(final.result))
+    return 0
+
+
+def cmd_sweeps(args) -> int:
+    from rich.console import Console
+
+    from lab.sweeps import result
+    from lab.sweeps.report import sweep_table, sweeps_table, write_csv
+
+    if args.csv and args.sweep is None:
+        raise LabError("--csv needs a sweep id: lab sweeps ID --csv")
+    with _store(args, readonly=True) as store:
+        found = result(store, args.sweep) if args.sweep is not None else store.sweeps()
+    if args.csv:
+        write_csv(found, sys.stdout)
+    elif args.json:
+        print(json.dumps(found, indent=1))
+    else:
+        Console().print(sweep_table(found) if args.sweep is not None else sweeps_table(found, store.path))
+    return 0
+
+
 def cmd_heads(args) -> int:
     from lab import presets
     from lab.interventions import Plan
@@ -302,6 +345,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("csv", "json"), default="csv")
     _db_option(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sweep", help="run a preset under every condition of an axis (each layer, head, k...)")
+    p.add_argument("preset", help="a .toml file or a name from presets/")
+    p.add_argument("--over", required=True, metavar="AXIS",
+                   help="attention-layers, ssm-layers, mlp-layers, heads, kv-heads, k or keep-top")
+    p.add_argument("--layers", help="only these layers, e.g. 2,5 (block axes, heads, kv-heads)")
+    p.add_argument("--values", help="k: e.g. 0,1,8 (default 0..heads); keep-top: percentages (default 5,10,15,25)")
+    p.add_argument("--metric", help="k: entropy or l2 (default: the preset's, else entropy)")
+    p.add_argument("--score", help="keep-top: retrieval, entropy or needle_mass (default retrieval)")
+    p.add_argument("--controls", type=int, default=0, help="random sets of the same size per condition")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random controls")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--model", help="override the preset's model")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (never a preset's)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow non-safetensors weights (never a preset's)")
+    _db_option(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("sweeps", help="list sweeps, or show one sweep's result (--csv: one row per condition)")
+    p.add_argument("sweep", type=int, nargs="?", help="a sweep id (see lab sweeps)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--csv", action="store_true", help="with a sweep id: one row per condition")
+    _db_option(p)
+    p.set_defaults(func=cmd_sweeps)
 
     p = sub.add_parser("heads", help="score attention heads on needle prompts and rank them")
     _model_args(p)

@@ -1,4 +1,5 @@
-"""Results in SQLite: one row per run, one row per trial, committed as each batch finishes.
+"""Results in SQLite: one row per run, one row per trial, committed as each batch finishes; sweeps
+link their conditions' runs (a run, such as a sweep's base, can belong to several sweeps).
 
 The file's schema is versioned (PRAGMA user_version) and every sqlite3 or OS error becomes a one-line
 LabError that names the file. Store(path, readonly=True) reads without creating or changing anything.
@@ -38,6 +39,27 @@ MIGRATIONS = [(
         data TEXT NOT NULL,
         created REAL NOT NULL,
         PRIMARY KEY (run_id, probe, key))""",
+), (
+    """CREATE TABLE sweeps (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        fingerprint TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        model TEXT NOT NULL,
+        axis TEXT NOT NULL,
+        options TEXT NOT NULL,
+        preset TEXT NOT NULL,
+        conditions INTEGER NOT NULL,
+        started REAL NOT NULL,
+        finished REAL,
+        status TEXT NOT NULL DEFAULT 'running')""",
+    """CREATE TABLE sweep_runs (
+        sweep_id INTEGER NOT NULL REFERENCES sweeps(id),
+        position INTEGER NOT NULL,
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        label TEXT NOT NULL,
+        value TEXT NOT NULL,
+        control INTEGER NOT NULL,
+        PRIMARY KEY (sweep_id, position))""",
 )]
 SCHEMA_VERSION = len(MIGRATIONS)
 # the columns lab reads: a file whose tables lack them belongs to another application
@@ -217,3 +239,65 @@ class Store:
         if row is None:
             raise LabError(f"no run {run_id} in {self.path} (see lab runs)")
         return dict(row)
+
+    def run_by_fingerprint(self, fingerprint: str) -> dict | None:
+        with self._errors("read"):
+            row = self.db.execute("SELECT * FROM runs WHERE fingerprint = ?", (fingerprint,)).fetchone()
+        return dict(row) if row else None
+
+    # ---- sweeps (schema version 2) -------------------------------------------------------------
+    def open_sweep(self, fingerprint: str, name: str, model: str, axis: str, options: dict, preset: str,
+                   conditions: int) -> int:
+        """The sweep with this fingerprint (resumed), or a new one."""
+        with self._errors("write to"):
+            [row] = self.db.execute(
+                "INSERT INTO sweeps (fingerprint, name, model, axis, options, preset, conditions, started) "
+                "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(fingerprint) DO UPDATE SET status = 'running', finished = NULL "
+                "RETURNING id", (fingerprint, name, model, axis, json.dumps(options), preset, conditions,
+                                 time.time())).fetchall()
+        return row["id"]
+
+    def link_run(self, sweep_id: int, position: int, run_id: int, label: str, value, control: int) -> None:
+        """Record that condition `position` of a sweep is run `run_id` (`control`: 0, or its n-th random control)."""
+        with self._errors("write to"):
+            self.db.execute("INSERT OR REPLACE INTO sweep_runs (sweep_id, position, run_id, label, value, control) "
+                            "VALUES (?,?,?,?,?,?)", (sweep_id, position, run_id, label, json.dumps(value), control))
+
+    def finish_sweep(self, sweep_id: int, status: str) -> None:
+        """Mark the sweep finished; like finish_run, quiet while another error is in flight."""
+        in_flight = sys.exc_info()[1]
+        try:
+            with self._errors("write to"):
+                self.db.execute("UPDATE sweeps SET status = ?, finished = ? WHERE id = ?",
+                                (status, time.time(), sweep_id))
+        except LabError:
+            if in_flight is None:
+                raise
+
+    def _has_sweeps(self) -> bool:
+        """Files older than schema version 2, opened read-only, have no sweep tables (and so no sweeps)."""
+        with self._errors("read"):
+            return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sweeps'").fetchone() is not None
+
+    def sweeps(self) -> list[dict]:
+        if not self._has_sweeps():
+            return []
+        with self._errors("read"):
+            rows = self.db.execute("SELECT s.*, (SELECT COUNT(*) FROM sweep_runs l WHERE l.sweep_id = s.id) AS linked "
+                                   "FROM sweeps s ORDER BY s.id").fetchall()
+        return [{**dict(r), "options": json.loads(r["options"])} for r in rows]
+
+    def sweep(self, sweep_id: int) -> dict:
+        """One sweep's row, with "runs": its linked conditions in order (label, value, control, run's plan...)."""
+        row = None
+        if sweep_id in SQLITE_INTEGER and self._has_sweeps():
+            with self._errors("read"):
+                row = self.db.execute("SELECT * FROM sweeps WHERE id = ?", (sweep_id,)).fetchone()
+        if row is None:
+            raise LabError(f"no sweep {sweep_id} in {self.path} (see lab sweeps)")
+        with self._errors("read"):
+            links = self.db.execute(
+                "SELECT l.position, l.run_id, l.label, l.value, l.control, r.plan, r.status FROM sweep_runs l "
+                "JOIN runs r ON r.id = l.run_id WHERE l.sweep_id = ? ORDER BY l.position", (sweep_id,)).fetchall()
+        runs = [{**dict(link), "value": json.loads(link["value"]), "plan": json.loads(link["plan"])} for link in links]
+        return {**dict(row), "options": json.loads(row["options"]), "runs": runs}

@@ -1,4 +1,4 @@
-"""The direction of imports: cli and tui on top, then session, runner, presets, probes, interventions,
+"""The direction of imports: cli and tui on top, then sweeps, session, runner, presets, probes, interventions,
 models and store, fast at the bottom; no module imports one above it, and no import cycle (imports inside
 functions count too)."""
 
@@ -14,7 +14,8 @@ LAYERS = [  # lowest first; a module may import its own layer and those below
     ("lab.summary", "lab.presets"),
     ("lab.runner",),
     ("lab.session", "lab.bench", "lab.toy"),
-    ("lab.report", "lab.cli", "lab.tui", "lab.__main__"),
+    ("lab.sweeps",),
+    ("lab.report", "lab.sweeps.report", "lab.cli", "lab.tui", "lab.__main__"),
 ]
 
 

@@ -380,3 +380,43 @@ def test_every_table_prints_user_text_as_text():
              "mmlu": {"questions": 1, "lab_qps": 1, "per_choice_qps": 1, "speedup": 1},
              "plan_overhead": [plan], "prefill": {"batch": 1, "length": 8, "tokens_per_s": 1, "tflops": 1}}
     assert _render(*report.bench_tables(bench)).count(MARKUP) == 2
+
+
+# 9. sweeps (schema version 2): a sweep links runs; a run can belong to several sweeps
+
+VERSION_1 = VERSION_0 + "PRAGMA user_version = 1;"
+
+
+def test_a_version_1_file_gains_the_sweep_tables_and_keeps_its_runs(tmp_path):
+    db = tmp_path / "v1.sqlite"
+    raw(db).executescript(VERSION_1)
+    with Store(db, readonly=True) as store:
+        assert store.sweeps() == []  # read-only: no tables made, no sweeps
+        with pytest.raises(LabError, match="no sweep 1 in"):
+            store.sweep(1)
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == 1
+    with Store(db) as store:
+        assert [run["name"] for run in store.runs()] == ["old run"]
+        sweep_id = store.open_sweep("s", "sweep", "toy", "heads", {"axis": "heads"}, "", 2)
+        store.link_run(sweep_id, 0, 1, "base", None, 0)
+        assert store.sweep(sweep_id)["runs"][0]["run_id"] == 1
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+
+
+def test_sweeps_resume_by_fingerprint_and_share_runs(tmp_path):
+    with Store(lab_db(tmp_path / "r.sqlite", runs=2)) as store:
+        first = store.open_sweep("a", "demo: heads", "random:jamba", "heads", {"controls": 0}, "preset", 2)
+        second = store.open_sweep("b", "demo: k", "random:jamba", "k", {"values": [0]}, "preset", 2)
+        for sweep_id in (first, second):
+            store.link_run(sweep_id, 0, 1, "base", None, 0)  # the base run in both
+        store.link_run(first, 1, 2, "L2.attn.h0", [2, 0], 0)
+        store.finish_sweep(first, "cancelled")
+        assert store.open_sweep("a", "demo: heads", "random:jamba", "heads", {}, "preset", 2) == first
+        store.finish_sweep(first, "done")
+        listed = {s["id"]: s for s in store.sweeps()}
+        assert listed[first]["linked"] == 2 and listed[second]["linked"] == 1 and listed[first]["status"] == "done"
+        runs = store.sweep(first)["runs"]
+        assert [(r["position"], r["run_id"], r["label"], r["value"]) for r in runs] == [
+            (0, 1, "base", None), (1, 2, "L2.attn.h0", [2, 0])]
+        assert store.sweep(first)["options"] == {"controls": 0}
+        assert store.run_by_fingerprint("f1")["id"] == 2 and store.run_by_fingerprint("nope") is None
