@@ -121,6 +121,11 @@ def cmd_runs(args) -> int:
 def cmd_export(args) -> int:
     import csv
 
+    if args.sweep is not None:
+        return cmd_sweeps(argparse.Namespace(sweep=args.sweep, csv=args.format == "csv", json=args.format == "json",
+                                             db=args.db))
+    if args.run is None:
+        raise LabError("lab export needs a run id (see lab runs) or --sweep ID (see lab sweeps)")
     with _store(args, readonly=True) as store:
         run = store.run(args.run)
         rows = store.trials(args.run)
@@ -340,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("export", help="export one run's trials")
-    p.add_argument("run", type=int)
+    p = sub.add_parser("export", help="export one run's trials, or a sweep (one row per condition)")
+    p.add_argument("run", type=int, nargs="?", help="the run's id (see lab runs)")
+    p.add_argument("--sweep", type=int, help="export this sweep instead: one row per condition (see lab sweeps)")
     p.add_argument("--format", choices=("csv", "json"), default="csv")
     _db_option(p)
     p.set_defaults(func=cmd_export)
@@ -372,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("heads", help="score attention heads on needle prompts and rank them")
     _model_args(p)
+    _db_option(p)
     p.add_argument("--score", default="retrieval", help="retrieval, entropy or needle_mass")
     p.add_argument("--keep", help="percentage of heads to keep, e.g. 15%%")
     p.add_argument("--write", help="write a preset whose plan keeps those heads")

@@ -373,7 +373,7 @@ def test_every_table_prints_user_text_as_text():
     assert _render(*report.summary_tables(summary)).count(MARKUP) == 2
     assert _render(report.heads_table([((0, 1), 0.5)], MARKUP, set(), 5)).count(MARKUP) == 2
     plan = {"batch": 1, "length": 8, "heads_off_overhead": 0, "heads_off_hooked_overhead": 0,
-            "sparsify_overhead_vs_eager": 0}
+            "sparsify_overhead_vs_eager": 0, "sparsify_overhead_vs_default": 0}
     bench = {"model": MARKUP, "parameters": 1e6, "dtype": "float32", "device": MARKUP,
              "needle_grid": {"prompts": 1, "new_tokens": 1, "lab_s": 1, "reference_s": 1,
                              "reference_measured_prompts": 1, "speedup": 1},

@@ -331,6 +331,10 @@ def test_cli_sweep_json_sweeps_and_csv(tmp_path, capsys):
     assert json.loads(rows[1]["plan"]) == condition["plan"]
     assert main(["sweeps", str(result["sweep"]), "--json", "--db", db]) == 0
     assert json.loads(capsys.readouterr().out) == result
+    assert main(["export", "--sweep", str(result["sweep"]), "--db", db]) == 0  # the same CSV through lab export
+    assert list(csv.DictReader(io.StringIO(capsys.readouterr().out))) == rows
+    assert main(["export", "--db", db]) == 2
+    assert "needs a run id" in capsys.readouterr().err
 
 
 def test_cli_sweep_prints_a_table_and_a_line_per_condition_without_a_terminal(tmp_path, capsys, monkeypatch):
