@@ -218,7 +218,8 @@ def test_haystack_of_dev_zero_fails_at_once():
             "try: next(file_sentences('/dev/zero'))\nexcept LabError as e: print(e)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           preexec_fn=limit_memory, timeout=120)
-    assert done.stdout == "haystack /dev/zero is larger than 64 MiB; give a smaller text file\n", done.stderr[-300:]
+    assert done.stdout == ("haystack /dev/zero is not a regular file (a FIFO or device would block or never end)\n"), \
+        done.stderr[-300:]
 
 
 def test_big_haystack_file_is_refused(tmp_path, monkeypatch):
@@ -332,3 +333,36 @@ def test_heads_write_where_nothing_can_be_written_is_one_line(tmp_path, capsys):
 
     with pytest.raises(LabError, match="cannot write the preset /proc/x.toml"):
         presets.save(presets.Preset(), "/proc/x.toml")
+
+
+def test_a_fifo_haystack_is_refused_not_waited_on(tmp_path):
+    import os
+
+    from lab.probes.haystack import file_sentences
+
+    fifo = tmp_path / "hay.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(LabError, match="is not a regular file"):
+        next(file_sentences(fifo))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda csv: csv.write_text('"' + "x" * 200_000 + '",a,b,c,d,A\n'), "field larger than field limit"),
+    (lambda csv: csv.symlink_to("/dev/zero"), "is not a regular file"),
+])
+def test_mmlu_files_that_are_too_big_are_one_line(tmp_path, make, message):
+    from lab.probes import mmlu
+
+    for split in ("dev", "test"):
+        (tmp_path / split).mkdir()
+    (tmp_path / "dev" / "x_dev.csv").write_text("q,a,b,c,d,A\n")
+    make(tmp_path / "test" / "x_test.csv")
+    with pytest.raises(LabError, match=message):
+        mmlu.load_questions(mmlu.MMLUSpec(source=str(tmp_path), shots=0))
+
+
+@pytest.mark.parametrize("changes, message", [({"trials": 9223372036854775807}, "above lab's limit of 1,000,000"),
+                                              ({"haystack": ""}, "needle.haystack is empty")])
+def test_absurd_grids_and_empty_haystacks_are_refused(changes, message):
+    with pytest.raises(LabError, match=message):
+        NeedleSpec(**changes).validate()

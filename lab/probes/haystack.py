@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from lab.errors import LabError
+from lab.probes.files import read_utf8, size
 
 MAX_HAYSTACK_BYTES = 64 << 20  # a user's haystack, all files together
 
@@ -53,6 +54,8 @@ def file_sentences(path: str | Path):
     whitespace before it, cycled forever: joined, the pieces give the text as written."""
     path = Path(path).expanduser()
     files = sorted(f for f in path.glob("**/*.txt") if f.is_file()) if path.is_dir() else [path]
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise LabError(f"haystack {path} is not a regular file (a FIFO or device would block or never end)")
     if not path.exists() or not files:
         raise LabError(f"haystack {path} not found (give a .txt file or a folder of .txt files)")
     parts = _file_parts(path, tuple((f, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
@@ -72,27 +75,12 @@ def _file_parts(path: Path, versions: tuple) -> tuple[str, ...]:
 
 def read_text(path: Path, files: list[Path]) -> str:
     """The files' UTF-8 text, joined as they are; at most MAX_HAYSTACK_BYTES in all, no binary files."""
+    too_large = f"haystack {path} is larger than {size(MAX_HAYSTACK_BYTES)}; give a smaller text file"
     texts, left = [], MAX_HAYSTACK_BYTES
     for file in files:
-        try:
-            with file.open("rb") as f:
-                data = f.read(left + 1)
-        except OSError as error:
-            raise LabError(f"haystack {file}: cannot read ({error.strerror or error})") from None
-        left -= len(data)
-        if left < 0:
-            raise LabError(f"haystack {path} is larger than {_size(MAX_HAYSTACK_BYTES)}; give a smaller text file")
-        if b"\0" in data:
-            raise LabError(f"haystack {file} contains NUL bytes: give a text file")
-        try:
-            texts.append(data.decode("utf-8"))
-        except UnicodeDecodeError as error:
-            raise LabError(f"haystack {file} is not UTF-8 text (byte {error.start})") from None
+        texts.append(read_utf8(file, left, "haystack", too_large))
+        left -= len(texts[-1].encode("utf-8"))
     return "".join(texts)
-
-
-def _size(n: int) -> str:
-    return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n} bytes"
 
 
 def sentence_stream(source: str, seed: int):

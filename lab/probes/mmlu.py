@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from lab.errors import LabError
+from lab.probes.files import read_utf8
 from lab.models.generation import pad_id
 from lab.probes.base import Prepared, Work, mean, mean_by
 
 LETTERS = ("A", "B", "C", "D")
+MAX_CSV_BYTES = 64 << 20  # one subject's file; the largest of MMLU's is under 1 MiB
 TOY_DIR = Path(__file__).resolve().parent.parent / "toy" / "data" / "toy-knowledge"
 _SUBCATEGORY = {
     "abstract_algebra": "math", "anatomy": "health", "astronomy": "physics", "business_ethics": "business",
@@ -97,17 +99,11 @@ class Question:
 
 
 def _read_csv(path: Path, subject: str) -> list[Question]:
+    text = read_utf8(path, MAX_CSV_BYTES, "MMLU file")
     try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise LabError(f"{path}: cannot read ({error.strerror or error})") from None
-    if b"\0" in data:
-        raise LabError(f"{path} contains NUL bytes: not a CSV text file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise LabError(f"{path} is not UTF-8 text (byte {error.start})") from None
-    rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
+        rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
+    except csv.Error as error:
+        raise LabError(f"MMLU file {path}: {error}") from None
     out = []
     for i, row in enumerate(rows):
         if len(row) != 6 or row[5].strip() not in LETTERS:

@@ -44,6 +44,7 @@ _KEY_WORDS = ("amber", "brisk", "cobalt", "dusty", "eager", "frosty", "golden", 
 _KEY_NOUNS = ("anchor", "badger", "canyon", "dragon", "ember", "falcon", "glacier", "harbor", "island", "jungle",
               "kettle", "ladder", "meadow", "nickel", "oyster", "pepper", "quartz", "raven", "saddle", "tunnel")
 CTX = object()  # marks where the haystack goes in a list of prompt pieces
+MAX_TRIALS = 1_000_000  # one probe's trials: a grid beyond this is a typo, not an experiment
 MAX_TOKENS = 1_048_576  # longest prompt plus answer lab builds, whatever the model
 RULER_TASKS = ("multikey", "multivalue", "multiquery")
 MAX_KEYS = len(_KEY_WORDS) * len(_KEY_NOUNS)  # distinct RULER keys
@@ -94,6 +95,12 @@ class NeedleSpec:
         if max(self.lengths) + self.max_new_tokens > MAX_TOKENS:
             raise LabError(f"needle: length {max(self.lengths)} + {self.max_new_tokens} new tokens is above lab's "
                            f"limit of {MAX_TOKENS:,} tokens")
+        cells = len(self.lengths) * len(self.depths) * self.trials
+        if cells > MAX_TRIALS:
+            raise LabError(f"needle: {cells:,} trials (lengths x depths x trials) is above lab's limit of "
+                           f"{MAX_TRIALS:,}; use fewer trials")
+        if not self.haystack.strip():
+            raise LabError('needle.haystack is empty: "generated", or a .txt file or folder')
         if self.task in RULER_TASKS and self.keys > MAX_KEYS:
             raise LabError(f"needle.keys: {self.keys} is more than the {MAX_KEYS} keys task {self.task} has")
         self._check_distinct()
