@@ -264,6 +264,7 @@ def score(trial: Trial, output: str, task: str) -> dict:
 def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[dict]:
     """Answer a batch of trials (of any lengths) under the active plan; return one result row each."""
     tok = loaded.tokenizer
+    tracker.needles = {tuple(t.ids): t.needle_spans for t in trials}  # where a plan's needle-attention op acts
     if spec.mode == "generate":
         tracker.prompt_len = None  # the prefill call defines the prompt
         answers = greedy(loaded, [t.ids for t in trials], spec.max_new_tokens, static=tracker.phase == "both")
