@@ -165,11 +165,16 @@ def test_removal_restores_the_model_exactly():
         assert torch.equal(model(input_ids=x).logits, before)
 
 
-def test_a_prompt_that_is_no_needle_prompt_is_a_clear_error():
+def test_prompts_without_needles_have_no_needle_tokens_and_unknown_ones_are_an_error():
+    """MMLU or the batch-size measurement under the plan: no needle; a prompt the probe did not hand over: an error."""
     loaded = tiny("jamba")
     x = ids(1, 30)
-    with pytest.raises(LabError, match="needle probe's prompts only"):
-        _run(loaded, x, _plan("omit"), {})
+    base, _ = _run(loaded, x, _plan(), {})
+    assert torch.allclose(_run(loaded, x, _plan("omit", "follow"), {})[0], base, atol=1e-6)
+    _, only = _run(loaded, x, _plan("only", "follow"), {})
+    assert not any(probs.any() for probs, _ in only.values())
+    with pytest.raises(LabError, match="none of the needle probe's prompts"):
+        _run(loaded, x, _plan("omit"), _needles(ids(1, 30, seed=1), length=30))
 
 
 @pytest.mark.parametrize("table, message", [

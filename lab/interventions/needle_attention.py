@@ -7,7 +7,7 @@ the model's own eager function, and for the attention modules the op acts on it 
 probabilities and computes probs @ values again. Every other module gets the model's result as is.
 
 Where the needle is: the needle probe hands the tracker each prompt's needle spans (tracker.needles,
-keyed by the prompt's token ids). A forward of more than one token starts sequences (a prefill, or a
+keyed by the prompt's token ids); other prompts (MMLU) have no needle tokens. A forward of more than one token starts sequences (a prefill, or a
 teacher-forced prompt and answer whose prompt length is tracker.prompt_len); a one-token forward
 decodes the rows prefilled since the last decoding step (transformers' generate(): one group of
 prompts; lab's ring decoder: all groups, in order). Keys are the positions up to the query, in order
@@ -164,17 +164,19 @@ class NeedleOp:
 
     def _find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The needle table of each row, found by its prompt's tokens (the prompt, or its start when the
-        prefill leaves the last prompt tokens to decoding steps)."""
+        prefill leaves the last prompt tokens to decoding steps). Without needles from the probe (MMLU, a
+        memory measurement) a prompt has no needle tokens: omit changes nothing, only and balanced leave
+        no attention."""
         length = self.tracker.prompt_len or ids.shape[-1]
         table = torch.zeros((ids.shape[0], length), dtype=torch.bool)
         needles = self.tracker.needles
-        for row, tokens in enumerate(ids[:, :length].tolist()):
+        for row, tokens in enumerate(ids[:, :length].tolist() if needles else ()):
             spans = needles.get(tuple(tokens))
             if spans is None:
                 starts = [s for prompt, s in needles.items() if list(prompt[:length]) == tokens]
                 if len(starts) != 1:
-                    raise LabError("needle attention acts on the needle probe's prompts only, and this is not one: "
-                                   "run the needle probe, or take needle_attention out of the plan")
+                    raise LabError("needle attention: a prompt that is none of the needle probe's prompts of "
+                                   "this batch, so where its needle is is unknown")
                 spans = starts[0]
             for start, end in spans:
                 table[row, start:end] = True
