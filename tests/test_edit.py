@@ -82,3 +82,17 @@ def test_needle_modes_cycle_per_phase():
     assert edit.next_needle_mode(plan, "prefill").needle_attention.prefill == "keep"
     scoped = Plan(needle_attention=NeedleAttention("null", layers=(2,)))
     assert edit.next_needle_mode(scoped, "generation").needle_attention == NeedleAttention("keep", layers=(2,))
+
+
+@pytest.mark.parametrize("seed", ["2", "5"])
+def test_site_names_order_a_block_before_its_head_0_whatever_the_hash_seed(seed):
+    """Head 0 sorted as if it were the whole block, so the order followed the set's (string hash) order."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from lab.interventions.sites import Resolved, Site; from lab.interventions.plan import Plan; "
+            "print(Resolved(Plan(), frozenset({Site(2, 'attention')}), frozenset({Site(2, 'attention', 0)})).names())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+    assert out.strip() == "['L2.attn', 'L2.attn.h0']"

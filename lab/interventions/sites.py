@@ -81,7 +81,7 @@ class Resolved:
 
     def names(self) -> list[str]:
         """Every site switched off, by its canonical name, in layer order."""
-        return [str(site) for site in sorted(self.blocks | self.heads, key=lambda s: (s.layer, s.kind, s.head or -1))]
+        return [str(site) for site in sorted(self.blocks | self.heads, key=lambda s: (s.layer, s.kind, -1 if s.head is None else s.head))]
 
 
 def _by_layer(sites: frozenset[Site]) -> dict[int, set[int]]:
