@@ -1,6 +1,7 @@
 import pytest
 
 from lab.interventions import BlocksOff, Plan, Sparsify
+from lab.interventions.plan import NeedleAttention
 from lab.interventions import Site, edit, resolve
 
 from conftest import tiny
@@ -62,3 +63,36 @@ def test_a_plan_resolves_once_to_canonical_sites():
             Site.parse(bad)
     with pytest.raises(LabError, match="out of range"):
         resolve(Plan(heads_off=((2, 9),)), anatomy)
+
+
+def test_needle_modes_cycle_per_phase():
+    anatomy = tiny("jamba").anatomy
+    plan = edit.next_needle_mode(Plan(), "generation")
+    assert plan.needle_attention == NeedleAttention("omit", "keep")
+    assert plan.describe(anatomy) == "needle: omit in generation, keep in prefill"
+    seen = [plan.needle_attention.generation]
+    for _ in range(4):
+        plan = edit.next_needle_mode(plan, "generation")
+        seen.append(plan.needle_attention.generation if plan.needle_attention else None)
+    assert seen == ["omit", "only", "balanced", "null", None]  # back at keep/keep: the op leaves the plan
+    plan = Plan(needle_attention=NeedleAttention("omit", "null"))
+    plan = edit.next_needle_mode(plan, "prefill")
+    assert plan.needle_attention.prefill == "follow"
+    assert plan.describe(anatomy) == "needle: omit in generation and prefill"
+    assert edit.next_needle_mode(plan, "prefill").needle_attention.prefill == "keep"
+    scoped = Plan(needle_attention=NeedleAttention("null", layers=(2,)))
+    assert edit.next_needle_mode(scoped, "generation").needle_attention == NeedleAttention("keep", layers=(2,))
+
+
+@pytest.mark.parametrize("seed", ["2", "5"])
+def test_site_names_order_a_block_before_its_head_0_whatever_the_hash_seed(seed):
+    """Head 0 sorted as if it were the whole block, so the order followed the set's (string hash) order."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from lab.interventions.sites import Resolved, Site; from lab.interventions.plan import Plan; "
+            "print(Resolved(Plan(), frozenset({Site(2, 'attention')}), frozenset({Site(2, 'attention', 0)})).names())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+    assert out.strip() == "['L2.attn', 'L2.attn.h0']"

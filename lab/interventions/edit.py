@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from lab.interventions.plan import PHASES, BlocksOff, Plan, Sparsify
+from dataclasses import replace
+
+from lab.interventions.plan import NEEDLE_MODES, PHASES, PREFILL_MODES, BlocksOff, NeedleAttention, Plan, Sparsify
 from lab.models.anatomy import BLOCK_KINDS, Anatomy
 
 
@@ -60,3 +62,13 @@ def next_phase(plan: Plan) -> Plan:
 
 def next_mode(plan: Plan) -> Plan:
     return plan.with_(mode="mean" if plan.mode == "zero" else "zero")
+
+
+def next_needle_mode(plan: Plan, phase: str) -> Plan:
+    """Cycle the needle-attention mode of "generation" (keep, omit, only, balanced, null) or "prefill"
+    (the same, then follow); back at keep in both phases the op leaves the plan."""
+    needle = plan.needle_attention or NeedleAttention()
+    modes = {"generation": NEEDLE_MODES, "prefill": PREFILL_MODES}[phase]
+    needle = replace(needle, **{phase: modes[(modes.index(getattr(needle, phase)) + 1) % len(modes)]})
+    idle = needle.generation == needle.mode("prefill") == "keep" and needle.everywhere
+    return plan.with_(needle_attention=None if idle else needle)

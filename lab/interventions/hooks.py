@@ -6,6 +6,8 @@ heads at every position is folded into that projection's weight instead (the rem
 are saved, zeroed, and copied back on leaving), so it costs nothing per forward call.
 Phase: a position is "generation" when it is at or after the prompt length. The prompt length is
 given, or taken from the first call of a sequence (cached generate: the prefill call).
+Sparsification and needle-attention manipulation (lab.interventions.needle_attention) need the
+attention probabilities: the model runs eager attention while such a plan is active.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Iterator
 import torch
 
 from lab.errors import LabError
+from lab.interventions import needle_attention
 from lab.interventions.plan import Plan
 from lab.interventions.sites import Resolved, resolve
 from lab.models.anatomy import ADAPTERS, Anatomy
@@ -32,6 +35,7 @@ class PhaseTracker:
     def __init__(self, phase: str, prompt_len: int | None = None):
         self.phase = phase
         self.prompt_len = prompt_len  # set by callers that run a teacher-forced forward
+        self.needles: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # prompt ids -> needle spans (needle probe)
         self._auto_len: int | None = None
         self._mask: torch.Tensor | None = None
 
@@ -225,10 +229,12 @@ def _installed(model, anatomy: Anatomy, plan: Resolved, means: Means, prompt_len
                 continue
             pre = _static_heads_prehook(tracker, block.heads, heads, mean)
             handles.append(proj.register_forward_pre_hook(pre))
+        if (plan.sparsify is not None or plan.needle is not None) and model.config._attn_implementation != "eager":
+            previous_impl = model.config._attn_implementation
+            model.set_attn_implementation("eager")
+        if plan.needle is not None:
+            undos.append(needle_attention.install(model, anatomy, plan, tracker, base_module(model, anatomy)))
         if plan.sparsify is not None:
-            if model.config._attn_implementation != "eager":
-                previous_impl = model.config._attn_implementation
-                model.set_attn_implementation("eager")
             for layer, block in anatomy.blocks("attention"):
                 if plan.sparsify.k >= block.heads:
                     continue

@@ -10,7 +10,10 @@ from lab.models.anatomy import BLOCK_KINDS, Anatomy
 MODES = ("zero", "mean")
 PHASES = ("prefill", "generation", "both")
 METRICS = ("entropy", "l2")
-PLAN_KEYS = {"off", "heads_off", "kv_heads_off", "keep_heads", "sparsify", "mode", "phase"}
+NEEDLE_MODES = ("keep", "omit", "only", "balanced", "null")
+PREFILL_MODES = NEEDLE_MODES + ("follow",)  # follow: the prefill uses the generation mode
+PLAN_KEYS = {"off", "heads_off", "kv_heads_off", "keep_heads", "sparsify", "needle_attention", "mode", "phase"}
+NEEDLE_KEYS = {"generation", "prefill", "layers", "heads"}
 
 
 @dataclass(frozen=True)
@@ -33,17 +36,51 @@ Head = tuple[int, int]  # (layer, query head)
 
 
 @dataclass(frozen=True)
+class NeedleAttention:
+    """The paper's post-softmax manipulation of the weights on the needle's key positions, per phase:
+    keep, omit (needle 0), only (the rest 0), balanced (the rest 0, the needle its mean weight), null (all 0).
+    It acts on every head of `layers` and on `heads`; with neither, on every attention head."""
+
+    generation: str = "keep"
+    prefill: str = "keep"  # or "follow": the generation mode
+    layers: tuple[int, ...] | None = None
+    heads: tuple[Head, ...] = ()
+
+    def mode(self, phase: str) -> str:
+        """The mode in "prefill" or "generation" (follow resolved)."""
+        return self.generation if phase == "generation" or self.prefill == "follow" else self.prefill
+
+    @property
+    def everywhere(self) -> bool:
+        return self.layers is None and not self.heads
+
+    def describe(self) -> str:
+        if self.mode("prefill") == self.generation:
+            words = f"needle: {self.generation} in generation and prefill"
+        else:
+            words = f"needle: {self.generation} in generation, {self.prefill} in prefill"
+        scope = []
+        if self.layers is not None:
+            scope.append(f"layer{'s' if len(self.layers) != 1 else ''} {', '.join(map(str, self.layers))}")
+        if self.heads:
+            scope.append(f"{len(self.heads)} head{'s' if len(self.heads) != 1 else ''}")
+        return words + (f" ({' and '.join(scope)})" if scope else "")
+
+
+@dataclass(frozen=True)
 class Plan:
     off: tuple[BlocksOff, ...] = ()
     heads_off: tuple[Head, ...] = ()
     keep_heads: tuple[Head, ...] | None = None  # static keep-set: every other head is off
     sparsify: Sparsify | None = None
+    needle_attention: NeedleAttention | None = None  # acts in its own phases, not in `phase`
     mode: str = "zero"
     phase: str = "both"
 
     @property
     def is_empty(self) -> bool:
-        return not (self.off or self.heads_off or self.keep_heads is not None or self.sparsify)
+        return not (self.off or self.heads_off or self.keep_heads is not None or self.sparsify
+                    or self.needle_attention)
 
     # ---- resolution against a model -------------------------------------------------------
     def check_names(self) -> Plan:
@@ -57,6 +94,12 @@ class Plan:
                 raise LabError(f"plan.off: kind {entry.kind!r} is not one of {', '.join(BLOCK_KINDS)}")
         if self.sparsify is not None and self.sparsify.metric not in METRICS:
             raise LabError(f"plan.sparsify.metric: {self.sparsify.metric!r} is not one of {', '.join(METRICS)}")
+        needle = self.needle_attention
+        if needle is not None:
+            for phase, modes in (("generation", NEEDLE_MODES), ("prefill", PREFILL_MODES)):
+                if getattr(needle, phase) not in modes:
+                    raise LabError(f"plan.needle_attention.{phase}: {getattr(needle, phase)!r} is not one of "
+                                   f"{', '.join(modes)}")
         return self
 
     def validate(self, anatomy: Anatomy) -> Plan:
@@ -68,7 +111,11 @@ class Plan:
                     raise LabError(f"plan.off: layer {layer} is out of range (0..{anatomy.num_layers - 1})")
                 if anatomy.layers[layer].block(entry.kind) is None:
                     raise LabError(f"plan.off: layer {layer} has no {entry.kind} block")
-        for key, heads in (("heads_off", self.heads_off), ("keep_heads", self.keep_heads or ())):
+        needle = self.needle_attention or NeedleAttention()
+        for layer in needle.layers or ():
+            _attention(anatomy, layer, "needle_attention.layers")
+        for key, heads in (("heads_off", self.heads_off), ("keep_heads", self.keep_heads or ()),
+                           ("needle_attention.heads", needle.heads)):
             for layer, head in heads:
                 block = _attention(anatomy, layer, key)
                 if not 0 <= head < block.heads:
@@ -115,12 +162,13 @@ class Plan:
             parts.append(f"{n}/{anatomy.total_heads} heads off")
         if self.sparsify:
             parts.append(f"sparsify k={self.sparsify.k} by {self.sparsify.metric}")
+        needle = [self.needle_attention.describe()] if self.needle_attention else []
         if not parts:
-            return "base model (nothing switched off)"
+            return needle[0] if needle else "base model (nothing switched off)"
         if self.mode == "mean":
             parts.append("mean-ablated")
         phase = {"both": "", "prefill": "prefill only", "generation": "generation only"}[self.phase]
-        return ", ".join(parts + ([phase] if phase else []))
+        return "; ".join([", ".join(parts + ([phase] if phase else []))] + needle)
 
     # ---- TOML ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -134,6 +182,11 @@ class Plan:
             data["keep_heads"] = [list(h) for h in self.keep_heads]
         if self.sparsify:
             data["sparsify"] = {"k": self.sparsify.k, "metric": self.sparsify.metric}
+        needle = self.needle_attention
+        if needle:
+            data["needle_attention"] = {"generation": needle.generation, "prefill": needle.prefill,
+                                        **({"layers": list(needle.layers)} if needle.layers is not None else {}),
+                                        **({"heads": [list(h) for h in needle.heads]} if needle.heads else {})}
         return data
 
     @classmethod
@@ -165,6 +218,7 @@ class Plan:
                 raise LabError(f"plan.sparsify.k: expected an integer, got {k!r}")
             sparsify = Sparsify(k, _str(sparsify, "metric", "entropy", "plan.sparsify"))
         plan = cls(off=tuple(off), heads_off=tuple(dict.fromkeys(heads)), keep_heads=keep, sparsify=sparsify,
+                   needle_attention=_needle(data.get("needle_attention")),
                    mode=_str(data, "mode", "zero", "plan"), phase=_str(data, "phase", "both", "plan")).check_names()
         return plan.validate(anatomy) if anatomy is not None else plan
 
@@ -188,10 +242,10 @@ def _attention(anatomy: Anatomy, layer: int, key: str):
         raise LabError(f"plan.{key}: {error}") from None
 
 
-def _list(data: dict, key: str) -> list:
+def _list(data: dict, key: str, table: str = "plan") -> list:
     value = data.get(key, [])
     if not isinstance(value, list):
-        raise LabError(f"plan.{key}: expected a list")
+        raise LabError(f"{table}.{key}: expected a list")
     return value
 
 
@@ -208,6 +262,24 @@ def _ints(values, key: str) -> list[int]:
     return values
 
 
+def _needle(table) -> NeedleAttention | None:
+    """The [plan.needle_attention] table, strictly."""
+    if table is None:
+        return None
+    key = "plan.needle_attention"
+    if not isinstance(table, dict):
+        raise LabError(f"{key}: expected a table {{generation = \"omit\", prefill = \"keep\"}}")
+    unknown = set(table) - NEEDLE_KEYS
+    if unknown:
+        raise LabError(f"{key}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(NEEDLE_KEYS))})")
+    layers = table.get("layers")
+    if layers == []:
+        raise LabError(f"{key}.layers: give at least one attention layer (leave it out for every layer)")
+    heads = tuple(dict.fromkeys(_head(h, "needle_attention.heads") for h in _list(table, "heads", key)))
+    return NeedleAttention(_str(table, "generation", "keep", key), _str(table, "prefill", "keep", key),
+                           None if layers is None else tuple(sorted(set(_ints(layers, f"{key}.layers")))), heads)
+
+
 def _head(value, key: str) -> Head:
     if not (isinstance(value, list) and len(value) == 2):
         raise LabError(f"plan.{key}: expected [layer, head] pairs, got {value!r}")
@@ -215,4 +287,5 @@ def _head(value, key: str) -> Head:
     return (layer, head)
 
 
-__all__ = ["BlocksOff", "Head", "Plan", "Sparsify", "kv_group_heads", "MODES", "PHASES", "METRICS"]
+__all__ = ["BlocksOff", "Head", "NeedleAttention", "Plan", "Sparsify", "kv_group_heads", "MODES", "PHASES", "METRICS",
+           "NEEDLE_MODES", "PREFILL_MODES"]

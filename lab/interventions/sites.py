@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from lab.errors import LabError
-from lab.interventions.plan import Plan, Sparsify
+from lab.interventions.plan import NeedleAttention, Plan, Sparsify
 from lab.models.anatomy import BLOCK_KINDS, Anatomy
 
 SHORT = {"attention": "attn", "ssm": "ssm", "mlp": "mlp", "moe": "moe"}
@@ -41,15 +41,21 @@ class Site:
 
 @dataclass(frozen=True)
 class Resolved:
-    """What a plan does to one model: blocks off, heads off (static), sparsification; op and phase."""
+    """What a plan does to one model: blocks off, heads off (static), sparsification, the heads whose
+    attention to the needle is manipulated; op and phase."""
 
     plan: Plan
     blocks: frozenset[Site]
     heads: frozenset[Site]
+    needle_heads: frozenset[Site] = frozenset()
 
     @property
     def sparsify(self) -> Sparsify | None:
         return self.plan.sparsify
+
+    @property
+    def needle(self) -> NeedleAttention | None:
+        return self.plan.needle_attention
 
     @property
     def mode(self) -> str:
@@ -61,16 +67,17 @@ class Resolved:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.blocks or self.heads or self.sparsify)
+        return not (self.blocks or self.heads or self.sparsify or self.needle)
 
     def is_off(self, site: Site) -> bool:
         return site in self.blocks or site in self.heads
 
     def heads_by_layer(self) -> dict[int, set[int]]:
-        by_layer: dict[int, set[int]] = {}
-        for site in self.heads:
-            by_layer.setdefault(site.layer, set()).add(site.head)
-        return dict(sorted(by_layer.items()))
+        return _by_layer(self.heads)
+
+    def needle_by_layer(self) -> dict[int, set[int]]:
+        """The query heads whose needle weights the plan changes, per attention layer."""
+        return _by_layer(self.needle_heads)
 
     def names(self) -> list[str]:
         """Every site switched off, by its canonical name, in layer order."""
@@ -78,9 +85,25 @@ class Resolved:
         return [str(site) for site in order]
 
 
+def _by_layer(sites: frozenset[Site]) -> dict[int, set[int]]:
+    by_layer: dict[int, set[int]] = {}
+    for site in sites:
+        by_layer.setdefault(site.layer, set()).add(site.head)
+    return dict(sorted(by_layer.items()))
+
+
+def _needle_heads(needle: NeedleAttention | None, anatomy: Anatomy) -> frozenset[Site]:
+    if needle is None:
+        return frozenset()
+    layers = [layer for layer, _ in anatomy.blocks("attention") if needle.everywhere or layer in (needle.layers or ())]
+    sites = {Site(layer, "attention", h) for layer in layers for h in range(anatomy.attention(layer).heads)}
+    return frozenset(sites | {Site(layer, "attention", h) for layer, h in needle.heads})
+
+
 def resolve(plan: Plan, anatomy: Anatomy) -> Resolved:
     """Check the plan against the model and list its sites; raises LabError on a layer or head out of range."""
     plan.validate(anatomy)
     heads = frozenset(Site(layer, "attention", head) for layer, removed in plan.heads_removed(anatomy).items()
                       for head in removed)
-    return Resolved(plan, frozenset(Site(layer, kind) for layer, kind in plan.blocks_off(anatomy)), heads)
+    return Resolved(plan, frozenset(Site(layer, kind) for layer, kind in plan.blocks_off(anatomy)), heads,
+                    _needle_heads(plan.needle_attention, anatomy))

@@ -351,6 +351,7 @@ def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[di
     """Answer a batch of trials (of any lengths) under the active plan; return one result row each."""
     tok = loaded.tokenizer
     early = spec.phase_boundary == "last-prompt-token"
+    tracker.needles = {tuple(t.ids): t.needle_spans for t in trials}  # where a plan's needle-attention op acts
     if spec.mode == "generate":
         answers = _generate(loaded, spec, [t.ids for t in trials], tracker)
         outputs = [tok.decode(ids, skip_special_tokens=True) for ids in answers]
