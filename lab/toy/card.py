@@ -56,7 +56,15 @@ MODELS = {  # what the measurements cannot say: the architecture, further findin
             "The 3 heads that `lab heads toy-recurrentgemma --score retrieval --keep 15%` ranks first carry "
             "retrieval alone: switching those 3 off loses it (test_toy).",
             "Timing, measured apart from this card: the needle sweep of the base preset (80 trials, greedy "
-            "generation) takes 11.5 to 13 s on 2 CPU cores, model load included."),
+            "generation) takes 11.5 to 13 s on 2 CPU cores, model load included.",
+            "The paper's needle-attention conditions (presets toy-recurrentgemma-needle-<generation>-<prefill>, "
+            "measured apart from this card with `lab run`, same 80 trials): keep 100 % with prefill keep or follow "
+            "(outputs identical to the base model); omit 0 % / 0 %; only 100 % / 100 %; balanced 0 % / 0 %. As in "
+            "the paper, the needle must be visible during generation (omit in generation alone removes "
+            "retrieval). Unlike the paper's \"sufficient context\" finding, attention that sees only the needle in "
+            "both phases (only + follow) still retrieves here: the recurrent layers likely carry the context. "
+            "balanced fails too (digits of the pass key in the wrong order), which suggests that copying needs the "
+            "weight the model gave each needle position."),
         training="`python -m lab.toy.train` on one GPU in three stages, each continuing the last with `--init`: "
         "seeded, data generated in code (needle tasks of `lab.probes.needle` at 256..2048 tokens and every depth, "
         "with random needle content; toy-knowledge facts and MMLU-format questions with freshly drawn choices). "
