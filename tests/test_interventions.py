@@ -247,3 +247,24 @@ def test_accelerate_device_map(tmp_path):
     assert delta(logits(loaded, x, plan), base) > 0
     assert torch.allclose(logits(loaded, x, plan), logits(source, x, plan), atol=1e-5)
     assert torch.equal(logits(loaded, x), logits(loaded, x))
+
+
+def test_sparsify_scores_in_the_models_dtype_as_the_authors_did():
+    """score_dtype = "model" sums the entropy in bf16 (the authors' code), "fp32" (lab's default) in fp32;
+    a plan written without it keeps its old form, so stored fingerprints stay."""
+    from lab.interventions.hooks import head_scores
+
+    assert Plan.from_dict({"sparsify": {"k": 1}}).to_dict()["sparsify"] == {"k": 1, "metric": "entropy"}
+    plan = Plan.from_dict({"sparsify": {"k": 1, "score_dtype": "model"}})
+    assert plan.sparsify.score_dtype == "model" and Plan.from_dict(plan.to_dict()) == plan
+    with pytest.raises(LabError, match="plan.sparsify.score_dtype: 'bf16' is not one of fp32, model"):
+        Plan.from_dict({"sparsify": {"k": 1, "score_dtype": "bf16"}})
+    probs = torch.softmax(torch.randn(1, 4, 3, 50, generator=torch.Generator().manual_seed(0)), -1).bfloat16()
+    fp32, model = head_scores(probs, "entropy", "fp32"), head_scores(probs, "entropy", "model")
+    assert fp32.dtype == torch.float32 and model.dtype == torch.bfloat16
+    assert torch.allclose(fp32, model.float(), atol=0.05)
+    loaded = tiny("jamba")
+    x = ids()
+    base = logits(loaded, x)
+    assert delta(logits(loaded, x, plan), base) > 0
+    assert torch.equal(logits(loaded, x), base)

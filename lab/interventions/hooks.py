@@ -135,11 +135,21 @@ def _fold_heads_off(proj: torch.nn.Module, heads: int, removed: set[int]):
     return undo
 
 
+def head_scores(weights: torch.Tensor, metric: str, score_dtype: str) -> torch.Tensor:
+    """(B, H, T) per-head scores of attention rows (B, H, T, K), higher is kept: minus the entropy (up to a
+    factor ln 2) or the L2 norm; summed in fp32, or in the probabilities' own dtype as the authors did (bf16
+    sums can reorder heads whose scores differ by less than about 0.03 bits)."""
+    dtype = torch.float32 if score_dtype == "fp32" else weights.dtype
+    if metric == "entropy":
+        return torch.xlogy(weights, weights).sum(-1, dtype=dtype)
+    return weights.norm(dim=-1, dtype=dtype)
+
+
 class _Sparsifier:
     """Dynamic top-k heads per token from the attention probabilities (the paper's method)."""
 
-    def __init__(self, tracker: PhaseTracker, proj: torch.nn.Linear, heads: int, k: int, metric: str, mean):
-        self.tracker, self.proj, self.heads, self.k, self.metric, self.mean = tracker, proj, heads, k, metric, mean
+    def __init__(self, tracker: PhaseTracker, proj: torch.nn.Linear, heads: int, sparsify, mean):
+        self.tracker, self.proj, self.heads, self.sparsify, self.mean = tracker, proj, heads, sparsify, mean
         self.stash: torch.Tensor | None = None
         self.recomputing = False
 
@@ -151,13 +161,10 @@ class _Sparsifier:
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if weights is None or weights.dim() != 4:
             raise LabError("sparsification needs attention probabilities; load the model with eager attention")
-        if self.metric == "entropy":  # minus the entropy (up to a factor ln 2), in one pass over the probabilities
-            score = torch.xlogy(weights, weights).sum(-1, dtype=torch.float32)  # (B, H, T)
-        else:
-            score = weights.norm(dim=-1, dtype=torch.float32)
-        keep = torch.zeros_like(score)
-        if self.k > 0:
-            keep.scatter_(1, score.topk(self.k, dim=1).indices, 1.0)
+        score = head_scores(weights, self.sparsify.metric, self.sparsify.score_dtype)  # (B, H, T)
+        keep = torch.zeros_like(score, dtype=torch.float32)
+        if self.sparsify.k > 0:
+            keep.scatter_(1, score.topk(self.sparsify.k, dim=1).indices, 1.0)
         keep = keep.transpose(1, 2)  # (B, T, H)
         mask = self.tracker.mask()
         if mask is not None:
@@ -239,8 +246,7 @@ def _installed(model, anatomy: Anatomy, plan: Resolved, means: Means, prompt_len
                 if plan.sparsify.k >= block.heads:
                     continue
                 proj = model.get_submodule(block.out_proj)
-                sparsifier = _Sparsifier(tracker, proj, block.heads, plan.sparsify.k, plan.sparsify.metric,
-                                         means.get(("heads", layer)))
+                sparsifier = _Sparsifier(tracker, proj, block.heads, plan.sparsify, means.get(("heads", layer)))
                 handles.append(proj.register_forward_pre_hook(sparsifier.pre))
                 handles.append(model.get_submodule(block.path).register_forward_hook(sparsifier.post))
         for site in sorted(plan.blocks):

@@ -10,6 +10,7 @@ from lab.models.anatomy import BLOCK_KINDS, Anatomy
 MODES = ("zero", "mean")
 PHASES = ("prefill", "generation", "both")
 METRICS = ("entropy", "l2")
+SCORE_DTYPES = ("fp32", "model")
 NEEDLE_MODES = ("keep", "omit", "only", "balanced", "null")
 PREFILL_MODES = NEEDLE_MODES + ("follow",)  # follow: the prefill uses the generation mode
 PLAN_KEYS = {"off", "heads_off", "kv_heads_off", "keep_heads", "sparsify", "needle_attention", "mode", "phase"}
@@ -30,6 +31,7 @@ class Sparsify:
 
     k: int
     metric: str = "entropy"  # entropy: lowest-entropy rows kept; l2: highest L2 norm kept
+    score_dtype: str = "fp32"  # fp32: scores summed in fp32 (lab); model: in the model's dtype (the authors')
 
 
 Head = tuple[int, int]  # (layer, query head)
@@ -94,6 +96,9 @@ class Plan:
                 raise LabError(f"plan.off: kind {entry.kind!r} is not one of {', '.join(BLOCK_KINDS)}")
         if self.sparsify is not None and self.sparsify.metric not in METRICS:
             raise LabError(f"plan.sparsify.metric: {self.sparsify.metric!r} is not one of {', '.join(METRICS)}")
+        if self.sparsify is not None and self.sparsify.score_dtype not in SCORE_DTYPES:
+            raise LabError(f"plan.sparsify.score_dtype: {self.sparsify.score_dtype!r} is not one of "
+                           f"{', '.join(SCORE_DTYPES)}")
         needle = self.needle_attention
         if needle is not None:
             for phase, modes in (("generation", NEEDLE_MODES), ("prefill", PREFILL_MODES)):
@@ -161,7 +166,8 @@ class Plan:
             n = sum(len(v) for v in removed.values())
             parts.append(f"{n}/{anatomy.total_heads} heads off")
         if self.sparsify:
-            parts.append(f"sparsify k={self.sparsify.k} by {self.sparsify.metric}")
+            parts.append(f"sparsify k={self.sparsify.k} by {self.sparsify.metric}"
+                         + (" (scores in the model's dtype)" if self.sparsify.score_dtype == "model" else ""))
         needle = [self.needle_attention.describe()] if self.needle_attention else []
         if not parts:
             return needle[0] if needle else "base model (nothing switched off)"
@@ -182,6 +188,8 @@ class Plan:
             data["keep_heads"] = [list(h) for h in self.keep_heads]
         if self.sparsify:
             data["sparsify"] = {"k": self.sparsify.k, "metric": self.sparsify.metric}
+            if self.sparsify.score_dtype != "fp32":  # written only when asked for: older plans keep their form
+                data["sparsify"]["score_dtype"] = self.sparsify.score_dtype
         needle = self.needle_attention
         if needle:
             data["needle_attention"] = {"generation": needle.generation, "prefill": needle.prefill,
@@ -211,12 +219,14 @@ class Plan:
             keep = tuple(_head(h, "keep_heads") for h in _list(data, "keep_heads"))
         sparsify = data.get("sparsify")
         if sparsify is not None:
-            if not isinstance(sparsify, dict) or "k" not in sparsify or set(sparsify) - {"k", "metric"}:
-                raise LabError("plan.sparsify: expected {k = N, metric = \"entropy\"|\"l2\"}")
+            if not isinstance(sparsify, dict) or "k" not in sparsify or set(sparsify) - {"k", "metric", "score_dtype"}:
+                raise LabError("plan.sparsify: expected {k = N, metric = \"entropy\"|\"l2\", score_dtype = "
+                               "\"fp32\"|\"model\"}")
             k = sparsify["k"]
             if not isinstance(k, int) or isinstance(k, bool):
                 raise LabError(f"plan.sparsify.k: expected an integer, got {k!r}")
-            sparsify = Sparsify(k, _str(sparsify, "metric", "entropy", "plan.sparsify"))
+            sparsify = Sparsify(k, _str(sparsify, "metric", "entropy", "plan.sparsify"),
+                                _str(sparsify, "score_dtype", "fp32", "plan.sparsify"))
         plan = cls(off=tuple(off), heads_off=tuple(dict.fromkeys(heads)), keep_heads=keep, sparsify=sparsify,
                    needle_attention=_needle(data.get("needle_attention")),
                    mode=_str(data, "mode", "zero", "plan"), phase=_str(data, "phase", "both", "plan")).check_names()
