@@ -198,3 +198,82 @@ async def test_head_scoring_is_stored_and_colours_the_grid(tmp_path):
         assert screen.overlay == "retrieval"
         (run,) = screen.store.runs()
         assert run["status"] == "done" and len(screen.store.trials(run["id"], "heads")) == 1
+
+
+# ---- crashes on advertised paths (issue 15) --------------------------------------------------------
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_no_color_starts_and_draws_the_grid(tmp_path, monkeypatch, size):
+    """NO_COLOR=1 (also what --color mono sets) once crashed in textual's monochrome filter."""
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = make_app(tmp_path)
+    async with app.run_test(size=size) as pilot:
+        await ready(app, pilot)
+        await pilot.press("down", "down", "space", "right", "right", "space", "minus")
+        await pilot.pause()
+        assert app.no_color and app.screen.plan.heads_off
+
+
+def write_keymap(tmp_path, monkeypatch, text: str):
+    path = tmp_path / "keymap.toml"
+    path.write_text(text)
+    monkeypatch.setattr("lab.tui.app.KEYMAP", path)
+
+
+async def test_keymap_with_dotted_ids_as_the_help_shows(tmp_path, monkeypatch):
+    write_keymap(tmp_path, monkeypatch, 'probe.needle = "g"\n"plan.attention" = "b"\n')
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("b")
+        assert app.screen.plan.off == (BlocksOff("attention"),)
+        await pilot.press("f1")
+        await pilot.pause()
+        table = app.screen.query_one("#help-box")
+        keys = {table.get_row_at(i)[2]: table.get_row_at(i)[0] for i in range(table.row_count)}
+        assert keys["probe.needle"] == "g" and keys["plan.attention"] == "b"
+        assert keys["app.help"] == "F1 ?" and keys["plan.k_down"] == "-" and keys["grid.toggle"] == "space enter"
+
+
+@pytest.mark.parametrize("text, why", [('probe.needle = 3\n', "probe.needle"), ("probe.needle = [\n", "keymap"),
+                                       ('nope.id = "g"\n', "nope.id")])
+async def test_a_bad_keymap_is_a_note_and_defaults_are_used(tmp_path, monkeypatch, text, why):
+    write_keymap(tmp_path, monkeypatch, text)
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        notes = [n.message for n in app._notifications]
+        assert any("keymap" in n and why in n for n in notes), notes
+        await pilot.press("a")
+        assert app.screen.plan.off == (BlocksOff("attention"),)
+
+
+async def test_toggling_while_a_new_model_loads_is_ignored_and_shown(tmp_path, monkeypatch):
+    import threading
+
+    from lab.tui import app as app_module
+
+    gate, real_load = threading.Event(), app_module.load
+
+    def gated_load(spec):
+        if spec.name == "random:bamba":
+            gate.wait()
+        return real_load(spec)
+
+    monkeypatch.setattr(app_module, "load", gated_load)
+    other = tmp_path / "other.toml"
+    other.write_text("[model]\nname = 'random:bamba'\n")
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        app.screen.open_preset(str(other))
+        await pilot.pause()
+        try:
+            assert app.screen.query_one(LayerGrid).loading
+            await pilot.press("space", "a", "t")
+            assert app.screen.plan == Plan()
+            assert "the model is still loading" in [n.message for n in app._notifications]
+        finally:
+            gate.set()
+        await ready(app, pilot)
+        assert app.screen.loaded.anatomy.architecture == "bamba"
+        assert not app.screen.query_one(LayerGrid).loading

@@ -4,7 +4,6 @@ workers whose results arrive as messages (Harlequin). Probe logic lives in lab.r
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from lab.summary import heatmap, summarize
 from lab.tui.charts import Heatmap, MMLUChart, NeedleChart
 from lab.tui.grid import LayerGrid
 from lab.tui.help import HelpScreen
+from lab.tui.keymap import read_keymap
 from lab.tui.messages import CellToggled, Failed, ModelLoaded, ProbeEvent, ScoresReady
 
 CONSOLE_NEEDLE = needle_probe.NeedleSpec(task="passkey", lengths=(256, 512, 1024, 2048), depths=(0, 25, 50, 75, 100),
@@ -387,6 +387,7 @@ class MainScreen(Screen):
         self.query_one("#tab-probe").mount(ProbeForm(preset))
         if other_model:
             self.spec, self.session = preset.model, None
+            self.query_one(LayerGrid).loading = True
             self.load_model(preset.model)
             return
         try:
@@ -506,18 +507,22 @@ class LabApp(App):
         self.store = store or Store()
         self.preset_path = preset_path
 
+    @classmethod
+    def all_bindings(cls) -> list[Binding]:
+        return list(cls.BINDINGS) + MainScreen.BINDINGS + LayerGrid.BINDINGS
+
     def on_mount(self) -> None:
         if KEYMAP.is_file():
             try:
-                self.set_keymap(tomllib.loads(KEYMAP.read_text()))
-            except (tomllib.TOMLDecodeError, OSError) as error:
-                self.notify(f"keymap {KEYMAP} ignored: {error}", severity="warning")
+                self.set_keymap(read_keymap(KEYMAP, {b.id for b in self.all_bindings()}))
+            except LabError as error:
+                self.notify(f"{error}; the default keys are used", severity="warning", timeout=10)
         screen = MainScreen(self.spec, self.preset, self.store)
         screen.preset_path = self.preset_path
         self.push_screen(screen)
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(list(self.BINDINGS) + MainScreen.BINDINGS + LayerGrid.BINDINGS))
+        self.push_screen(HelpScreen(self.all_bindings(), self._keymap))
 
     def action_screenshot_here(self) -> None:
         path = self.save_screenshot(path="screenshots")

@@ -24,6 +24,7 @@ from lab.tui.messages import CellToggled
 
 LABEL_WIDTH = 18
 BLOCK_LABELS = {"attention": "ATTN", "ssm": "SSM", "mlp": "MLP", "moe": "MOE"}
+PLAIN = Style()  # every segment carries a style: textual's monochrome filter (NO_COLOR) needs one
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,8 @@ class LayerGrid(ScrollView, can_focus=True):
         elif 0 <= row < len(self.rows):
             strip = Strip(self._segments(row))
         else:
-            return Strip.blank(self.size.width)
-        return strip.crop(scroll_x, scroll_x + self.size.width).extend_cell_length(self.size.width)
+            return Strip.blank(self.size.width, PLAIN)
+        return strip.crop(scroll_x, scroll_x + self.size.width).extend_cell_length(self.size.width, PLAIN)
 
     def _segments(self, row: int) -> list[Segment]:
         style = self.get_component_rich_style
@@ -160,7 +161,7 @@ class LayerGrid(ScrollView, can_focus=True):
         cursor_row, cursor_col = self.cursor
         for col, cell in enumerate(self.rows[row]):
             if cell.x > x:
-                segments.append(Segment(" " * (cell.x - x)))
+                segments.append(Segment(" " * (cell.x - x), PLAIN))
             if cell.kind == "head":
                 off = self.resolved.is_off(Site(row, "attention", cell.head))
                 text = "× " if off else "● "
@@ -174,6 +175,6 @@ class LayerGrid(ScrollView, can_focus=True):
             if (row, col) == (cursor_row, cursor_col) and self.has_focus:
                 cell_style = cell_style + style("grid--cursor")
             segments.append(Segment(text[: cell.width - 1], cell_style))
-            segments.append(Segment(" "))
+            segments.append(Segment(" ", PLAIN))
             x = cell.x + cell.width
         return segments
