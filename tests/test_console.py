@@ -46,7 +46,7 @@ async def test_toggles_produce_the_right_plan(tmp_path):
         assert screen.plan.sparsify.k == 3 and screen.plan.phase == "prefill"
         assert "*unsaved*" in str(screen.query_one("#plan").render())
         await pilot.press("c")
-        assert screen.plan == Plan(phase="prefill")
+        assert screen.plan == Plan()  # the true base: phase both
 
 
 async def test_probe_run_fills_the_chart(tmp_path):
@@ -153,19 +153,9 @@ def test_no_terminal_refuses_in_one_line(capsys):
 
 async def test_one_job_at_a_time_and_weights_restored(tmp_path, monkeypatch):
     """n then u (or r) once ran two probes on one model in two threads and left heads zeroed."""
-    import threading
-
     import torch
 
-    from lab.session import Session
-
-    gate, run = threading.Event(), Session.run
-
-    def gated_run(self, *args):  # the needle run waits until u and r have been pressed
-        gate.wait()
-        yield from run(self, *args)
-
-    monkeypatch.setattr(Session, "run", gated_run)
+    gate = gate_runs(monkeypatch)  # the needle run waits until u and r have been pressed
     app = make_app(tmp_path, lengths=(300, 400, 500), depths=(0, 50, 100))
     async with app.run_test(size=SIZE) as pilot:
         await ready(app, pilot)
@@ -277,3 +267,81 @@ async def test_toggling_while_a_new_model_loads_is_ignored_and_shown(tmp_path, m
         await ready(app, pilot)
         assert app.screen.loaded.anatomy.architecture == "bamba"
         assert not app.screen.query_one(LayerGrid).loading
+
+
+# ---- honest quit (issue 15) ---------------------------------------------------------------------
+def gate_runs(monkeypatch):
+    """Probe runs wait until the returned event is set."""
+    import threading
+
+    from lab.session import Session
+
+    gate, run = threading.Event(), Session.run
+
+    def gated_run(self, *args):
+        gate.wait()
+        yield from run(self, *args)
+
+    monkeypatch.setattr(Session, "run", gated_run)
+    return gate
+
+
+async def test_quit_during_a_job_asks_and_cancels_it(tmp_path, monkeypatch):
+    from lab.tui.app import ConfirmDialog
+
+    gate = gate_runs(monkeypatch)
+    app = make_app(tmp_path)
+    exits = []
+    monkeypatch.setattr(app, "exit", lambda *a, **k: exits.append(a))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        screen = app.screen
+        try:
+            await pilot.press("n")
+            job = screen.session.job
+            await pilot.press("q")
+            await pilot.pause()
+            assert isinstance(app.screen, ConfirmDialog)
+            assert "a probe is running: cancel it and quit?" in str(app.screen.query_one("#question").render())
+            await pilot.press("escape")  # no: the job goes on
+            await pilot.pause()
+            assert app.screen is screen and not exits and not job.cancel.is_set()
+            await pilot.press("q", "y")
+            await pilot.pause()
+            assert job.cancel.is_set() and exits
+        finally:
+            gate.set()
+        await ready(app, pilot)
+        assert screen.store.runs()[0]["status"] == "cancelled"
+
+
+async def test_unsaved_plan_changes_ask_before_quit_and_open(tmp_path, monkeypatch):
+    from lab.tui.app import ConfirmDialog, PathDialog
+
+    app = make_app(tmp_path)
+    exits = []
+    monkeypatch.setattr(app, "exit", lambda *a, **k: exits.append(a))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("a", "a")  # changed and changed back: nothing unsaved
+        await pilot.press("q")
+        await pilot.pause()
+        assert exits
+        exits.clear()
+        await pilot.press("a", "ctrl+o")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmDialog)
+        assert "unsaved plan changes" in str(app.screen.query_one("#question").render())
+        await pilot.press("n")
+        await pilot.pause()
+        await pilot.press("ctrl+o", "enter")
+        await pilot.pause()
+        assert isinstance(app.screen, PathDialog)
+        await pilot.press("escape")
+        await pilot.pause()
+        await pilot.press("q")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmDialog) and not exits
+        await pilot.press("enter")
+        await pilot.pause()
+        assert exits

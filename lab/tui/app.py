@@ -67,6 +67,29 @@ class PathDialog(ModalScreen[str | None]):
         self.dismiss(None)
 
 
+class ConfirmDialog(ModalScreen[bool]):
+    """A yes/no question: y or Enter says yes, n or Esc says no."""
+
+    BINDINGS = [Binding("y,enter", "answer(True)", "Yes", id="confirm.yes"),
+                Binding("n,escape", "answer(False)", "No", id="confirm.no")]
+    DEFAULT_CSS = """
+    ConfirmDialog { align: center middle; }
+    ConfirmDialog > Vertical { width: 60; height: auto; border: round $warning; background: $surface; padding: 1; }
+    """
+
+    def __init__(self, question: str):
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.question, id="question", markup=False)
+            yield Label("y or Enter: yes · n or Esc: no", classes="hint")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+
 class ProbeForm(Vertical):
     """The probe settings of the current preset, editable."""
 
@@ -125,13 +148,17 @@ class MainScreen(Screen):
         self.spec, self.preset, self.store = spec, preset, store
         self.session: Session | None = None
         self.plan = Plan()
-        self.dirty = False
+        self.saved_plan = Plan()  # as opened or saved: the plan differs from it when there are unsaved changes
         self.preset_path: str | None = None
         self.rows: dict[str, list[dict]] = {"needle": [], "mmlu": []}
         self.compare: set[int] = set()
         self.scores: dict | None = None
         self.overlay: str | None = None
         self.last_needle_run: tuple[Plan, float] | None = None
+
+    @property
+    def dirty(self) -> bool:
+        return self.plan != self.saved_plan
 
     # ---- layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -205,6 +232,7 @@ class MainScreen(Screen):
         except LabError as error:
             self.notify(f"preset plan ignored: {error}", severity="error", timeout=10)
             self.plan = Plan()
+        self.saved_plan = self.plan
         await self.query("#loading, LayerGrid").remove()
         grid = LayerGrid(anatomy, self.plan, id="grid")
         await self.query_one("#left").mount(grid)
@@ -299,7 +327,7 @@ class MainScreen(Screen):
         self._set_plan(edit.next_mode(self.plan))
 
     def action_clear(self) -> None:
-        self._set_plan(Plan(mode=self.plan.mode, phase=self.plan.phase))
+        self._set_plan(Plan())
 
     def _claim(self, name: str) -> Job | None:
         """The session for a new job, or None (and a note) while another job runs."""
@@ -353,11 +381,34 @@ class MainScreen(Screen):
         self.query_one(LayerGrid).set_overlay(values)
         self._show_plan()
 
+    def ask(self, question: str, then) -> None:
+        """Call then() once the user says yes to `question`."""
+        self.app.push_screen(ConfirmDialog(question), lambda yes: then() if yes else None)
+
     def action_open_preset(self) -> None:
         def opened(path: str | None) -> None:
             if path:
                 self.open_preset(path)
-        self.app.push_screen(PathDialog("open preset", self.preset_path or "presets/"), opened)
+
+        def choose() -> None:
+            self.app.push_screen(PathDialog("open preset", self.preset_path or "presets/"), opened)
+        if self.dirty:
+            self.ask("unsaved plan changes: open another preset anyway?", choose)
+        else:
+            choose()
+
+    def quit(self) -> None:
+        """Quit, asking first while a job runs (it is cancelled) or the plan has unsaved changes."""
+        def cancel_and_exit() -> None:
+            if self.session is not None:
+                self.session.cancel()
+            self.app.exit()
+        if self.session is not None and self.session.job is not None:
+            self.ask(f"{self.session.job.name} is running: cancel it and quit?", cancel_and_exit)
+        elif self.dirty:
+            self.ask("unsaved plan changes: quit anyway?", cancel_and_exit)
+        else:
+            self.app.exit()
 
     def action_save_preset(self) -> None:
         def chosen(path: str | None) -> None:
@@ -367,7 +418,7 @@ class MainScreen(Screen):
                 except (LabError, OSError) as error:
                     self.notify(str(error), title="save failed", severity="error")
                     return
-                self.preset_path, self.dirty = str(saved), False
+                self.preset_path, self.saved_plan = str(saved), self.plan
                 self._show_plan()
                 self.notify(f"saved {saved}")
         self.app.push_screen(PathDialog("save preset as", self.preset_path or "my-preset.toml"), chosen)
@@ -395,7 +446,7 @@ class MainScreen(Screen):
         except LabError as error:
             self.notify(str(error), title="bad preset", severity="error", timeout=10)
             return
-        self.dirty = False
+        self.saved_plan = self.plan
         self._show_plan()
 
     # ---- helpers --------------------------------------------------------------------------------
@@ -416,7 +467,7 @@ class MainScreen(Screen):
         return replace(self.preset, model=model, plan=self.plan.to_dict(), needle=needle, mmlu=mmlu)
 
     def _set_plan(self, plan: Plan) -> None:
-        self.plan, self.dirty = plan, True
+        self.plan = plan
         if self.loaded is not None:
             self.query_one(LayerGrid).set_plan(plan)
         self._show_plan()
@@ -520,6 +571,10 @@ class LabApp(App):
         screen = MainScreen(self.spec, self.preset, self.store)
         screen.preset_path = self.preset_path
         self.push_screen(screen)
+        self.main = screen
+
+    def action_quit(self) -> None:
+        self.main.quit()
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.all_bindings(), self._keymap))
