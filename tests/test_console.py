@@ -345,3 +345,73 @@ async def test_unsaved_plan_changes_ask_before_quit_and_open(tmp_path, monkeypat
         await pilot.press("enter")
         await pilot.pause()
         assert exits
+
+
+# ---- comparing runs (issue 15) ------------------------------------------------------------------
+def test_short_plan_names_what_is_off():
+    from lab.summary import short_plan
+
+    assert short_plan(Plan().to_dict()) == "base"
+    assert short_plan({"off": [{"kind": "attention", "layers": [2]}], "phase": "both"}) == "attn off L2"
+    assert short_plan({"off": [{"kind": "ssm"}], "heads_off": [[2, 0], [2, 1]], "sparsify": {"k": 2},
+                       "mode": "mean", "phase": "generation"}) == "ssm off · 2 heads off · k=2 · mean · gen only"
+
+
+async def test_charts_compare_with_the_base_and_the_previous_run(tmp_path):
+    app = make_app(tmp_path, lengths=(300,), depths=(50,))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        chart = app.screen.query_one(NeedleChart)
+        await pilot.press("n")
+        await ready(app, pilot)
+        assert chart.labels == ["#1 base"]
+        await pilot.press("a", "n")
+        await ready(app, pilot)
+        assert chart.labels == ["#1 base", "#2 attn off"]
+        await pilot.press("a", "s", "n")
+        await ready(app, pilot)
+        assert chart.labels == ["#1 base", "#2 attn off", "#3 ssm off"]
+        await pilot.press("s", "a", "n")  # run 2 again: already done, compared with base and run 3
+        await ready(app, pilot)
+        assert "already done: run #2 (0 new trials)" in [n.message for n in app._notifications]
+        assert chart.labels == ["#1 base", "#3 ssm off", "#2 attn off"]
+
+
+async def test_runs_tab_shows_this_models_runs_with_accuracies(tmp_path):
+    app = make_app(tmp_path, lengths=(300,), depths=(50,))
+    app.store.open_run("other", "o", "random:bamba", {}, "", {})
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("a", "n")
+        await ready(app, pilot)
+        table = app.screen.query_one("#runs")
+        labels = [str(c.label) for c in table.columns.values()]
+        assert labels[:4] == ["id", "plan", "needle", "MMLU"] and {"probes", "trials", "status", "started", "model", "name"} <= set(labels)
+        assert table.row_count == 1
+        row = dict(zip(labels, map(str, table.get_row_at(0))))
+        assert row["id"] == "2" and row["plan"] == "attn off" and row["needle"].endswith("%") and row["MMLU"] == ""
+        await pilot.press("4")
+        assert app.screen.query_one("#tabs").active == "tab-runs"
+        await pilot.press("v")  # every model
+        assert table.row_count == 2
+
+
+def test_lab_runs_lists_accuracies_at_80_columns(tmp_path, capsys, monkeypatch):
+    from lab.cli import main
+    from lab.store import Store
+
+    monkeypatch.setenv("COLUMNS", "80")
+    db = tmp_path / "r.sqlite"
+    with Store(db) as store:
+        run = store.open_run("f", "t · attention off", "toy-recurrentgemma", {"off": [{"kind": "attention"}]}, "", {})
+        store.add_trials(run, "needle", [{"key": "a", "length": 300, "depth": 0.0, "correct": True, "score": 1.0,
+                                          "exact": True, "contains": True, "fraction": 1.0}])
+        store.finish_run(run, "done")
+        store.open_run("g", "t · base", "random:jamba", {}, "", {})
+    assert main(["runs", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "attn off" in out and "100.0 %" in out and "random:jamba" in out  # columns dropped, names whole
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert main(["runs", "--db", str(db), "--model", "random:jamba"]) == 0
+    out = capsys.readouterr().out
+    assert "random:jamba" in out and "toy-recur" not in out

@@ -7,6 +7,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from rich.text import Text
+
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -27,7 +29,7 @@ from lab.probes.mmlu import MMLUSpec
 from lab.runner import Finished, Progress, Started
 from lab.session import Busy, Job, Session
 from lab.store import Store
-from lab.summary import heatmap, summarize
+from lab.summary import RUN_COLUMNS, heatmap, run_cells, run_label, summarize
 from lab.tui.charts import Heatmap, MMLUChart, NeedleChart
 from lab.tui.grid import LayerGrid
 from lab.tui.help import HelpScreen
@@ -37,6 +39,7 @@ from lab.tui.messages import CellToggled, Failed, ModelLoaded, ProbeEvent, Score
 CONSOLE_NEEDLE = needle_probe.NeedleSpec(task="passkey", lengths=(256, 512, 1024, 2048), depths=(0, 25, 50, 75, 100),
                                          max_new_tokens=8)
 OVERLAYS = (None, "retrieval", "entropy", "needle_mass", "effect")
+TABS = ("tab-needle", "tab-heatmap", "tab-mmlu", "tab-runs", "tab-probe")
 KEYMAP = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "lab" / "keymap.toml"
 
 
@@ -141,6 +144,10 @@ class MainScreen(Screen):
                 id="view.overlay"),
         Binding("ctrl+o", "open_preset", "Open", tooltip="Open a preset", id="preset.open"),
         Binding("ctrl+s", "save_preset", "Save", tooltip="Save model, plan and probe settings", id="preset.save"),
+        Binding("v", "all_runs", "All runs", show=False, tooltip="Runs tab: every model's runs or this model's",
+                id="runs.all"),
+        *(Binding(str(n), f"tab({n - 1})", TABS[n - 1][4:].title(), show=False, tooltip="Switch to this tab",
+                  id=f"view.{TABS[n - 1][4:]}") for n in range(1, 6)),
     ]
 
     def __init__(self, spec: ModelSpec, preset: presets.Preset, store: Store):
@@ -152,6 +159,9 @@ class MainScreen(Screen):
         self.preset_path: str | None = None
         self.rows: dict[str, list[dict]] = {"needle": [], "mmlu": []}
         self.compare: set[int] = set()
+        self.current_run: dict[str, tuple[int, str]] = {}  # probe -> (run id, label) of this session's last run
+        self.all_runs = False
+        self._summaries: dict[int, tuple[tuple, dict]] = {}
         self.scores: dict | None = None
         self.overlay: str | None = None
         self.last_needle_run: tuple[Plan, float] | None = None
@@ -186,7 +196,7 @@ class MainScreen(Screen):
     def on_mount(self) -> None:
         self.title = "lab"
         self.sub_title = f"loading {self.spec.name}..."
-        self.query_one("#runs", DataTable).add_columns("id", "name", "model", "status", "trials")
+        self.query_one("#runs", DataTable).add_columns(*RUN_COLUMNS)
         self._refresh_runs()
         self._show_plan()
         self.load_model(self.spec)
@@ -233,11 +243,13 @@ class MainScreen(Screen):
             self.notify(f"preset plan ignored: {error}", severity="error", timeout=10)
             self.plan = Plan()
         self.saved_plan = self.plan
+        self.rows, self.current_run, self.scores = {"needle": [], "mmlu": []}, {}, None  # they were the old model's
         await self.query("#loading, LayerGrid").remove()
         grid = LayerGrid(anatomy, self.plan, id="grid")
         await self.query_one("#left").mount(grid)
         grid.focus()
         self._show_plan()
+        self._replot()
         if anatomy.notes:
             self.notify("; ".join(anatomy.notes), timeout=6)
 
@@ -265,8 +277,11 @@ class MainScreen(Screen):
         if isinstance(event, Started):
             if probe in self.rows:
                 self.rows[probe] = []
+            self.current_run[probe] = (event.run_id, run_label(self.store.run(event.run_id)))
             bar.update(total=event.total, progress=event.skipped)
             self._status(f"{probe} run {event.run_id}: {event.plan}")
+            if event.total and event.skipped == event.total:
+                self.notify(f"already done: run #{event.run_id} (0 new trials)")
         elif isinstance(event, Progress):
             bar.update(progress=event.done)
             eta = f", about {event.eta_s:.0f} s left" if event.eta_s is not None else ""
@@ -353,6 +368,14 @@ class MainScreen(Screen):
             return
         self._start(probe, replace(preset, mmlu=None) if probe == "needle" else replace(preset, needle=None))
         self.query_one("#tabs", TabbedContent).active = "tab-needle" if probe == "needle" else "tab-mmlu"
+
+    def action_tab(self, index: int) -> None:
+        self.query_one("#tabs", TabbedContent).active = TABS[index]
+
+    def action_all_runs(self) -> None:
+        self.all_runs = not self.all_runs
+        self._refresh_runs()
+        self._status("runs of every model" if self.all_runs else "runs of this model (v shows every model's)")
 
     def action_cancel_probe(self) -> None:
         job = self.session.cancel() if self.session else None
@@ -487,25 +510,43 @@ class MainScreen(Screen):
     def _status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
 
+    @property
+    def model_name(self) -> str:
+        return self.loaded.spec.name if self.loaded else self.spec.name
+
+    def _summary(self, run: dict) -> dict:
+        """summarize() of a run's trials, computed again only when its trials or status change."""
+        version = (run["trials"], run["status"])
+        if self._summaries.get(run["id"], (None,))[0] != version:
+            self._summaries[run["id"]] = (version, summarize(self.store.trials(run["id"])))
+        return self._summaries[run["id"]][1]
+
     def _refresh_runs(self) -> None:
         table = self.query_one("#runs", DataTable)
         table.clear()
         for run in reversed(self.store.runs()):
-            mark = "▶ " if run["id"] in self.compare else ""
-            table.add_row(f"{mark}{run['id']}", run["name"][:28], run["model"][:24], run["status"], str(run["trials"]),
-                          key=str(run["id"]))
+            if self.all_runs or run["model"] == self.model_name:
+                cells = run_cells(run, self._summary(run))
+                cells[0] = ("▶ " if run["id"] in self.compare else "") + cells[0]
+                table.add_row(*(Text(c) for c in cells), key=str(run["id"]))
+
+    def _compared(self, probe: str) -> list[dict]:
+        """The runs every chart shows besides the current one: the base run (same model, empty plan), the
+        previous run, then the runs picked in the Runs tab."""
+        current_id = self.current_run.get(probe, (None,))[0]
+        runs = [r for r in self.store.runs() if r["model"] == self.model_name and r["id"] != current_id
+                and probe in self._summary(r)]
+        base = next((r for r in reversed(runs) if run_label(r) == f"#{r['id']} base"), None)
+        previous = next((r for r in reversed(runs) if r is not base), None)
+        picked = [r for r in runs if r["id"] in self.compare and r not in (base, previous)]
+        return [r for r in (base, previous, *picked) if r is not None]
 
     def _series(self, probe: str, key: str) -> list[tuple[str, dict]]:
-        series = []
-        for run_id in sorted(self.compare):
-            run = self.store.run(run_id)
-            summary = summarize(self.store.trials(run_id)).get(probe)
-            if summary:
-                series.append((f"#{run_id} {run['name'].split(' · ')[-1]}", summary[key]))  # its plan, in words
-        rows = self.rows[probe]
-        if rows:
-            summary = summarize([{**r, "probe": probe} for r in rows])[probe]
-            series.append(("current", summary[key]))
+        """(label, summary[key]) of the compared runs, then of the current run (live)."""
+        series = [(run_label(r), self._summary(r)[probe][key]) for r in self._compared(probe)]
+        if self.rows[probe]:
+            series.append((self.current_run[probe][1],
+                           summarize([{**r, "probe": probe} for r in self.rows[probe]])[probe][key]))
         return series
 
     def _replot(self) -> None:
@@ -519,14 +560,11 @@ class MainScreen(Screen):
         if name is None:
             return None
         if name == "effect":
-            if self.last_needle_run is None or not self.compare:
+            base = next((r for r in self._compared("needle") if run_label(r) == f"#{r['id']} base"), None)
+            if self.last_needle_run is None or base is None:
                 return None
             plan, accuracy = self.last_needle_run
-            base = [summarize(self.store.trials(r)).get("needle", {}).get("accuracy") for r in sorted(self.compare)]
-            base = [b for b in base if b is not None]
-            if not base:
-                return None
-            drop = max(0.0, max(base) - accuracy)
+            drop = max(0.0, self._summary(base)["needle"]["accuracy"] - accuracy)
             return {(l, h): drop for l, heads in plan.heads_removed(self.loaded.anatomy).items() for h in heads}
         if not self.scores:
             return None

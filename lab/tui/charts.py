@@ -21,7 +21,10 @@ def _fresh(widget: PlotextPlot, title: str):
 class NeedleChart(PlotextPlot):
     """One line per run: accuracy (%) against context length."""
 
+    labels: list[str] = []
+
     def show(self, series: list[tuple[str, dict[str, float]]]) -> None:
+        self.labels = [name for name, by_length in series if by_length]
         plt = _fresh(self, "needle accuracy by context length")
         plt.xlabel("tokens")
         plt.ylim(-5, 125)  # head room for the legend
@@ -36,9 +39,12 @@ class NeedleChart(PlotextPlot):
 class MMLUChart(PlotextPlot):
     """Accuracy (%) per MMLU category, one bar group per run."""
 
+    labels: list[str] = []
+
     def show(self, series: list[tuple[str, dict[str, float]]]) -> None:
         plt = _fresh(self, "MMLU accuracy by category")
         series = [(n, s) for n, s in series if s]
+        self.labels = [n for n, _ in series]
         if series:
             categories = sorted({c for _, s in series for c in s})
             labels = [c.replace("social_sciences", "social").replace("humanities", "human.") for c in categories]
