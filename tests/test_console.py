@@ -415,3 +415,66 @@ def test_lab_runs_lists_accuracies_at_80_columns(tmp_path, capsys, monkeypatch):
     assert main(["runs", "--db", str(db), "--model", "random:jamba"]) == 0
     out = capsys.readouterr().out
     assert "random:jamba" in out and "toy-recur" not in out
+
+
+# ---- legibility (issue 15) ----------------------------------------------------------------------
+def grid_text(grid: LayerGrid) -> list[str]:
+    return [grid.render_line(y).text for y in range(grid.size.height)]
+
+
+async def test_grid_is_readable_without_colour(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        grid = app.screen.query_one(LayerGrid)
+        header, *rows = grid_text(grid)
+        assert "0 1 2 3" in header  # head indices above the head columns
+        x = header.index("0 1 2 3")
+        assert rows[2][x] == "●"  # layer 2 (attention) has its heads under them
+        await pilot.press("down", "down", "right", "right", "space")  # head 0 off
+        assert grid_text(grid)[3][x] == "×"
+        await pilot.press("left", "left", "space", "minus")  # attention block off, sparsify k=3
+        line = grid_text(grid)[3]
+        assert "×ATT" in line and "k=3/4" in line
+        assert "×" not in grid_text(grid)[1] and "k=" not in grid_text(grid)[1]  # layer 0: SSM on, no attention
+
+
+async def test_escape_in_a_form_field_returns_to_the_grid(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("5")
+        await pilot.pause()
+        app.screen.query_one("#f-lengths").focus()
+        await pilot.press("escape")
+        assert app.screen.query_one(LayerGrid).has_focus
+        await pilot.press("a")
+        assert app.screen.plan.off == (BlocksOff("attention"),)
+
+
+async def test_f8_saves_a_screenshot_in_the_data_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f8")
+        await pilot.pause()
+        (shot,) = (tmp_path / "data" / "lab" / "screenshots").iterdir()
+        assert any(str(shot) in n.message for n in app._notifications)
+
+
+async def test_mmlu_under_a_generation_only_plan_says_it_changes_nothing(tmp_path, monkeypatch):
+    gate = gate_runs(monkeypatch)
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        try:
+            await pilot.press("a", "p", "p")
+            assert app.screen.plan.phase == "generation"
+            await pilot.press("u")
+            await pilot.pause()
+            notes = [n.message for n in app._notifications]
+            assert any("generation" in n and "changes nothing" in n for n in notes), notes
+        finally:
+            gate.set()
+        await ready(app, pilot)

@@ -28,7 +28,7 @@ from lab.probes.heads import HeadsSpec, scores
 from lab.probes.mmlu import MMLUSpec
 from lab.runner import Finished, Progress, Started
 from lab.session import Busy, Job, Session
-from lab.store import Store
+from lab.store import Store, default_path
 from lab.summary import RUN_COLUMNS, heatmap, run_cells, run_label, summarize
 from lab.tui.charts import Heatmap, MMLUChart, NeedleChart
 from lab.tui.grid import LayerGrid
@@ -309,6 +309,12 @@ class MainScreen(Screen):
         if self.overlay is None:
             self.action_overlay()
 
+    def on_key(self, event) -> None:
+        """Esc in a form field gives the focus back to the grid, so that probe keys are not typed there."""
+        if event.key == "escape" and isinstance(self.focused, (Input, Select)) and self.query(LayerGrid):
+            self.query_one(LayerGrid).focus()
+            event.stop()
+
     @on(DataTable.RowSelected, "#runs")
     def run_selected(self, event: DataTable.RowSelected) -> None:
         run_id = int(event.row_key.value)
@@ -367,6 +373,9 @@ class MainScreen(Screen):
             self.notify(str(error), title="probe settings", severity="error")
             return
         self._start(probe, replace(preset, mmlu=None) if probe == "needle" else replace(preset, needle=None))
+        if probe == "mmlu" and self.plan.phase == "generation" and not self.plan.is_empty:
+            self.notify("MMLU scores one forward pass over the prompt: a generation-only plan changes nothing there",
+                        severity="warning", timeout=8)
         self.query_one("#tabs", TabbedContent).active = "tab-needle" if probe == "needle" else "tab-mmlu"
 
     def action_tab(self, index: int) -> None:
@@ -584,7 +593,8 @@ class LabApp(App):
     BINDINGS = [
         Binding("q", "quit", "Quit", id="app.quit"),
         Binding("f1,question_mark", "help", "Help", tooltip="Show every binding and its id", id="app.help"),
-        Binding("f8", "screenshot_here", "Screenshot", show=False, tooltip="Save an SVG into ./screenshots",
+        Binding("f8", "screenshot", "Screenshot", show=False,
+                tooltip="Save an SVG of the screen in the data folder (~/.local/share/lab/screenshots)",
                 id="app.screenshot"),
     ]
 
@@ -617,6 +627,7 @@ class LabApp(App):
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.all_bindings(), self._keymap))
 
-    def action_screenshot_here(self) -> None:
-        path = self.save_screenshot(path="screenshots")
-        self.notify(f"saved {path}")
+    def action_screenshot(self) -> None:
+        folder = default_path().parent / "screenshots"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.notify(f"saved {self.save_screenshot(path=str(folder))}", timeout=10)
