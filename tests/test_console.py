@@ -478,3 +478,32 @@ async def test_mmlu_under_a_generation_only_plan_says_it_changes_nothing(tmp_pat
         finally:
             gate.set()
         await ready(app, pilot)
+
+
+async def test_footer_shows_the_important_keys_first(tmp_path):
+    from textual.widgets._footer import FooterKey
+
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        keys = [(k.key_display, k.description) for k in app.screen.query(FooterKey)]
+        assert keys[:5] == [("F1", "Help"), ("n", "Needle"), ("u", "MMLU"), ("x", "Cancel"), ("q", "Quit")]
+
+
+@pytest.mark.parametrize("size, lengths", [((80, 24), (256, 512, 1024, 2048)),
+                                           ((120, 40), (250, 677, 1105, 1532, 1959, 2387, 2814, 3241, 3669, 4096))])
+async def test_heatmap_fits_without_wrapping(tmp_path, size, lengths):
+    from lab.tui.charts import Heatmap
+
+    depths = [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
+    app = make_app(tmp_path)
+    async with app.run_test(size=size) as pilot:
+        await ready(app, pilot)
+        await pilot.press("2")
+        heatmap = app.screen.query_one(Heatmap)
+        heatmap.show(list(lengths), depths, [[d / 100 for _ in lengths] for d in depths])
+        await pilot.pause()
+        lines = heatmap.render().plain.splitlines()
+        assert len(lines) == len(depths) + 2  # title, header, one line per depth
+        assert max(map(len, lines)) <= heatmap.size.width
+        assert len(lines[2].split()) == len(lengths) + 1  # depth label and one value per length

@@ -7,6 +7,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from rich.markup import escape
 from rich.text import Text
 
 from textual import on, work
@@ -33,12 +34,13 @@ from lab.summary import RUN_COLUMNS, heatmap, run_cells, run_label, summarize
 from lab.tui.charts import Heatmap, MMLUChart, NeedleChart
 from lab.tui.grid import LayerGrid
 from lab.tui.help import HelpScreen
-from lab.tui.keymap import read_keymap
+from lab.tui.keymap import key_text, read_keymap
 from lab.tui.messages import CellToggled, Failed, ModelLoaded, ProbeEvent, ScoresReady
 
 CONSOLE_NEEDLE = needle_probe.NeedleSpec(task="passkey", lengths=(256, 512, 1024, 2048), depths=(0, 25, 50, 75, 100),
                                          max_new_tokens=8)
 OVERLAYS = (None, "retrieval", "entropy", "needle_mass", "effect")
+FOOTER_FIRST = ("app.help", "probe.needle", "probe.mmlu", "probe.cancel", "app.quit")
 TABS = ("tab-needle", "tab-heatmap", "tab-mmlu", "tab-runs", "tab-probe")
 KEYMAP = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "lab" / "keymap.toml"
 
@@ -165,6 +167,16 @@ class MainScreen(Screen):
         self.scores: dict | None = None
         self.overlay: str | None = None
         self.last_needle_run: tuple[Plan, float] | None = None
+
+    @property
+    def active_bindings(self):
+        """As textual's, with the keys people need most first, so that the footer shows them at any width."""
+        bindings = super().active_bindings
+
+        def rank(item) -> int:
+            binding_id = item[1].binding.id
+            return FOOTER_FIRST.index(binding_id) if binding_id in FOOTER_FIRST else len(FOOTER_FIRST)
+        return dict(sorted(bindings.items(), key=rank))
 
     @property
     def dirty(self) -> bool:
@@ -514,7 +526,7 @@ class MainScreen(Screen):
                 b.out_bias for _, b in self.loaded.anatomy.blocks("attention")):
             bias = "\n[i]o_proj bias survives head ablation[/i]"
         self.query_one("#plan", Static).update(
-            f"[b]plan[/b]: {words} · mode {self.plan.mode}{overlay}\npreset: {name}{flags}{bias}")
+            f"[b]plan[/b]: {escape(words)}{overlay}\npreset: {escape(name)}{flags}{bias}")
 
     def _status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
@@ -620,6 +632,10 @@ class LabApp(App):
         screen.preset_path = self.preset_path
         self.push_screen(screen)
         self.main = screen
+
+    def get_key_display(self, binding: Binding) -> str:
+        """Keys as people write them (F1, ?, -, space); textual's own form for chords (^s)."""
+        return super().get_key_display(binding) if "+" in binding.key else key_text(binding.key)
 
     def action_quit(self) -> None:
         self.main.quit()

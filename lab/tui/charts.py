@@ -55,20 +55,37 @@ class MMLUChart(PlotextPlot):
 
 
 class Heatmap(Static):
-    """Needle score by depth (rows) and context length (columns), as in the paper's figures."""
+    """Needle score by depth (rows) and context length (columns), as in the paper's figures; the cells narrow
+    and the lengths turn into thousands of tokens so that a row fits the widget's width."""
+
+    LABEL = 6  # "100% "
+
+    data: tuple = ([], [], [])
 
     def show(self, lengths: list[int], depths: list[float], grid: list[list[float | None]]) -> None:
+        self.data = (lengths, depths, grid)
+        self.update(self._draw(self.size.width))
+
+    def on_resize(self) -> None:
+        self.update(self._draw(self.size.width))
+
+    def _draw(self, width: int) -> Text | str:
+        lengths, depths, grid = self.data
         if not lengths:
-            self.update("no needle trials yet")
-            return
-        text = Text("depth\\len " + "".join(f"{n:>6}" for n in lengths) + "\n", style="bold")
+            return "no needle trials yet"
+        cell = max(4, min(6, (width - self.LABEL) // len(lengths)))
+        thousands = any(len(str(n)) >= cell for n in lengths)
+        names = [f"{n / 1000:.1f}" if thousands else str(n) for n in lengths]
+        text = Text(f"score % by depth and length{' (k tokens)' if thousands else ''}\n", style="bold")
+        text.append("depth".ljust(self.LABEL) + "".join(name.rjust(cell) for name in names) + "\n", style="bold")
         for depth, row in zip(depths, grid):
-            text.append(f"{depth:>8g}% ")
+            text.append(f"{depth:>4g}% ")
             for value in row:
+                text.append(" " * (cell - 3))
                 if value is None:
-                    text.append("     ·")
+                    text.append("  ·")
                 else:
-                    text.append(" ")
-                    text.append(f"{100 * value:>4.0f} ", style=f"black on {heat(value).name}")
+                    text.append(f"{100 * value:>3.0f}", style=f"black on {heat(value).name}")
             text.append("\n")
-        self.update(text)
+        text.rstrip()
+        return text
