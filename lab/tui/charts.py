@@ -33,6 +33,9 @@ class NeedleChart(PlotextPlot):
             if by_length:
                 xs = [int(k) for k in by_length]
                 plt.plot(xs, [100 * v for v in by_length.values()], label=name[:30], marker="braille")
+        lengths = sorted({int(k) for _, by_length in series for k in by_length})
+        if lengths:
+            plt.xticks(lengths)  # the lengths actually run
         self.refresh()
 
 
