@@ -57,6 +57,11 @@ def short_plan(plan: dict) -> str:
     return " · ".join(parts)
 
 
+def is_base(run: dict) -> bool:
+    """Whether a stored run switched nothing off (the model as it is)."""
+    return short_plan(json.loads(run["plan"])) == "base"
+
+
 def run_label(run: dict) -> str:
     """'#4 attn off L2': how charts name a run."""
     return f"#{run['id']} {short_plan(json.loads(run['plan']))}"

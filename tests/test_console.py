@@ -507,3 +507,4 @@ async def test_heatmap_fits_without_wrapping(tmp_path, size, lengths):
         assert len(lines) == len(depths) + 2  # title, header, one line per depth
         assert max(map(len, lines)) <= heatmap.size.width
         assert len(lines[2].split()) == len(lengths) + 1  # depth label and one value per length
+

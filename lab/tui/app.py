@@ -30,7 +30,7 @@ from lab.probes.mmlu import MMLUSpec
 from lab.runner import Finished, Progress, Started
 from lab.session import Busy, Job, Session
 from lab.store import Store, default_path
-from lab.summary import RUN_COLUMNS, heatmap, run_cells, run_label, summarize
+from lab.summary import RUN_COLUMNS, heatmap, is_base, run_cells, run_label, summarize
 from lab.tui.charts import Heatmap, MMLUChart, NeedleChart
 from lab.tui.grid import LayerGrid
 from lab.tui.help import HelpScreen
@@ -557,7 +557,7 @@ class MainScreen(Screen):
         current_id = self.current_run.get(probe, (None,))[0]
         runs = [r for r in self.store.runs() if r["model"] == self.model_name and r["id"] != current_id
                 and probe in self._summary(r)]
-        base = next((r for r in reversed(runs) if run_label(r) == f"#{r['id']} base"), None)
+        base = next((r for r in reversed(runs) if is_base(r)), None)
         previous = next((r for r in reversed(runs) if r is not base), None)
         picked = [r for r in runs if r["id"] in self.compare and r not in (base, previous)]
         return [r for r in (base, previous, *picked) if r is not None]
@@ -581,7 +581,7 @@ class MainScreen(Screen):
         if name is None:
             return None
         if name == "effect":
-            base = next((r for r in self._compared("needle") if run_label(r) == f"#{r['id']} base"), None)
+            base = next((r for r in self._compared("needle") if is_base(r)), None)
             if self.last_needle_run is None or base is None:
                 return None
             plan, accuracy = self.last_needle_run
