@@ -23,9 +23,12 @@ def app(tmp_path, monkeypatch):
 
 
 async def settle(pilot):
+    """Workers done, animations (the progress bar) finished, toasts gone: they expire on the clock."""
     await pilot.app.workers.wait_for_complete()
     await pilot.pause()
     await pilot.app.workers.wait_for_complete()
+    await pilot.wait_for_scheduled_animations()
+    pilot.app.clear_notifications()
     await pilot.pause()
 
 
@@ -34,7 +37,7 @@ def test_grid_with_a_plan(snap_compare, app, size):
     async def run_before(pilot):
         await settle(pilot)
         await pilot.press("down", "down", "right", "right", "space", "s", "minus", "p", "p")
-        await pilot.pause()
+        await settle(pilot)
     assert snap_compare(app, terminal_size=size, run_before=run_before)
 
 
@@ -54,7 +57,7 @@ def test_help(snap_compare, app, size):
     async def run_before(pilot):
         await settle(pilot)
         await pilot.press("f1")
-        await pilot.pause()
+        await settle(pilot)
     assert snap_compare(app, terminal_size=size, run_before=run_before)
 
 
@@ -67,5 +70,5 @@ def test_runs_tab(snap_compare, app, size):
         await pilot.press("a", "n")
         await settle(pilot)
         await pilot.press("4")
-        await pilot.pause()
+        await settle(pilot)
     assert snap_compare(app, terminal_size=size, run_before=run_before)
