@@ -208,7 +208,6 @@ class MainScreen(Screen):
     def on_mount(self) -> None:
         self.title = "lab"
         self.sub_title = f"loading {self.spec.name}..."
-        self.query_one("#runs", DataTable).add_columns(*RUN_COLUMNS)
         self._refresh_runs()
         self._show_plan()
         self.load_model(self.spec)
@@ -544,7 +543,8 @@ class MainScreen(Screen):
 
     def _refresh_runs(self) -> None:
         table = self.query_one("#runs", DataTable)
-        table.clear()
+        table.clear(columns=True)  # widths from the rows shown now, not from every row shown before
+        table.add_columns(*RUN_COLUMNS)
         for run in reversed(self.store.runs()):
             if self.all_runs or run["model"] == self.model_name:
                 cells = run_cells(run, self._summary(run))
