@@ -105,16 +105,20 @@ def cmd_run(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from rich.console import Console
-
-    from lab.report import runs_table
+    from lab.summary import summarize
 
     with _store(args, readonly=True) as store:
-        runs = store.runs()
+        runs = [r for r in store.runs() if args.model in (None, r["model"])]
+        summaries = {r["id"]: summarize(store.trials(r["id"])) for r in runs}
     if args.json:
-        print(json.dumps(runs, indent=1))
+        print(json.dumps([{**r, "summary": summaries[r["id"]]} for r in runs], indent=1))
     else:
-        Console().print(runs_table(runs, store.path))
+        from rich.console import Console
+
+        from lab.report import runs_table
+
+        console = Console()
+        console.print(runs_table(runs, summaries, store.path, console.width))
     return 0
 
 
@@ -340,9 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     _db_option(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("runs", help="list runs in the results database")
+    p = sub.add_parser("runs", help="list runs: plan in words, needle and MMLU accuracy, trials, status, age")
     _db_option(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--model", help="only this model's runs (as the console's Runs tab shows them)")
+    p.add_argument("--json", action="store_true", help="print the runs with their summaries as JSON")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("export", help="export one run's trials, or a sweep (one row per condition)")

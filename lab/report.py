@@ -16,7 +16,7 @@ def _table(title: str, columns: dict[str, str]) -> Table:
     """A table titled `title` with columns {header: justify}, all as plain text."""
     table = Table(title=Text(title), title_justify="left")
     for header, justify in columns.items():
-        table.add_column(Text(header), justify=justify)
+        table.add_column(Text(header), justify=justify, overflow="fold")  # long names wrap, never cut
     return table
 
 
@@ -79,14 +79,28 @@ def summary_tables(summary: dict) -> list[Table]:
     return tables
 
 
-def runs_table(runs: list[dict], path) -> Table:
-    import time
+DROP_FIRST = ("probes", "name", "started", "trials", "model", "status")  # when a terminal is too narrow
 
-    table = _table(f"runs in {path}", {name: "right" if name in ("id", "trials") else "left"
-                                       for name in ("id", "name", "model", "status", "trials", "started")})
-    for run in runs:
-        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["started"]))
-        _row(table, run["id"], run["name"], run["model"], run["status"], run["trials"], started)
+
+def runs_table(runs: list[dict], summaries: dict[int, dict], path, width: int = 250) -> Table:
+    """Runs as RUN_COLUMNS; `summaries`: run id -> summarize() of its trials. Columns that do not fit in
+    `width` are left out, least useful first (a model's name is wrapped, not cut)."""
+    from lab.summary import RUN_COLUMNS, run_cells
+
+    rows = [run_cells(run, summaries[run["id"]]) for run in runs]
+    keep = list(RUN_COLUMNS)
+
+    def needed(name: str) -> int:
+        i = RUN_COLUMNS.index(name)
+        return 3 + max([len(name)] + [len(row[i]) for row in rows])
+    for name in DROP_FIRST:
+        if sum(map(needed, keep)) + 1 <= width:
+            break
+        keep.remove(name)
+    table = _table(f"runs in {path}", {name: "right" if name in ("id", "needle", "MMLU", "trials") else "left"
+                                       for name in keep})
+    for row in rows:
+        _row(table, *(cell for name, cell in zip(RUN_COLUMNS, row) if name in keep))
     return table
 
 

@@ -46,7 +46,7 @@ async def test_toggles_produce_the_right_plan(tmp_path):
         assert screen.plan.sparsify.k == 3 and screen.plan.phase == "prefill"
         assert "*unsaved*" in str(screen.query_one("#plan").render())
         await pilot.press("c")
-        assert screen.plan == Plan(phase="prefill")
+        assert screen.plan == Plan()  # the true base: phase both
 
 
 async def test_probe_run_fills_the_chart(tmp_path):
@@ -153,19 +153,9 @@ def test_no_terminal_refuses_in_one_line(capsys):
 
 async def test_one_job_at_a_time_and_weights_restored(tmp_path, monkeypatch):
     """n then u (or r) once ran two probes on one model in two threads and left heads zeroed."""
-    import threading
-
     import torch
 
-    from lab.session import Session
-
-    gate, run = threading.Event(), Session.run
-
-    def gated_run(self, *args):  # the needle run waits until u and r have been pressed
-        gate.wait()
-        yield from run(self, *args)
-
-    monkeypatch.setattr(Session, "run", gated_run)
+    gate = gate_runs(monkeypatch)  # the needle run waits until u and r have been pressed
     app = make_app(tmp_path, lengths=(300, 400, 500), depths=(0, 50, 100))
     async with app.run_test(size=SIZE) as pilot:
         await ready(app, pilot)
@@ -198,3 +188,323 @@ async def test_head_scoring_is_stored_and_colours_the_grid(tmp_path):
         assert screen.overlay == "retrieval"
         (run,) = screen.store.runs()
         assert run["status"] == "done" and len(screen.store.trials(run["id"], "heads")) == 1
+
+
+# ---- crashes on advertised paths (issue 15) --------------------------------------------------------
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_no_color_starts_and_draws_the_grid(tmp_path, monkeypatch, size):
+    """NO_COLOR=1 (also what --color mono sets) once crashed in textual's monochrome filter."""
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = make_app(tmp_path)
+    async with app.run_test(size=size) as pilot:
+        await ready(app, pilot)
+        await pilot.press("down", "down", "space", "right", "right", "space", "minus")
+        await pilot.pause()
+        assert app.no_color and app.screen.plan.heads_off
+
+
+def write_keymap(tmp_path, monkeypatch, text: str):
+    path = tmp_path / "keymap.toml"
+    path.write_text(text)
+    monkeypatch.setattr("lab.tui.app.KEYMAP", path)
+
+
+async def test_keymap_with_dotted_ids_as_the_help_shows(tmp_path, monkeypatch):
+    write_keymap(tmp_path, monkeypatch, 'probe.needle = "g"\n"plan.attention" = "b"\n')
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("b")
+        assert app.screen.plan.off == (BlocksOff("attention"),)
+        await pilot.press("f1")
+        await pilot.pause()
+        table = app.screen.query_one("#help-box")
+        keys = {table.get_row_at(i)[2]: table.get_row_at(i)[0] for i in range(table.row_count)}
+        assert keys["probe.needle"] == "g" and keys["plan.attention"] == "b"
+        assert keys["app.help"] == "F1 ?" and keys["plan.k_down"] == "-" and keys["grid.toggle"] == "space enter"
+
+
+@pytest.mark.parametrize("text, why", [('probe.needle = 3\n', "probe.needle"), ("probe.needle = [\n", "keymap"),
+                                       ('nope.id = "g"\n', "nope.id")])
+async def test_a_bad_keymap_is_a_note_and_defaults_are_used(tmp_path, monkeypatch, text, why):
+    write_keymap(tmp_path, monkeypatch, text)
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        notes = [n.message for n in app._notifications]
+        assert any("keymap" in n and why in n for n in notes), notes
+        await pilot.press("a")
+        assert app.screen.plan.off == (BlocksOff("attention"),)
+
+
+async def test_toggling_while_a_new_model_loads_is_ignored_and_shown(tmp_path, monkeypatch):
+    import threading
+
+    from lab.tui import app as app_module
+
+    gate, real_load = threading.Event(), app_module.load
+
+    def gated_load(spec):
+        if spec.name == "random:bamba":
+            gate.wait()
+        return real_load(spec)
+
+    monkeypatch.setattr(app_module, "load", gated_load)
+    other = tmp_path / "other.toml"
+    other.write_text("[model]\nname = 'random:bamba'\n")
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        app.screen.open_preset(str(other))
+        await pilot.pause()
+        try:
+            assert app.screen.query_one(LayerGrid).loading
+            await pilot.press("space", "a", "t")
+            assert app.screen.plan == Plan()
+            assert "the model is still loading" in [n.message for n in app._notifications]
+        finally:
+            gate.set()
+        await ready(app, pilot)
+        assert app.screen.loaded.anatomy.architecture == "bamba"
+        assert not app.screen.query_one(LayerGrid).loading
+
+
+# ---- honest quit (issue 15) ---------------------------------------------------------------------
+def gate_runs(monkeypatch):
+    """Probe runs wait until the returned event is set."""
+    import threading
+
+    from lab.session import Session
+
+    gate, run = threading.Event(), Session.run
+
+    def gated_run(self, *args):
+        gate.wait()
+        yield from run(self, *args)
+
+    monkeypatch.setattr(Session, "run", gated_run)
+    return gate
+
+
+async def test_quit_during_a_job_asks_and_cancels_it(tmp_path, monkeypatch):
+    from lab.tui.app import ConfirmDialog
+
+    gate = gate_runs(monkeypatch)
+    app = make_app(tmp_path)
+    exits = []
+    monkeypatch.setattr(app, "exit", lambda *a, **k: exits.append(a))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        screen = app.screen
+        try:
+            await pilot.press("n")
+            job = screen.session.job
+            await pilot.press("q")
+            await pilot.pause()
+            assert isinstance(app.screen, ConfirmDialog)
+            assert "a probe is running: cancel it and quit?" in str(app.screen.query_one("#question").render())
+            await pilot.press("escape")  # no: the job goes on
+            await pilot.pause()
+            assert app.screen is screen and not exits and not job.cancel.is_set()
+            await pilot.press("q", "y")
+            await pilot.pause()
+            assert job.cancel.is_set() and exits
+        finally:
+            gate.set()
+        await ready(app, pilot)
+        assert screen.store.runs()[0]["status"] == "cancelled"
+
+
+async def test_unsaved_plan_changes_ask_before_quit_and_open(tmp_path, monkeypatch):
+    from lab.tui.app import ConfirmDialog, PathDialog
+
+    app = make_app(tmp_path)
+    exits = []
+    monkeypatch.setattr(app, "exit", lambda *a, **k: exits.append(a))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("a", "a")  # changed and changed back: nothing unsaved
+        await pilot.press("q")
+        await pilot.pause()
+        assert exits
+        exits.clear()
+        await pilot.press("a", "ctrl+o")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmDialog)
+        assert "unsaved plan changes" in str(app.screen.query_one("#question").render())
+        await pilot.press("n")
+        await pilot.pause()
+        await pilot.press("ctrl+o", "enter")
+        await pilot.pause()
+        assert isinstance(app.screen, PathDialog)
+        await pilot.press("escape")
+        await pilot.pause()
+        await pilot.press("q")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmDialog) and not exits
+        await pilot.press("enter")
+        await pilot.pause()
+        assert exits
+
+
+# ---- comparing runs (issue 15) ------------------------------------------------------------------
+def test_short_plan_names_what_is_off():
+    from lab.summary import short_plan
+
+    assert short_plan(Plan().to_dict()) == "base"
+    assert short_plan({"off": [{"kind": "attention", "layers": [2]}], "phase": "both"}) == "attn off L2"
+    assert short_plan({"off": [{"kind": "ssm"}], "heads_off": [[2, 0], [2, 1]], "sparsify": {"k": 2},
+                       "mode": "mean", "phase": "generation"}) == "ssm off · 2 heads off · k=2 · mean · gen only"
+
+
+async def test_charts_compare_with_the_base_and_the_previous_run(tmp_path):
+    app = make_app(tmp_path, lengths=(300,), depths=(50,))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        chart = app.screen.query_one(NeedleChart)
+        await pilot.press("n")
+        await ready(app, pilot)
+        assert chart.labels == ["#1 base"]
+        await pilot.press("a", "n")
+        await ready(app, pilot)
+        assert chart.labels == ["#1 base", "#2 attn off"]
+        await pilot.press("a", "s", "n")
+        await ready(app, pilot)
+        assert chart.labels == ["#1 base", "#2 attn off", "#3 ssm off"]
+        await pilot.press("s", "a", "n")  # run 2 again: already done, compared with base and run 3
+        await ready(app, pilot)
+        assert "already done: run #2 (0 new trials)" in [n.message for n in app._notifications]
+        assert chart.labels == ["#1 base", "#3 ssm off", "#2 attn off"]
+
+
+async def test_runs_tab_shows_this_models_runs_with_accuracies(tmp_path):
+    app = make_app(tmp_path, lengths=(300,), depths=(50,))
+    app.store.open_run("other", "o", "random:bamba", {}, "", {})
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("a", "n")
+        await ready(app, pilot)
+        table = app.screen.query_one("#runs")
+        labels = [str(c.label) for c in table.columns.values()]
+        assert labels[:4] == ["id", "plan", "needle", "MMLU"] and {"probes", "trials", "status", "started", "model", "name"} <= set(labels)
+        assert table.row_count == 1
+        row = dict(zip(labels, map(str, table.get_row_at(0))))
+        assert row["id"] == "2" and row["plan"] == "attn off" and row["needle"].endswith("%") and row["MMLU"] == ""
+        await pilot.press("4")
+        assert app.screen.query_one("#tabs").active == "tab-runs"
+        await pilot.press("v")  # every model
+        assert table.row_count == 2
+
+
+def test_lab_runs_lists_accuracies_at_80_columns(tmp_path, capsys, monkeypatch):
+    from lab.cli import main
+    from lab.store import Store
+
+    monkeypatch.setenv("COLUMNS", "80")
+    db = tmp_path / "r.sqlite"
+    with Store(db) as store:
+        run = store.open_run("f", "t · attention off", "toy-recurrentgemma", {"off": [{"kind": "attention"}]}, "", {})
+        store.add_trials(run, "needle", [{"key": "a", "length": 300, "depth": 0.0, "correct": True, "score": 1.0,
+                                          "exact": True, "contains": True, "fraction": 1.0}])
+        store.finish_run(run, "done")
+        store.open_run("g", "t · base", "random:jamba", {}, "", {})
+    assert main(["runs", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "attn off" in out and "100.0 %" in out and "random:jamba" in out  # columns dropped, names whole
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert main(["runs", "--db", str(db), "--model", "random:jamba"]) == 0
+    out = capsys.readouterr().out
+    assert "random:jamba" in out and "toy-recur" not in out
+
+
+# ---- legibility (issue 15) ----------------------------------------------------------------------
+def grid_text(grid: LayerGrid) -> list[str]:
+    return [grid.render_line(y).text for y in range(grid.size.height)]
+
+
+async def test_grid_is_readable_without_colour(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        grid = app.screen.query_one(LayerGrid)
+        header, *rows = grid_text(grid)
+        assert "0 1 2 3" in header  # head indices above the head columns
+        x = header.index("0 1 2 3")
+        assert rows[2][x] == "●"  # layer 2 (attention) has its heads under them
+        await pilot.press("down", "down", "right", "right", "space")  # head 0 off
+        assert grid_text(grid)[3][x] == "×"
+        await pilot.press("left", "left", "space", "minus")  # attention block off, sparsify k=3
+        line = grid_text(grid)[3]
+        assert "×ATT" in line and "k=3/4" in line
+        assert "×" not in grid_text(grid)[1] and "k=" not in grid_text(grid)[1]  # layer 0: SSM on, no attention
+
+
+async def test_escape_in_a_form_field_returns_to_the_grid(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("5")
+        await pilot.pause()
+        app.screen.query_one("#f-lengths").focus()
+        await pilot.press("escape")
+        assert app.screen.query_one(LayerGrid).has_focus
+        await pilot.press("a")
+        assert app.screen.plan.off == (BlocksOff("attention"),)
+
+
+async def test_f8_saves_a_screenshot_in_the_data_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f8")
+        await pilot.pause()
+        (shot,) = (tmp_path / "data" / "lab" / "screenshots").iterdir()
+        assert any(str(shot) in n.message for n in app._notifications)
+
+
+async def test_mmlu_under_a_generation_only_plan_says_it_changes_nothing(tmp_path, monkeypatch):
+    gate = gate_runs(monkeypatch)
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        try:
+            await pilot.press("a", "p", "p")
+            assert app.screen.plan.phase == "generation"
+            await pilot.press("u")
+            await pilot.pause()
+            notes = [n.message for n in app._notifications]
+            assert any("generation" in n and "changes nothing" in n for n in notes), notes
+        finally:
+            gate.set()
+        await ready(app, pilot)
+
+
+async def test_footer_shows_the_important_keys_first(tmp_path):
+    from textual.widgets._footer import FooterKey
+
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        keys = [(k.key_display, k.description) for k in app.screen.query(FooterKey)]
+        assert keys[:5] == [("F1", "Help"), ("n", "Needle"), ("u", "MMLU"), ("x", "Cancel"), ("q", "Quit")]
+
+
+@pytest.mark.parametrize("size, lengths", [((80, 24), (256, 512, 1024, 2048)),
+                                           ((120, 40), (250, 677, 1105, 1532, 1959, 2387, 2814, 3241, 3669, 4096))])
+async def test_heatmap_fits_without_wrapping(tmp_path, size, lengths):
+    from lab.tui.charts import Heatmap
+
+    depths = [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
+    app = make_app(tmp_path)
+    async with app.run_test(size=size) as pilot:
+        await ready(app, pilot)
+        await pilot.press("2")
+        heatmap = app.screen.query_one(Heatmap)
+        heatmap.show(list(lengths), depths, [[d / 100 for _ in lengths] for d in depths])
+        await pilot.pause()
+        lines = heatmap.render().plain.splitlines()
+        assert len(lines) == len(depths) + 2  # title, header, one line per depth
+        assert max(map(len, lines)) <= heatmap.size.width
+        assert len(lines[2].split()) == len(lengths) + 1  # depth label and one value per length
+

@@ -4,9 +4,11 @@ workers whose results arrive as messages (Harlequin). Probe logic lives in lab.r
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import replace
 from pathlib import Path
+
+from rich.markup import escape
+from rich.text import Text
 
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -27,16 +29,19 @@ from lab.probes.heads import HeadsSpec, scores
 from lab.probes.mmlu import MMLUSpec
 from lab.runner import Finished, Progress, Started
 from lab.session import Busy, Job, Session
-from lab.store import Store
-from lab.summary import heatmap, summarize
+from lab.store import Store, default_path
+from lab.summary import RUN_COLUMNS, heatmap, is_base, run_cells, run_label, summarize
 from lab.tui.charts import Heatmap, MMLUChart, NeedleChart
 from lab.tui.grid import LayerGrid
 from lab.tui.help import HelpScreen
+from lab.tui.keymap import key_text, read_keymap
 from lab.tui.messages import CellToggled, Failed, ModelLoaded, ProbeEvent, ScoresReady
 
 CONSOLE_NEEDLE = needle_probe.NeedleSpec(task="passkey", lengths=(256, 512, 1024, 2048), depths=(0, 25, 50, 75, 100),
                                          max_new_tokens=8)
 OVERLAYS = (None, "retrieval", "entropy", "needle_mass", "effect")
+FOOTER_FIRST = ("app.help", "probe.needle", "probe.mmlu", "probe.cancel", "app.quit")
+TABS = ("tab-needle", "tab-heatmap", "tab-mmlu", "tab-runs", "tab-probe")
 KEYMAP = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "lab" / "keymap.toml"
 
 
@@ -65,6 +70,29 @@ class PathDialog(ModalScreen[str | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class ConfirmDialog(ModalScreen[bool]):
+    """A yes/no question: y or Enter says yes, n or Esc says no."""
+
+    BINDINGS = [Binding("y,enter", "answer(True)", "Yes", id="confirm.yes"),
+                Binding("n,escape", "answer(False)", "No", id="confirm.no")]
+    DEFAULT_CSS = """
+    ConfirmDialog { align: center middle; }
+    ConfirmDialog > Vertical { width: 60; height: auto; border: round $warning; background: $surface; padding: 1; }
+    """
+
+    def __init__(self, question: str):
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.question, id="question", markup=False)
+            yield Label("y or Enter: yes · n or Esc: no", classes="hint")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
 
 
 class ProbeForm(Vertical):
@@ -118,6 +146,10 @@ class MainScreen(Screen):
                 id="view.overlay"),
         Binding("ctrl+o", "open_preset", "Open", tooltip="Open a preset", id="preset.open"),
         Binding("ctrl+s", "save_preset", "Save", tooltip="Save model, plan and probe settings", id="preset.save"),
+        Binding("v", "all_runs", "All runs", show=False, tooltip="Runs tab: every model's runs or this model's",
+                id="runs.all"),
+        *(Binding(str(n), f"tab({n - 1})", TABS[n - 1][4:].title(), show=False, tooltip="Switch to this tab",
+                  id=f"view.{TABS[n - 1][4:]}") for n in range(1, 6)),
     ]
 
     def __init__(self, spec: ModelSpec, preset: presets.Preset, store: Store):
@@ -125,13 +157,30 @@ class MainScreen(Screen):
         self.spec, self.preset, self.store = spec, preset, store
         self.session: Session | None = None
         self.plan = Plan()
-        self.dirty = False
+        self.saved_plan = Plan()  # as opened or saved: the plan differs from it when there are unsaved changes
         self.preset_path: str | None = None
         self.rows: dict[str, list[dict]] = {"needle": [], "mmlu": []}
         self.compare: set[int] = set()
+        self.current_run: dict[str, tuple[int, str]] = {}  # probe -> (run id, label) of this session's last run
+        self.all_runs = False
+        self._summaries: dict[int, tuple[tuple, dict]] = {}
         self.scores: dict | None = None
         self.overlay: str | None = None
         self.last_needle_run: tuple[Plan, float] | None = None
+
+    @property
+    def active_bindings(self):
+        """As textual's, with the keys people need most first, so that the footer shows them at any width."""
+        bindings = super().active_bindings
+
+        def rank(item) -> int:
+            binding_id = item[1].binding.id
+            return FOOTER_FIRST.index(binding_id) if binding_id in FOOTER_FIRST else len(FOOTER_FIRST)
+        return dict(sorted(bindings.items(), key=rank))
+
+    @property
+    def dirty(self) -> bool:
+        return self.plan != self.saved_plan
 
     # ---- layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -159,7 +208,6 @@ class MainScreen(Screen):
     def on_mount(self) -> None:
         self.title = "lab"
         self.sub_title = f"loading {self.spec.name}..."
-        self.query_one("#runs", DataTable).add_columns("id", "name", "model", "status", "trials")
         self._refresh_runs()
         self._show_plan()
         self.load_model(self.spec)
@@ -205,11 +253,14 @@ class MainScreen(Screen):
         except LabError as error:
             self.notify(f"preset plan ignored: {error}", severity="error", timeout=10)
             self.plan = Plan()
+        self.saved_plan = self.plan
+        self.rows, self.current_run, self.scores = {"needle": [], "mmlu": []}, {}, None  # they were the old model's
         await self.query("#loading, LayerGrid").remove()
         grid = LayerGrid(anatomy, self.plan, id="grid")
         await self.query_one("#left").mount(grid)
         grid.focus()
         self._show_plan()
+        self._replot()
         if anatomy.notes:
             self.notify("; ".join(anatomy.notes), timeout=6)
 
@@ -237,8 +288,11 @@ class MainScreen(Screen):
         if isinstance(event, Started):
             if probe in self.rows:
                 self.rows[probe] = []
+            self.current_run[probe] = (event.run_id, run_label(self.store.run(event.run_id)))
             bar.update(total=event.total, progress=event.skipped)
             self._status(f"{probe} run {event.run_id}: {event.plan}")
+            if event.total and event.skipped == event.total:
+                self.notify(f"already done: run #{event.run_id} (0 new trials)")
         elif isinstance(event, Progress):
             bar.update(progress=event.done)
             eta = f", about {event.eta_s:.0f} s left" if event.eta_s is not None else ""
@@ -265,6 +319,12 @@ class MainScreen(Screen):
         self._status(f"scored {len(message.scores)} heads; press o to colour the grid")
         if self.overlay is None:
             self.action_overlay()
+
+    def on_key(self, event) -> None:
+        """Esc in a form field gives the focus back to the grid, so that probe keys are not typed there."""
+        if event.key == "escape" and isinstance(self.focused, (Input, Select)) and self.query(LayerGrid):
+            self.query_one(LayerGrid).focus()
+            event.stop()
 
     @on(DataTable.RowSelected, "#runs")
     def run_selected(self, event: DataTable.RowSelected) -> None:
@@ -299,7 +359,7 @@ class MainScreen(Screen):
         self._set_plan(edit.next_mode(self.plan))
 
     def action_clear(self) -> None:
-        self._set_plan(Plan(mode=self.plan.mode, phase=self.plan.phase))
+        self._set_plan(Plan())
 
     def _claim(self, name: str) -> Job | None:
         """The session for a new job, or None (and a note) while another job runs."""
@@ -324,7 +384,18 @@ class MainScreen(Screen):
             self.notify(str(error), title="probe settings", severity="error")
             return
         self._start(probe, replace(preset, mmlu=None) if probe == "needle" else replace(preset, needle=None))
+        if probe == "mmlu" and self.plan.phase == "generation" and not self.plan.is_empty:
+            self.notify("MMLU scores one forward pass over the prompt: a generation-only plan changes nothing there",
+                        severity="warning", timeout=8)
         self.query_one("#tabs", TabbedContent).active = "tab-needle" if probe == "needle" else "tab-mmlu"
+
+    def action_tab(self, index: int) -> None:
+        self.query_one("#tabs", TabbedContent).active = TABS[index]
+
+    def action_all_runs(self) -> None:
+        self.all_runs = not self.all_runs
+        self._refresh_runs()
+        self._status("runs of every model" if self.all_runs else "runs of this model (v shows every model's)")
 
     def action_cancel_probe(self) -> None:
         job = self.session.cancel() if self.session else None
@@ -353,11 +424,34 @@ class MainScreen(Screen):
         self.query_one(LayerGrid).set_overlay(values)
         self._show_plan()
 
+    def ask(self, question: str, then) -> None:
+        """Call then() once the user says yes to `question`."""
+        self.app.push_screen(ConfirmDialog(question), lambda yes: then() if yes else None)
+
     def action_open_preset(self) -> None:
         def opened(path: str | None) -> None:
             if path:
                 self.open_preset(path)
-        self.app.push_screen(PathDialog("open preset", self.preset_path or "presets/"), opened)
+
+        def choose() -> None:
+            self.app.push_screen(PathDialog("open preset", self.preset_path or "presets/"), opened)
+        if self.dirty:
+            self.ask("unsaved plan changes: open another preset anyway?", choose)
+        else:
+            choose()
+
+    def quit(self) -> None:
+        """Quit, asking first while a job runs (it is cancelled) or the plan has unsaved changes."""
+        def cancel_and_exit() -> None:
+            if self.session is not None:
+                self.session.cancel()
+            self.app.exit()
+        if self.session is not None and self.session.job is not None:
+            self.ask(f"{self.session.job.name} is running: cancel it and quit?", cancel_and_exit)
+        elif self.dirty:
+            self.ask("unsaved plan changes: quit anyway?", cancel_and_exit)
+        else:
+            self.app.exit()
 
     def action_save_preset(self) -> None:
         def chosen(path: str | None) -> None:
@@ -367,7 +461,7 @@ class MainScreen(Screen):
                 except (LabError, OSError) as error:
                     self.notify(str(error), title="save failed", severity="error")
                     return
-                self.preset_path, self.dirty = str(saved), False
+                self.preset_path, self.saved_plan = str(saved), self.plan
                 self._show_plan()
                 self.notify(f"saved {saved}")
         self.app.push_screen(PathDialog("save preset as", self.preset_path or "my-preset.toml"), chosen)
@@ -387,6 +481,7 @@ class MainScreen(Screen):
         self.query_one("#tab-probe").mount(ProbeForm(preset))
         if other_model:
             self.spec, self.session = preset.model, None
+            self.query_one(LayerGrid).loading = True
             self.load_model(preset.model)
             return
         try:
@@ -394,7 +489,7 @@ class MainScreen(Screen):
         except LabError as error:
             self.notify(str(error), title="bad preset", severity="error", timeout=10)
             return
-        self.dirty = False
+        self.saved_plan = self.plan
         self._show_plan()
 
     # ---- helpers --------------------------------------------------------------------------------
@@ -415,7 +510,7 @@ class MainScreen(Screen):
         return replace(self.preset, model=model, plan=self.plan.to_dict(), needle=needle, mmlu=mmlu)
 
     def _set_plan(self, plan: Plan) -> None:
-        self.plan, self.dirty = plan, True
+        self.plan = plan
         if self.loaded is not None:
             self.query_one(LayerGrid).set_plan(plan)
         self._show_plan()
@@ -430,30 +525,49 @@ class MainScreen(Screen):
                 b.out_bias for _, b in self.loaded.anatomy.blocks("attention")):
             bias = "\n[i]o_proj bias survives head ablation[/i]"
         self.query_one("#plan", Static).update(
-            f"[b]plan[/b]: {words} · mode {self.plan.mode}{overlay}\npreset: {name}{flags}{bias}")
+            f"[b]plan[/b]: {escape(words)}{overlay}\npreset: {escape(name)}{flags}{bias}")
 
     def _status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
 
+    @property
+    def model_name(self) -> str:
+        return self.loaded.spec.name if self.loaded else self.spec.name
+
+    def _summary(self, run: dict) -> dict:
+        """summarize() of a run's trials, computed again only when its trials or status change."""
+        version = (run["trials"], run["status"])
+        if self._summaries.get(run["id"], (None,))[0] != version:
+            self._summaries[run["id"]] = (version, summarize(self.store.trials(run["id"])))
+        return self._summaries[run["id"]][1]
+
     def _refresh_runs(self) -> None:
         table = self.query_one("#runs", DataTable)
-        table.clear()
+        table.clear(columns=True)  # widths from the rows shown now, not from every row shown before
+        table.add_columns(*RUN_COLUMNS)
         for run in reversed(self.store.runs()):
-            mark = "▶ " if run["id"] in self.compare else ""
-            table.add_row(f"{mark}{run['id']}", run["name"][:28], run["model"][:24], run["status"], str(run["trials"]),
-                          key=str(run["id"]))
+            if self.all_runs or run["model"] == self.model_name:
+                cells = run_cells(run, self._summary(run))
+                cells[0] = ("▶ " if run["id"] in self.compare else "") + cells[0]
+                table.add_row(*(Text(c) for c in cells), key=str(run["id"]))
+
+    def _compared(self, probe: str) -> list[dict]:
+        """The runs every chart shows besides the current one: the base run (same model, empty plan), the
+        previous run, then the runs picked in the Runs tab."""
+        current_id = self.current_run.get(probe, (None,))[0]
+        runs = [r for r in self.store.runs() if r["model"] == self.model_name and r["id"] != current_id
+                and probe in self._summary(r)]
+        base = next((r for r in reversed(runs) if is_base(r)), None)
+        previous = next((r for r in reversed(runs) if r is not base), None)
+        picked = [r for r in runs if r["id"] in self.compare and r not in (base, previous)]
+        return [r for r in (base, previous, *picked) if r is not None]
 
     def _series(self, probe: str, key: str) -> list[tuple[str, dict]]:
-        series = []
-        for run_id in sorted(self.compare):
-            run = self.store.run(run_id)
-            summary = summarize(self.store.trials(run_id)).get(probe)
-            if summary:
-                series.append((f"#{run_id} {run['name'].split(' · ')[-1]}", summary[key]))  # its plan, in words
-        rows = self.rows[probe]
-        if rows:
-            summary = summarize([{**r, "probe": probe} for r in rows])[probe]
-            series.append(("current", summary[key]))
+        """(label, summary[key]) of the compared runs, then of the current run (live)."""
+        series = [(run_label(r), self._summary(r)[probe][key]) for r in self._compared(probe)]
+        if self.rows[probe]:
+            series.append((self.current_run[probe][1],
+                           summarize([{**r, "probe": probe} for r in self.rows[probe]])[probe][key]))
         return series
 
     def _replot(self) -> None:
@@ -467,14 +581,11 @@ class MainScreen(Screen):
         if name is None:
             return None
         if name == "effect":
-            if self.last_needle_run is None or not self.compare:
+            base = next((r for r in self._compared("needle") if is_base(r)), None)
+            if self.last_needle_run is None or base is None:
                 return None
             plan, accuracy = self.last_needle_run
-            base = [summarize(self.store.trials(r)).get("needle", {}).get("accuracy") for r in sorted(self.compare)]
-            base = [b for b in base if b is not None]
-            if not base:
-                return None
-            drop = max(0.0, max(base) - accuracy)
+            drop = max(0.0, self._summary(base)["needle"]["accuracy"] - accuracy)
             return {(l, h): drop for l, heads in plan.heads_removed(self.loaded.anatomy).items() for h in heads}
         if not self.scores:
             return None
@@ -494,7 +605,8 @@ class LabApp(App):
     BINDINGS = [
         Binding("q", "quit", "Quit", id="app.quit"),
         Binding("f1,question_mark", "help", "Help", tooltip="Show every binding and its id", id="app.help"),
-        Binding("f8", "screenshot_here", "Screenshot", show=False, tooltip="Save an SVG into ./screenshots",
+        Binding("f8", "screenshot", "Screenshot", show=False,
+                tooltip="Save an SVG of the screen in the data folder (~/.local/share/lab/screenshots)",
                 id="app.screenshot"),
     ]
 
@@ -506,19 +618,32 @@ class LabApp(App):
         self.store = store or Store()
         self.preset_path = preset_path
 
+    @classmethod
+    def all_bindings(cls) -> list[Binding]:
+        return list(cls.BINDINGS) + MainScreen.BINDINGS + LayerGrid.BINDINGS
+
     def on_mount(self) -> None:
         if KEYMAP.is_file():
             try:
-                self.set_keymap(tomllib.loads(KEYMAP.read_text()))
-            except (tomllib.TOMLDecodeError, OSError) as error:
-                self.notify(f"keymap {KEYMAP} ignored: {error}", severity="warning")
+                self.set_keymap(read_keymap(KEYMAP, {b.id for b in self.all_bindings()}))
+            except LabError as error:
+                self.notify(f"{error}; the default keys are used", severity="warning", timeout=10)
         screen = MainScreen(self.spec, self.preset, self.store)
         screen.preset_path = self.preset_path
         self.push_screen(screen)
+        self.main = screen
+
+    def get_key_display(self, binding: Binding) -> str:
+        """Keys as people write them (F1, ?, -, space); textual's own form for chords (^s)."""
+        return super().get_key_display(binding) if "+" in binding.key else key_text(binding.key)
+
+    def action_quit(self) -> None:
+        self.main.quit()
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(list(self.BINDINGS) + MainScreen.BINDINGS + LayerGrid.BINDINGS))
+        self.push_screen(HelpScreen(self.all_bindings(), self._keymap))
 
-    def action_screenshot_here(self) -> None:
-        path = self.save_screenshot(path="screenshots")
-        self.notify(f"saved {path}")
+    def action_screenshot(self) -> None:
+        folder = default_path().parent / "screenshots"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.notify(f"saved {self.save_screenshot(path=str(folder))}", timeout=10)

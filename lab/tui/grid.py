@@ -23,7 +23,9 @@ from lab.models.anatomy import Anatomy, Layer
 from lab.tui.messages import CellToggled
 
 LABEL_WIDTH = 18
+BADGE = " k={k}/{heads}"  # sparsify: heads kept per token in an attention layer
 BLOCK_LABELS = {"attention": "ATTN", "ssm": "SSM", "mlp": "MLP", "moe": "MOE"}
+PLAIN = Style()  # every segment carries a style: textual's monochrome filter (NO_COLOR) needs one
 
 
 @dataclass(frozen=True)
@@ -67,15 +69,17 @@ class LayerGrid(ScrollView, can_focus=True):
     """Shows which blocks and heads a plan switches off; posts CellToggled."""
 
     COMPONENT_CLASSES = {"grid--label", "grid--on", "grid--off", "grid--head-on", "grid--head-off",
-                         "grid--cursor", "grid--header"}
+                         "grid--head-dim", "grid--cursor", "grid--header", "grid--badge"}
     DEFAULT_CSS = """
     LayerGrid { height: 1fr; }
     LayerGrid > .grid--label { color: $text-muted; }
     LayerGrid > .grid--header { color: $text-muted; text-style: bold; }
     LayerGrid > .grid--on { background: $success 40%; color: $text; }
-    LayerGrid > .grid--off { background: $error 60%; color: $text; text-style: strike; }
+    LayerGrid > .grid--off { background: $error 60%; color: $text; }
     LayerGrid > .grid--head-on { color: $success; }
     LayerGrid > .grid--head-off { color: $error; }
+    LayerGrid > .grid--head-dim { color: $text-disabled; text-style: dim; }
+    LayerGrid > .grid--badge { color: $warning; }
     LayerGrid > .grid--cursor { text-style: reverse bold; }
     """
     BINDINGS = [
@@ -95,7 +99,18 @@ class LayerGrid(ScrollView, can_focus=True):
         self.labels = [layer_label(layer) for layer in anatomy.layers]
         self.overlay: dict[tuple[int, int], float] | None = None
         width = max((cells[-1].x + cells[-1].width for cells in self.rows if cells), default=LABEL_WIDTH)
-        self.virtual_size = Size(width, len(self.rows) + 1)
+        self.virtual_size = Size(width + len(BADGE.format(k=99, heads=99)), len(self.rows) + 1)
+        self.header = self._header(width)
+
+    def _header(self, width: int) -> str:
+        """Column titles, with head indices above the head cells of the first attention layer."""
+        chars = list(" layer kind".ljust(LABEL_WIDTH) + "blocks".ljust(width - LABEL_WIDTH))
+        heads = next((cells for cells in self.rows if any(c.kind == "head" for c in cells)), [])
+        for cell in (c for c in heads if c.kind == "head"):
+            index = str(cell.head)
+            if len(index) == 1 or cell.head % 2 == 0:  # 10, 12, ...: every other one, so that they do not touch
+                chars[cell.x:cell.x + len(index)] = index
+        return "".join(chars)
 
     def set_plan(self, plan: Plan) -> None:
         self.plan, self.resolved = plan, resolve(plan, self.anatomy)
@@ -145,35 +160,41 @@ class LayerGrid(ScrollView, can_focus=True):
         row = y + scroll_y - 1
         width = self.virtual_size.width
         if y == 0:
-            strip = Strip([Segment(" layer kind".ljust(LABEL_WIDTH) + "blocks / heads",
-                                   self.get_component_rich_style("grid--header"))])
+            strip = Strip([Segment(self.header, self.get_component_rich_style("grid--header"))])
         elif 0 <= row < len(self.rows):
             strip = Strip(self._segments(row))
         else:
-            return Strip.blank(self.size.width)
-        return strip.crop(scroll_x, scroll_x + self.size.width).extend_cell_length(self.size.width)
+            return Strip.blank(self.size.width, PLAIN)
+        return strip.crop(scroll_x, scroll_x + self.size.width).extend_cell_length(self.size.width, PLAIN)
 
     def _segments(self, row: int) -> list[Segment]:
+        """A layer's row: OFF is written with a symbol (×), not only in colour, so it reads in mono."""
         style = self.get_component_rich_style
         segments = [Segment(self.labels[row], style("grid--label"))]
         x = LABEL_WIDTH
         cursor_row, cursor_col = self.cursor
+        attention_off = self.resolved.is_off(Site(row, "attention"))
         for col, cell in enumerate(self.rows[row]):
             if cell.x > x:
-                segments.append(Segment(" " * (cell.x - x)))
+                segments.append(Segment(" " * (cell.x - x), PLAIN))
             if cell.kind == "head":
                 off = self.resolved.is_off(Site(row, "attention", cell.head))
                 text = "× " if off else "● "
-                cell_style = style("grid--head-off" if off else "grid--head-on")
+                cell_style = style("grid--head-dim" if attention_off else "grid--head-off" if off else "grid--head-on")
                 if self.overlay is not None and (row, cell.head) in self.overlay:
                     cell_style = cell_style + Style(bgcolor=heat(self.overlay[(row, cell.head)]))
             else:
                 off = self.resolved.is_off(Site(row, cell.kind))
-                text = BLOCK_LABELS[cell.kind].center(4) + " "
+                label = BLOCK_LABELS[cell.kind]
+                text = ("×" + label[:3] if off else label.center(4)) + " "
                 cell_style = style("grid--off" if off else "grid--on")
             if (row, col) == (cursor_row, cursor_col) and self.has_focus:
                 cell_style = cell_style + style("grid--cursor")
             segments.append(Segment(text[: cell.width - 1], cell_style))
-            segments.append(Segment(" "))
+            segments.append(Segment(" ", PLAIN))
             x = cell.x + cell.width
+        attention = self.anatomy.layers[row].block("attention")
+        if self.plan.sparsify is not None and attention is not None and attention.heads:
+            segments.append(Segment(BADGE.format(k=min(self.plan.sparsify.k, attention.heads), heads=attention.heads),
+                                    style("grid--badge")))
         return segments

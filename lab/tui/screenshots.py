@@ -14,10 +14,10 @@ from lab.models import ModelSpec
 from lab.probes.mmlu import MMLUSpec
 from lab.probes.needle import NeedleSpec
 from lab.store import Store
-from lab.tui.app import LabApp, MainScreen
+from lab.tui.app import LabApp
 
 OUT = Path(__file__).resolve().parent.parent.parent / "screenshots"
-SIZE = (120, 36)
+SIZE = (120, 40)
 
 
 def demo_preset(model: str) -> presets.Preset:
@@ -35,28 +35,34 @@ async def wait_idle(app, pilot) -> None:
 
 
 async def shoot(model: str = "toy-recurrentgemma", out: Path = OUT) -> list[Path]:
+    """grid (a plan), needle and heatmap (attention off compared with the base run), mmlu, runs."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
+
+    def save(name: str) -> None:
+        written.append(Path(app.save_screenshot(name, str(out))))
     with tempfile.TemporaryDirectory() as tmp:
         app = LabApp(ModelSpec(model), demo_preset(model), Store(Path(tmp) / "r.sqlite"))
         async with app.run_test(size=SIZE) as pilot:
             await wait_idle(app, pilot)
-            screen: MainScreen = app.screen
-            await pilot.press("down", "down", "space", "right", "right", "space")
-            written.append(Path(app.save_screenshot("grid.svg", str(out))))
-            await pilot.press("c", "a")
-            await pilot.press("n")
-            await wait_idle(app, pilot)
-            screen.compare = {1}
+            await pilot.press("down", "down", "space", "right", "right", "space", "minus")
+            save("grid.svg")
             await pilot.press("c", "n")
             await wait_idle(app, pilot)
-            written.append(Path(app.save_screenshot("needle.svg", str(out))))
-            screen.query_one("#tabs").active = "tab-heatmap"
-            await pilot.pause()
-            written.append(Path(app.save_screenshot("heatmap.svg", str(out))))
-            await pilot.press("u")
+            await pilot.press("a", "n")
             await wait_idle(app, pilot)
-            written.append(Path(app.save_screenshot("mmlu.svg", str(out))))
+            save("needle.svg")
+            await pilot.press("2")
+            await pilot.pause()
+            save("heatmap.svg")
+            await pilot.press("c", "u")
+            await wait_idle(app, pilot)
+            await pilot.press("a", "u")
+            await wait_idle(app, pilot)
+            save("mmlu.svg")
+            await pilot.press("4")
+            await pilot.pause()
+            save("runs.svg")
     return written
 
 
