@@ -454,6 +454,7 @@ async def test_escape_in_a_form_field_returns_to_the_grid(tmp_path):
 
 async def test_f8_saves_a_screenshot_in_the_data_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.delenv("LAB_DB")  # the data folder is the results database's; tests point LAB_DB elsewhere
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await ready(app, pilot)
