@@ -509,3 +509,15 @@ async def test_heatmap_fits_without_wrapping(tmp_path, size, lengths):
         assert max(map(len, lines)) <= heatmap.size.width
         assert len(lines[2].split()) == len(lengths) + 1  # depth label and one value per length
 
+
+
+async def test_needle_attention_keys_cycle_the_modes_and_the_plan_says_so(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("g")
+        needle = app.screen.plan.needle_attention
+        assert (needle.generation, needle.prefill) == ("omit", "keep")
+        await pilot.press("G", "G")
+        assert app.screen.plan.needle_attention.prefill == "only"
+        assert "needle: omit in generation, only in prefill" in str(app.screen.query_one("#plan").render())

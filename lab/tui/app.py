@@ -135,6 +135,12 @@ class MainScreen(Screen):
                 id="plan.k_up"),
         Binding("p", "phase", "Phase", tooltip="Cycle phase: both, prefill, generation", id="plan.phase"),
         Binding("z", "mode", "Mode", show=False, tooltip="Zero or mean ablation", id="plan.mode"),
+        Binding("g", "needle_mode('generation')", "Needle attn", show=False,
+                tooltip="Attention to the needle in generation: keep, omit, only, balanced, null",
+                id="plan.needle_generation"),
+        Binding("G", "needle_mode('prefill')", "Needle attn prefill", show=False,
+                tooltip="Attention to the needle in prefill: keep, omit, only, balanced, null, follow",
+                id="plan.needle_prefill"),
         Binding("c", "clear", "Clear", tooltip="Back to the base model", id="plan.clear"),
         Binding("n", "run_probe('needle')", "Needle", tooltip="Run the needle probe in the background",
                 id="probe.needle"),
@@ -357,6 +363,9 @@ class MainScreen(Screen):
 
     def action_mode(self) -> None:
         self._set_plan(edit.next_mode(self.plan))
+
+    def action_needle_mode(self, phase: str) -> None:
+        self._set_plan(edit.next_needle_mode(self.plan, phase))
 
     def action_clear(self) -> None:
         self._set_plan(Plan())
