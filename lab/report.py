@@ -6,22 +6,32 @@ categories) breaks it or changes how it looks: every cell and title here is a pl
 
 from __future__ import annotations
 
+import re
+
 from rich.table import Table
 from rich.text import Text
 
 from lab.models import Loaded
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def text(value) -> Text:
+    """User text as plain text: never markup, and control characters (a terminal escape in a preset name
+    could retitle or clear the terminal) shown as \\xNN instead of sent."""
+    return Text(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value)))
+
 
 def _table(title: str, columns: dict[str, str]) -> Table:
     """A table titled `title` with columns {header: justify}, all as plain text."""
-    table = Table(title=Text(title), title_justify="left")
+    table = Table(title=text(title), title_justify="left")
     for header, justify in columns.items():
-        table.add_column(Text(header), justify=justify, overflow="fold")  # long names wrap, never cut
+        table.add_column(text(header), justify=justify, overflow="fold")  # long names wrap, never cut
     return table
 
 
 def _row(table: Table, *cells) -> None:
-    table.add_row(*(Text(str(cell)) for cell in cells))
+    table.add_row(*(text(cell) for cell in cells))
 
 
 def anatomy_table(loaded: Loaded) -> Table:

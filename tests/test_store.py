@@ -420,3 +420,14 @@ def test_sweeps_resume_by_fingerprint_and_share_runs(tmp_path):
             (0, 1, "base", None), (1, 2, "L2.attn.h0", [2, 0])]
         assert store.sweep(first)["options"] == {"controls": 0}
         assert store.run_by_fingerprint("f1")["id"] == 2 and store.run_by_fingerprint("nope") is None
+
+
+def test_terminal_escapes_in_user_text_are_shown_not_sent(tmp_path, capsys, monkeypatch):
+    """A preset name with ESC sequences once retitled and cleared the terminal through lab runs."""
+    monkeypatch.setenv("COLUMNS", "250")
+    db = tmp_path / "r.sqlite"
+    with Store(db) as store:
+        store.open_run("f", "ev\x1b]0;pwned\x07il\x1b[2J", "m", {}, "", {})
+    assert main(["--db", str(db), "runs"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "ev\\x1b]0;pwned\\x07il\\x1b[2J" in out

@@ -11,9 +11,9 @@ from typing import IO, Iterable
 
 from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
 
 from lab import runner
+from lab.report import text
 from lab.sweeps.run import Stage, SweepFinished, SweepStarted
 from lab.sweeps.stats import OUTCOMES
 
@@ -67,19 +67,19 @@ def sweep_table(result: dict) -> Table:
     """One row per condition (the base first): accuracy, 95 % interval and difference per probe."""
     rows = ([result["base"]] if result["base"] else []) + result["conditions"]
     probes = [p for p in OUTCOMES if any(p in row for row in rows)]
-    table = Table(title=Text(f"sweep {result['sweep']}: {result['name']} ({result['status']})"), title_justify="left",
-                  caption=Text("* the 95 % interval excludes the base's accuracy"))
-    table.add_column(Text("condition"), no_wrap=True)
-    table.add_column(Text("value"), no_wrap=True)
+    table = Table(title=text(f"sweep {result['sweep']}: {result['name']} ({result['status']})"), title_justify="left",
+                  caption=text("* the 95 % interval excludes the base's accuracy"))
+    table.add_column(text("condition"), no_wrap=True)
+    table.add_column(text("value"), no_wrap=True)
     for probe in probes:
-        table.add_column(Text(f"{probe} (95 % CI)"), justify="right")
-        table.add_column(Text("vs base"), justify="right", no_wrap=True)
+        table.add_column(text(f"{probe} (95 % CI)"), justify="right")
+        table.add_column(text("vs base"), justify="right", no_wrap=True)
     for row in rows:
         cells = [row["label"], "" if row["value"] is None else json.dumps(row["value"])]
         for probe in probes:
             figures = row.get(probe)
             cells += _figures(figures) if figures else ["", ""]
-        table.add_row(*(Text(cell) for cell in cells))
+        table.add_row(*(text(cell) for cell in cells))
     return table
 
 
@@ -92,12 +92,12 @@ def _figures(figures: dict) -> list[str]:
 
 
 def sweeps_table(sweeps: list[dict], path) -> Table:
-    table = Table(title=Text(f"sweeps in {path}"), title_justify="left")
+    table = Table(title=text(f"sweeps in {path}"), title_justify="left")
     for header in ("id", "name", "model", "axis", "status", "conditions", "started"):
-        table.add_column(Text(header), justify="right" if header in ("id", "conditions") else "left")
+        table.add_column(text(header), justify="right" if header in ("id", "conditions") else "left")
     for sweep in sweeps:
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(sweep["started"]))
-        table.add_row(*(Text(str(cell)) for cell in (sweep["id"], sweep["name"], sweep["model"], sweep["axis"],
+        table.add_row(*(text(str(cell)) for cell in (sweep["id"], sweep["name"], sweep["model"], sweep["axis"],
                                                      sweep["status"], f"{sweep['linked']}/{sweep['conditions']}",
                                                      started)))
     return table
