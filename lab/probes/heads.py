@@ -68,7 +68,6 @@ def score_batch(loaded, spec: needle_probe.NeedleSpec, trials: list, tracker) ->
 
 def _head_values(loaded, trial, answer: list[int], tracker) -> dict[str, list[float]]:
     span = {p for s, e in trial.needle_spans for p in range(s, e)}
-    span_len = max(1, max((e - s for s, e in trial.needle_spans), default=1))
     ids = trial.ids + answer
     values = {}
     for layer, w in _answer_attention(loaded, trial.ids, answer, tracker).items():  # w: (H, G, K)
@@ -76,7 +75,9 @@ def _head_values(loaded, trial, answer: list[int], tracker) -> dict[str, list[fl
         entropy = -(w * torch.log(w + 1e-12)).sum(-1).mean(-1)  # (H,)
         mass = w[..., sorted(span)].sum(-1).mean(-1) if span else torch.zeros(w.shape[0])
         for h in range(w.shape[0]):
-            hits = retrieval_hits(top[h].tolist(), ids, answer, span) / span_len
+            # the share of answer tokens this head copied from the needle (Wu et al. divide by the needle's
+            # length instead, which caps a passkey head at answer / needle length: docs/fidelity.md, item 12)
+            hits = retrieval_hits(top[h].tolist(), ids, answer, span) / len(answer)
             values[str(Site(layer, "attention", h))] = [hits, float(entropy[h]), float(mass[h])]
     return values
 
