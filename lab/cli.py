@@ -304,6 +304,16 @@ def console(args) -> int:
     return 0
 
 
+def _preset_args(parser: argparse.ArgumentParser) -> None:
+    """A preset to run, another model for it, the flags only a command line may give, and --db."""
+    parser.add_argument("preset", help="a .toml file or a name from presets/")
+    parser.add_argument("--model", help="override the preset's model")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model repo's own code (never a preset's)")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow non-safetensors weights (never a preset's)")
+    _db_option(parser)
+
+
 def _db_option(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
     """--db before or after the command: a command's own option is left out when not given, so that
     `lab --db X runs` keeps X."""
@@ -336,12 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("run", help="run a preset headless: probes, results database, summary")
-    p.add_argument("preset", help="a .toml file or a name from presets/")
+    _preset_args(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--model", help="override the preset's model")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (never a preset's)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow non-safetensors weights (never a preset's)")
-    _db_option(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("runs", help="list runs: plan in words, needle and MMLU accuracy, trials, status, age")
@@ -358,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sweep", help="run a preset under every condition of an axis (each layer, head, k...)")
-    p.add_argument("preset", help="a .toml file or a name from presets/")
+    _preset_args(p)
     p.add_argument("--over", required=True, metavar="AXIS",
                    help="attention-layers, ssm-layers, mlp-layers, heads, kv-heads, k or keep-top")
     p.add_argument("--layers", help="only these layers, e.g. 2,5 (block axes, heads, kv-heads)")
@@ -368,10 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controls", type=int, default=0, help="random sets of the same size per condition")
     p.add_argument("--seed", type=int, default=0, help="seed of the random controls")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--model", help="override the preset's model")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (never a preset's)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow non-safetensors weights (never a preset's)")
-    _db_option(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("sweeps", help="list sweeps, or show one sweep's result (--csv: one row per condition)")
