@@ -16,7 +16,7 @@ from lab.errors import LabError
 from lab.interventions import Plan, Site, apply_plan
 from lab.models.generation import greedy
 from lab.probes import needle as needle_probe
-from lab.probes.base import Prepared, Work, mean
+from lab.probes.base import Prepared, mean
 
 SCORES = ("retrieval", "entropy", "needle_mass")
 
@@ -129,21 +129,7 @@ class HeadsProbe:
     def prepare(self, loaded, spec: HeadsSpec) -> Prepared:
         if not loaded.anatomy.attention_layers:
             raise LabError(f"{loaded.anatomy.architecture} has no attention heads to score")
-        needle = spec.needle()
-        needle_probe.check_fits(needle, loaded)
-        builder = needle_probe.PromptBuilder(loaded.tokenizer, needle)
-        builder.build(min(needle.lengths), 0, 0)  # a length too short for the prompt fails here, up front
-        cells = needle.cells()
-
-        def answer(batch, tracker):
-            return score_batch(loaded, needle, [builder.build(*cell) for cell in batch], tracker)
-
-        def work(done: set[str]) -> Work:
-            todo = [c for c in cells if needle_probe.trial_key(needle.task, *c) not in done]
-            return Work(todo, max((n for n, _, _ in todo), default=0) + needle.max_new_tokens, spec.batch_size,
-                        answer)
-
-        return Prepared(len(cells), work)
+        return needle_probe.prepared(loaded, spec.needle(), score_batch)
 
 
 def head_scores(loaded, spec: HeadsSpec, plan: Plan | None = None) -> dict[tuple[int, int], dict[str, float]]:

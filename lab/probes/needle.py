@@ -409,25 +409,32 @@ def summary(rows: list[dict]) -> dict:
             "by_depth": mean_by(rows, "depth", "exact")}
 
 
+def prepared(loaded, spec: NeedleSpec, answer_trials) -> Prepared:
+    """The needle grid checked against the model up front (prompts buildable, positions enough), its trials in
+    length order, each batch answered by answer_trials(loaded, spec, trials, tracker): the needle probe's and
+    head scoring's work."""
+    builder = PromptBuilder(loaded.tokenizer, spec)
+    builder.build(min(spec.lengths), 0, 0)  # a length too short for the prompt fails here, up front
+    longest = len(builder.build(max(spec.lengths), 0, 0).ids)
+    check_fits(spec, loaded, longest)
+    cells = spec.cells()
+
+    def answer(batch, tracker):
+        return answer_trials(loaded, spec, [builder.build(*cell) for cell in batch], tracker)
+
+    def work(done: set[str]) -> Work:
+        todo = sorted((c for c in cells if trial_key(spec.task, *c) not in done), key=lambda cell: cell[0])
+        # a batch may span lengths: run_batch prefills each length apart
+        extra = longest - max(spec.lengths)  # a prompt's tokens beyond its length (paper-form JRT, buffers)
+        return Work(todo, max((n + extra for n, _, _ in todo), default=0) + spec.max_new_tokens, spec.batch_size,
+                    answer)
+
+    return Prepared(len(cells), work)
+
+
 class NeedleProbe:
     name, spec = "needle", NeedleSpec
     summary = staticmethod(summary)
 
     def prepare(self, loaded, spec: NeedleSpec) -> Prepared:
-        builder = PromptBuilder(loaded.tokenizer, spec)
-        builder.build(min(spec.lengths), 0, 0)  # a length too short for the prompt fails here, up front
-        longest = len(builder.build(max(spec.lengths), 0, 0).ids)
-        check_fits(spec, loaded, longest)
-        cells = spec.cells()
-
-        def answer(batch, tracker):
-            return run_batch(loaded, spec, [builder.build(*cell) for cell in batch], tracker)
-
-        def work(done: set[str]) -> Work:
-            todo = sorted((c for c in cells if trial_key(spec.task, *c) not in done), key=lambda cell: cell[0])
-            # a batch may span lengths: run_batch prefills each length apart
-            extra = longest - max(spec.lengths)  # a prompt's tokens beyond its length (paper-form JRT, buffers)
-            return Work(todo, max((n + extra for n, _, _ in todo), default=0) + spec.max_new_tokens, spec.batch_size,
-                        answer)
-
-        return Prepared(len(cells), work)
+        return prepared(loaded, spec, run_batch)
