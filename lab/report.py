@@ -48,7 +48,7 @@ def anatomy_table(loaded: Loaded) -> Table:
                 str(block.kv_heads) if block.heads else "", str(block.head_dim) if block.heads else "",
                 str(block.window or ""), block.path)
     if anatomy.notes:
-        table.caption = Text("; ".join(anatomy.notes))
+        table.caption = text("; ".join(anatomy.notes))
     return table
 
 
@@ -63,28 +63,30 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
+def _accuracy_table(title: str, key: str, justify: str, accuracy: dict[str, float]) -> Table:
+    table = _table(title, {key: justify, "accuracy": "right"})
+    for name, acc in accuracy.items():
+        _row(table, name, _pct(acc))
+    return table
+
+
 def summary_tables(summary: dict) -> list[Table]:
     tables = []
     if "needle" in summary:
         s = summary["needle"]
-        table = _table(f"needle: accuracy {_pct(s['accuracy'])}, score {_pct(s['score'])}, {s['trials']} trials",
-                       {"context length": "right", "accuracy": "right"})
-        for length, acc in s["by_length"].items():
-            _row(table, length, _pct(acc))
-        tables.append(table)
+        tables.append(_accuracy_table(f"needle: accuracy {_pct(s['accuracy'])}, score {_pct(s['score'])}, "
+                                      f"{s['trials']} trials", "context length", "right", s["by_length"]))
     if "mmlu" in summary:
         s = summary["mmlu"]
-        table = _table(f"mmlu: accuracy {_pct(s['accuracy'])}, {s['questions']} questions",
-                       {"category": "left", "accuracy": "right"})
-        for name, acc in s["by_category"].items():
-            _row(table, name, _pct(acc))
-        tables.append(table)
+        tables.append(_accuracy_table(f"mmlu: accuracy {_pct(s['accuracy'])}, {s['questions']} questions",
+                                      "category", "left", s["by_category"]))
     if "heads" in summary:
         from lab.probes.heads import ranking, scores
 
         s = summary["heads"]
         table = heads_table(ranking(scores(s), "retrieval"), "retrieval", set(), 10)
-        table.caption = f"{s['recalled']} of {s['trials']} trials recalled the needle (retrieval counts only those)"
+        table.caption = text(f"{s['recalled']} of {s['trials']} trials recalled the needle (retrieval counts "
+                             "only those)")
         tables.append(table)
     return tables
 
