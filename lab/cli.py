@@ -54,6 +54,16 @@ def _store(args, readonly: bool = False):
     return Store(args.db, readonly=readonly)
 
 
+def _preset(args):
+    """The preset of `lab run` / `lab sweep`, on --model if given; remote code and pickles only from this
+    command line's flags, never from the preset."""
+    from lab import presets
+
+    preset = presets.load(args.preset)
+    return preset.with_model(args.model or preset.model.name, trust_remote_code=args.trust_remote_code,
+                             allow_pickle=args.allow_pickle)
+
+
 def _drive(events, quiet: bool):
     """Consume a run's events, with a progress bar on a terminal; return its Finished event."""
     from lab.report import progress_bar
@@ -81,13 +91,10 @@ def _drive(events, quiet: bool):
 
 
 def cmd_run(args) -> int:
-    from lab import presets
     from lab.report import summary_tables
     from lab.session import Session
 
-    preset = presets.load(args.preset)  # a preset never allows remote code or pickles: only these flags do
-    preset = preset.with_model(args.model or preset.model.name, trust_remote_code=args.trust_remote_code,
-                               allow_pickle=args.allow_pickle)
+    preset = _preset(args)
     store = _store(args)
     session = Session.open(preset.model)
     with session.claim("a probe run") as job:
@@ -151,16 +158,14 @@ def cmd_export(args) -> int:
 def cmd_sweep(args) -> int:
     from rich.console import Console
 
-    from lab import presets, sweeps
+    from lab import sweeps
     from lab.session import Session
     from lab.sweeps.report import drive, sweep_table
 
     options = sweeps.Options(axis=args.over, layers=sweeps.numbers(args.layers, "--layers") if args.layers else None,
                              values=sweeps.numbers(args.values, "--values") if args.values else None,
                              metric=args.metric, score=args.score, controls=args.controls, seed=args.seed).validate()
-    preset = presets.load(args.preset)  # remote code and pickles only from these flags, never from the preset
-    preset = preset.with_model(args.model or preset.model.name, trust_remote_code=args.trust_remote_code,
-                               allow_pickle=args.allow_pickle)
+    preset = _preset(args)
     store = _store(args)
     final = drive(sweeps.run(preset, options, Session.open(preset.model), store), args.json)
     if args.json:

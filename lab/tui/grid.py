@@ -158,7 +158,6 @@ class LayerGrid(ScrollView, can_focus=True):
     def render_line(self, y: int) -> Strip:
         scroll_x, scroll_y = self.scroll_offset
         row = y + scroll_y - 1
-        width = self.virtual_size.width
         if y == 0:
             strip = Strip([Segment(self.header, self.get_component_rich_style("grid--header"))])
         elif 0 <= row < len(self.rows):
