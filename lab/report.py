@@ -155,6 +155,9 @@ def bench_tables(results: dict) -> list[Table]:
              "", "")
         _row(table, f"plan overhead, sparsify vs default attention ({shape})",
              f"{100 * plan['sparsify_overhead_vs_default']:+.1f} %", "", "")
+        if "needle_attention_overhead_vs_default" in plan:
+            _row(table, f"plan overhead, needle attention omit vs default attention ({shape})",
+                 f"{100 * plan['needle_attention_overhead_vs_default']:+.1f} %", "", "")
     f = results.get("prefill")
     if f is not None and not skipped("prefill", f):
         peak = f", {100 * f['fraction_of_bf16_peak']:.0f} % of bf16 peak" if "fraction_of_bf16_peak" in f else ""

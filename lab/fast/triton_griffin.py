@@ -10,6 +10,8 @@ as the reference's norms and scan are.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -158,8 +160,15 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @triton.jit(do_not_specialize=["steps", "window"])  # strides keep their alignment hints: unhinted, 4.6x slower
 def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, window, scale, heads, groups,
                              sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_t, so_b, so_h, so_t,
-                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Flash attention over the keys of a causal window (j <= i < j + window) and inside the boolean mask."""
+                             needle_ptr, sn_b, needle_out_ptr, mass_ptr, vsum_ptr, shown_ptr, score_ptr,
+                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             NEEDLE: tl.constexpr, METRIC: tl.constexpr):
+    """Flash attention over the keys of a causal window (j <= i < j + window) and inside the boolean mask.
+
+    NEEDLE: the output splits into what the non-needle keys give (out) and what the needle keys give
+    (needle_out), with the needle's share of the weights (mass), the sum of the needle values each query sees
+    (vsum) and their count (shown). METRIC 1 / 2: each head's sum of p ln p / L2 norm of its weights per query
+    (score), from the running max and sums, without the weights themselves."""
     block = tl.program_id(0)
     batch, head = tl.program_id(1) // heads, tl.program_id(1) % heads
     kv_head = head // groups
@@ -170,6 +179,11 @@ def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, wind
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    needle_total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    needle_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    seen_sum = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    seen = tl.zeros([BLOCK_M], dtype=tl.float32)
+    moment = tl.zeros([BLOCK_M], dtype=tl.float32)  # entropy: sum of e^(s - best) (s - best); L2: sum of e^(2 (s - best))
     low = tl.maximum(block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
     high = tl.minimum((block + 1) * BLOCK_M, steps)
     for start in tl.range(low, high, BLOCK_N):
@@ -185,34 +199,93 @@ def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, wind
         shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # rows with nothing allowed yet
         p = tl.exp(scores - shift[:, None])
         rescale = tl.exp(best - shift)
+        if METRIC == 1:
+            moved = tl.where(total > 0, (best - shift) * total, 0.0)
+            moment = (moment + moved) * rescale + tl.sum(tl.where(allowed, p * (scores - shift[:, None]), 0.0), axis=1)
+        elif METRIC == 2:
+            moment = moment * rescale * rescale + tl.sum(p * p, axis=1)
         total = total * rescale + tl.sum(p, axis=1)
         v = tl.load(v_ptr + batch * sv_b + kv_head * sv_h + cols[:, None].to(tl.int64) * sv_t + dims[None, :],
                     mask=cols[:, None] < steps, other=0.0)
+        if NEEDLE:
+            is_needle = tl.load(needle_ptr + batch * sn_b + cols, mask=cols < steps, other=0) != 0
+            on_needle = tl.where(is_needle[None, :], p, 0.0)
+            p = p - on_needle
+            needle_total = needle_total * rescale + tl.sum(on_needle, axis=1)
+            needle_acc = needle_acc * rescale[:, None] + tl.dot(on_needle.to(v.dtype), v)
+            visible = allowed & is_needle[None, :]
+            seen += tl.sum(visible.to(tl.float32), axis=1)
+            seen_sum += tl.dot(visible.to(v.dtype), v)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
         best = new_best
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + batch * so_b + head * so_h + rows[:, None].to(tl.int64) * so_t + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < steps)
+    norm = tl.where(total > 0, total, 1.0)
+    out_at = batch * so_b + head * so_h + rows[:, None].to(tl.int64) * so_t + dims[None, :]
+    inside = rows[:, None] < steps
+    tl.store(out_ptr + out_at, (acc / norm[:, None]).to(out_ptr.dtype.element_ty), mask=inside)
+    per_head = (batch * heads + head).to(tl.int64) * steps + rows
+    if NEEDLE:
+        tl.store(needle_out_ptr + out_at, (needle_acc / norm[:, None]).to(needle_out_ptr.dtype.element_ty), mask=inside)
+        tl.store(vsum_ptr + out_at, seen_sum, mask=inside)
+        tl.store(mass_ptr + per_head, needle_total / norm, mask=rows < steps)
+        tl.store(shown_ptr + per_head, seen, mask=rows < steps)
+    if METRIC == 1:
+        tl.store(score_ptr + per_head, moment / norm - tl.log(norm), mask=rows < steps)
+    elif METRIC == 2:
+        tl.store(score_ptr + per_head, tl.sqrt(moment) / norm, mask=rows < steps)
 
 
 ATTENTION_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)  # fastest of 54 on an H100, head dim 256
+METRICS = {None: 0, "entropy": 1, "l2": 2}
+
+
+@dataclass
+class WindowParts:
+    """window_attention's output split for the needle-attention op and the sparsifier (see the kernel)."""
+
+    out: torch.Tensor  # (B, T, H, D); with a needle: what the non-needle keys give
+    needle_out: torch.Tensor | None = None  # (B, T, H, D)
+    mass: torch.Tensor | None = None  # (B, H, T) float32
+    needle_values: torch.Tensor | None = None  # (B, T, H, D) float32: the sum of the needle values a query sees
+    shown: torch.Tensor | None = None  # (B, H, T) float32: how many needle keys a query sees
+    score: torch.Tensor | None = None  # (B, H, T) float32
 
 
 def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, window: int,
                      scale: float) -> torch.Tensor:
     """Causal attention within `window` keys and a boolean mask (B|1, 1, T, T) for (B, H, T, D) queries and
     (B, KV, T, D) keys and values; returns (B, T, H, D), as transformers' attention functions do."""
+    return window_attention_parts(query, key, value, mask, window, scale).out
+
+
+def window_attention_parts(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                           window: int, scale: float, needle: torch.Tensor | None = None,
+                           metric: str | None = None) -> WindowParts:
+    """window_attention, with the output split at the needle's keys (needle: (B, T) bool) and/or each head's
+    score per query (metric: "entropy", sum of p ln p, or "l2", the norm of its weights)."""
     batch, heads, steps, dim = query.shape
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     if mask.stride(-1) != 1 or mask.stride(2) % 16:  # rows 16-aligned: one compiled kernel, hinted loads, any length
         padded = mask.new_zeros(*mask.shape[:-1], triton.cdiv(steps, 16) * 16)
         padded[..., :steps] = mask
         mask = padded
-    out = torch.empty((batch, steps, heads, dim), dtype=query.dtype, device=query.device)
+    parts = WindowParts(torch.empty((batch, steps, heads, dim), dtype=query.dtype, device=query.device))
+    per_head = torch.empty((batch, heads, steps), dtype=torch.float32, device=query.device)
+    if needle is not None:
+        needle = needle.to(torch.uint8).contiguous()
+        parts.needle_out = torch.empty_like(parts.out)
+        parts.needle_values = torch.empty(parts.out.shape, dtype=torch.float32, device=query.device)
+        parts.mass, parts.shown = per_head, torch.empty_like(per_head)
+    if metric is not None:
+        parts.score = torch.empty_like(per_head)
+    out = parts.out
     grid = (triton.cdiv(steps, ATTENTION_CONFIG["BLOCK_M"]), batch * heads)
     _window_attention_kernel[grid](
         query, key, value, mask.view(torch.uint8), out, steps, window, scale, heads, heads // key.shape[1],
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
         mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2), out.stride(0), out.stride(2), out.stride(1),
-        HEAD_DIM=dim, **ATTENTION_CONFIG)
-    return out
+        out if needle is None else needle, 0 if needle is None else needle.stride(0),
+        parts.needle_out if needle is not None else out, parts.mass if needle is not None else per_head,
+        parts.needle_values if needle is not None else out, parts.shown if needle is not None else per_head,
+        parts.score if metric is not None else per_head,
+        HEAD_DIM=dim, NEEDLE=needle is not None, METRIC=METRICS[metric], **ATTENTION_CONFIG)
+    return parts
