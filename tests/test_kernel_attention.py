@@ -38,7 +38,8 @@ def _inputs(batch=2, heads=4, kv=2, steps=150, dim=32, window=40, seed=0):
     needle = torch.zeros(batch, steps, dtype=torch.bool)
     needle[:, 20:26] = True
     needle[-1, 100:103] = True
-    return [t.to(DEVICE) for t in (q, k, v, mask, needle)], window
+    q, k, v = (t.to(DEVICE, DTYPE) for t in (q, k, v))  # the reference starts from the same rounded inputs
+    return [q, k, v, mask.to(DEVICE), needle.to(DEVICE)], window
 
 
 def _eager_probs(q, k, v, mask):
@@ -53,8 +54,7 @@ def test_the_kernel_splits_the_output_at_the_needle_as_eager_attention_does():
     from lab.fast import triton_griffin
 
     (q, k, v, mask, needle), window = _inputs()
-    parts = triton_griffin.window_attention_parts(q.to(DTYPE), k.to(DTYPE), v.to(DTYPE), mask, window,
-                                                  q.shape[-1] ** -0.5, needle=needle)
+    parts = triton_griffin.window_attention_parts(q, k, v, mask, window, q.shape[-1] ** -0.5, needle=needle)
     p, values = _eager_probs(q, k, v, mask)
     on_needle = needle[:, None, None, :]
     tolerance = 2e-2 if ON_GPU else 1e-5
@@ -75,8 +75,7 @@ def test_online_head_scores_pick_the_heads_eager_weights_pick(metric):
     from lab.fast import triton_griffin
 
     (q, k, v, mask, _), window = _inputs(heads=8, seed=3)
-    parts = triton_griffin.window_attention_parts(q.to(DTYPE), k.to(DTYPE), v.to(DTYPE), mask, window,
-                                                  q.shape[-1] ** -0.5, metric=metric)
+    parts = triton_griffin.window_attention_parts(q, k, v, mask, window, q.shape[-1] ** -0.5, metric=metric)
     p, _ = _eager_probs(q, k, v, mask)
     expected = hooks.head_scores(p.to(DTYPE), metric, "fp32")  # (B, H, T), as the sparsifier scores them
     assert torch.allclose(parts.score, expected, atol=5e-2 if ON_GPU else 1e-4)

@@ -208,14 +208,17 @@ def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, wind
         v = tl.load(v_ptr + batch * sv_b + kv_head * sv_h + cols[:, None].to(tl.int64) * sv_t + dims[None, :],
                     mask=cols[:, None] < steps, other=0.0)
         if NEEDLE:
+            needle_total = needle_total * rescale
+            needle_acc = needle_acc * rescale[:, None]
             is_needle = tl.load(needle_ptr + batch * sn_b + cols, mask=cols < steps, other=0) != 0
-            on_needle = tl.where(is_needle[None, :], p, 0.0)
-            p = p - on_needle
-            needle_total = needle_total * rescale + tl.sum(on_needle, axis=1)
-            needle_acc = needle_acc * rescale[:, None] + tl.dot(on_needle.to(v.dtype), v)
-            visible = allowed & is_needle[None, :]
-            seen += tl.sum(visible.to(tl.float32), axis=1)
-            seen_sum += tl.dot(visible.to(v.dtype), v)
+            if tl.max(is_needle.to(tl.int32), axis=0) > 0:  # the needle's few tokens: most key blocks skip this
+                on_needle = tl.where(is_needle[None, :], p, 0.0)
+                p = p - on_needle
+                needle_total += tl.sum(on_needle, axis=1)
+                needle_acc += tl.dot(on_needle.to(v.dtype), v)
+                visible = allowed & is_needle[None, :]
+                seen += tl.sum(visible.to(tl.float32), axis=1)
+                seen_sum += tl.dot(visible.to(v.dtype), v)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
         best = new_best
     norm = tl.where(total > 0, total, 1.0)
