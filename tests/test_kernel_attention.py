@@ -30,7 +30,7 @@ MODES = [("omit", "keep"), ("only", "follow"), ("null", "omit"), ("balanced", "k
 
 def _inputs(batch=2, heads=4, kv=2, steps=150, dim=32, window=40, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, steps, dim, generator=g)
+    q = torch.randn(batch, heads, steps, dim, generator=g) * torch.linspace(0.3, 3, heads)[:, None, None]  # heads differ
     k, v = (torch.randn(batch, kv, steps, dim, generator=g) for _ in range(2))
     i = torch.arange(steps)
     mask = ((i[None] <= i[:, None]) & (i[None] > i[:, None] - window)).expand(batch, 1, steps, steps).clone()
@@ -78,10 +78,11 @@ def test_online_head_scores_pick_the_heads_eager_weights_pick(metric):
     parts = triton_griffin.window_attention_parts(q, k, v, mask, window, q.shape[-1] ** -0.5, metric=metric)
     p, _ = _eager_probs(q, k, v, mask)
     expected = hooks.head_scores(p.to(DTYPE), metric, "fp32")  # (B, H, T), as the sparsifier scores them
-    assert torch.allclose(parts.score, expected, atol=5e-2 if ON_GPU else 1e-4)
+    margin = (5e-2 if metric == "entropy" else 1e-2) if ON_GPU else 1e-3  # bf16 on a GPU: p ln p sums drift more
+    assert torch.allclose(parts.score, expected, atol=margin / 2)
     for keep in (1, 3, 6):
         ranked = expected.sort(1, descending=True).values
-        clear = (ranked[:, keep - 1] - ranked[:, keep]) > (5e-2 if ON_GPU else 1e-3)  # (B, T)
+        clear = (ranked[:, keep - 1] - ranked[:, keep]) > margin  # (B, T)
         chosen = lambda s: torch.zeros_like(s).scatter_(1, s.topk(keep, 1).indices, 1.0)  # noqa: E731
         assert clear.float().mean() > 0.5  # most queries are compared
         assert torch.equal(chosen(parts.score).transpose(1, 2)[clear], chosen(expected).transpose(1, 2)[clear])

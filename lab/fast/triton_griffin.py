@@ -160,15 +160,15 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @triton.jit(do_not_specialize=["steps", "window"])  # strides keep their alignment hints: unhinted, 4.6x slower
 def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, window, scale, heads, groups,
                              sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_t, so_b, so_h, so_t,
-                             needle_ptr, sn_b, needle_out_ptr, mass_ptr, vsum_ptr, shown_ptr, score_ptr,
+                             needle_ptr, sn_b, lse_ptr, score_ptr,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              NEEDLE: tl.constexpr, METRIC: tl.constexpr):
     """Flash attention over the keys of a causal window (j <= i < j + window) and inside the boolean mask.
 
-    NEEDLE: the output splits into what the non-needle keys give (out) and what the needle keys give
-    (needle_out), with the needle's share of the weights (mass), the sum of the needle values each query sees
-    (vsum) and their count (shown). METRIC 1 / 2: each head's sum of p ln p / L2 norm of its weights per query
-    (score), from the running max and sums, without the weights themselves."""
+    NEEDLE: the output is what the non-needle keys give, weighted as in the whole softmax (no renormalisation),
+    and lse holds each query's log-sum-exp, from which the needle's few keys are weighted outside. METRIC 1 / 2:
+    each head's sum of p ln p / L2 norm of its weights per query (score), from the running max and sums,
+    without the weights themselves."""
     block = tl.program_id(0)
     batch, head = tl.program_id(1) // heads, tl.program_id(1) % heads
     kv_head = head // groups
@@ -179,10 +179,6 @@ def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, wind
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    needle_total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    needle_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    seen_sum = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    seen = tl.zeros([BLOCK_M], dtype=tl.float32)
     moment = tl.zeros([BLOCK_M], dtype=tl.float32)  # entropy: sum of e^(s - best) (s - best); L2: sum of e^(2 (s - best))
     low = tl.maximum(block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
     high = tl.minimum((block + 1) * BLOCK_M, steps)
@@ -208,17 +204,8 @@ def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, wind
         v = tl.load(v_ptr + batch * sv_b + kv_head * sv_h + cols[:, None].to(tl.int64) * sv_t + dims[None, :],
                     mask=cols[:, None] < steps, other=0.0)
         if NEEDLE:
-            needle_total = needle_total * rescale
-            needle_acc = needle_acc * rescale[:, None]
             is_needle = tl.load(needle_ptr + batch * sn_b + cols, mask=cols < steps, other=0) != 0
-            if tl.max(is_needle.to(tl.int32), axis=0) > 0:  # the needle's few tokens: most key blocks skip this
-                on_needle = tl.where(is_needle[None, :], p, 0.0)
-                p = p - on_needle
-                needle_total += tl.sum(on_needle, axis=1)
-                needle_acc += tl.dot(on_needle.to(v.dtype), v)
-                visible = allowed & is_needle[None, :]
-                seen += tl.sum(visible.to(tl.float32), axis=1)
-                seen_sum += tl.dot(visible.to(v.dtype), v)
+            p = tl.where(is_needle[None, :], 0.0, p)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
         best = new_best
     norm = tl.where(total > 0, total, 1.0)
@@ -227,10 +214,7 @@ def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, wind
     tl.store(out_ptr + out_at, (acc / norm[:, None]).to(out_ptr.dtype.element_ty), mask=inside)
     per_head = (batch * heads + head).to(tl.int64) * steps + rows
     if NEEDLE:
-        tl.store(needle_out_ptr + out_at, (needle_acc / norm[:, None]).to(needle_out_ptr.dtype.element_ty), mask=inside)
-        tl.store(vsum_ptr + out_at, seen_sum, mask=inside)
-        tl.store(mass_ptr + per_head, needle_total / norm, mask=rows < steps)
-        tl.store(shown_ptr + per_head, seen, mask=rows < steps)
+        tl.store(lse_ptr + per_head, tl.where(total > 0, best + tl.log(norm), float("inf")), mask=rows < steps)
     if METRIC == 1:
         tl.store(score_ptr + per_head, moment / norm - tl.log(norm), mask=rows < steps)
     elif METRIC == 2:
@@ -272,23 +256,38 @@ def window_attention_parts(query: torch.Tensor, key: torch.Tensor, value: torch.
         padded[..., :steps] = mask
         mask = padded
     parts = WindowParts(torch.empty((batch, steps, heads, dim), dtype=query.dtype, device=query.device))
-    per_head = torch.empty((batch, heads, steps), dtype=torch.float32, device=query.device)
-    if needle is not None:
-        needle = needle.to(torch.uint8).contiguous()
-        parts.needle_out = torch.empty_like(parts.out)
-        parts.needle_values = torch.empty(parts.out.shape, dtype=torch.float32, device=query.device)
-        parts.mass, parts.shown = per_head, torch.empty_like(per_head)
+    lse = torch.empty((batch, heads, steps), dtype=torch.float32, device=query.device)
     if metric is not None:
-        parts.score = torch.empty_like(per_head)
+        parts.score = torch.empty_like(lse)
     out = parts.out
     grid = (triton.cdiv(steps, ATTENTION_CONFIG["BLOCK_M"]), batch * heads)
     _window_attention_kernel[grid](
         query, key, value, mask.view(torch.uint8), out, steps, window, scale, heads, heads // key.shape[1],
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
         mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2), out.stride(0), out.stride(2), out.stride(1),
-        out if needle is None else needle, 0 if needle is None else needle.stride(0),
-        parts.needle_out if needle is not None else out, parts.mass if needle is not None else per_head,
-        parts.needle_values if needle is not None else out, parts.shown if needle is not None else per_head,
-        parts.score if metric is not None else per_head,
+        out if needle is None else needle.to(torch.uint8).contiguous(), 0 if needle is None else needle.stride(0),
+        lse, lse if parts.score is None else parts.score,
         HEAD_DIM=dim, NEEDLE=needle is not None, METRIC=METRICS[metric], **ATTENTION_CONFIG)
+    if needle is not None:
+        _weigh_needle(parts, query, key, value, mask[..., :steps], window, scale, needle, lse)
     return parts
+
+
+def _weigh_needle(parts: WindowParts, query, key, value, mask, window: int, scale: float, needle, lse) -> None:
+    """The needle's part of the attention from its few keys: their weights exp(score - lse) (the kernel's
+    log-sum-exp over all keys, so no renormalisation), what they give, their mass, the values each query sees."""
+    batch, heads, steps, _ = query.shape
+    count = int(needle.sum(1).max())
+    at = needle.float().topk(max(count, 1), dim=1, sorted=False).indices.sort(1).values  # (B, n) key positions
+    real = needle.gather(1, at)  # False where a row has fewer needle tokens
+    groups = heads // key.shape[1]
+    keys, values = (t.gather(2, at[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])).float()
+                    .repeat_interleave(groups, 1) for t in (key, value))  # (B, H, n, D)
+    rows = torch.arange(steps, device=query.device)[:, None]
+    seen = (at[:, None, :] <= rows) & (at[:, None, :] > rows - window) & real[:, None, :]  # (B, T, n)
+    seen = seen[:, None] & mask.expand(batch, -1, -1, -1).gather(3, at[:, None, None, :].expand(-1, 1, steps, -1))
+    weights = torch.exp(query.float() @ keys.transpose(2, 3) * scale - lse[..., None]) * seen  # (B, H, T, n)
+    parts.needle_out = (weights @ values).transpose(1, 2).to(parts.out.dtype)
+    parts.mass = weights.sum(-1)
+    parts.shown = seen.sum(-1, dtype=torch.float32).expand(-1, heads, -1)
+    parts.needle_values = (seen.float() @ values).transpose(1, 2)
