@@ -1,4 +1,4 @@
-"""Needle attention and sparsification inside lab's window kernel (RecurrentGemma on lab's fast paths):
+"""Needle attention and sparsification inside lab's window kernel (RecurrentGemma and Jamba on lab's fast paths):
 the kernel's split output and online head scores against eager attention, and whole models against the
 eager route. The kernel tests run on a GPU, or on a CPU under Triton's interpreter (TRITON_INTERPRET=1)."""
 
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from lab.fast import griffin
+from lab.fast import attention
 from lab.fast import state as fast_state
 from lab.interventions import Plan, Sparsify, apply_plan, hooks
 from lab.interventions.plan import NeedleAttention
@@ -88,9 +88,9 @@ def test_online_head_scores_pick_the_heads_eager_weights_pick(metric):
         assert torch.equal(chosen(parts.score).transpose(1, 2)[clear], chosen(expected).transpose(1, 2)[clear])
 
 
-@pytest.fixture
-def model():
-    loaded = load(ModelSpec("random:recurrent_gemma", device=DEVICE, dtype="bfloat16" if ON_GPU else "float32"))
+@pytest.fixture(params=["recurrent_gemma", "jamba"])
+def model(request):
+    loaded = load(ModelSpec(f"random:{request.param}", device=DEVICE, dtype="bfloat16" if ON_GPU else "float32"))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in loaded.model.named_parameters():
@@ -102,15 +102,15 @@ def model():
 
 def _logits(loaded, x, plan, route, monkeypatch):
     """Teacher-forced logits under `plan` through the eager route or lab's attention entry (route "entry")."""
-    monkeypatch.setattr(griffin, "takes_attention_ops", lambda m: route == "entry")
+    monkeypatch.setattr(attention, "takes_attention_ops", lambda m: route == "entry")
     with torch.no_grad(), apply_plan(loaded.model, loaded.anatomy, plan, prompt_len=PROMPT_LEN) as tracker:
         tracker.needles = {tuple(row[:PROMPT_LEN]): NEEDLE for row in x.tolist()}
         return loaded.model(input_ids=x).logits.float()
 
 
-def _plans():
+def _plans(layer: int):
     return [Plan(needle_attention=NeedleAttention(g, p)) for g, p in MODES] + [
-        Plan(needle_attention=NeedleAttention("only", "keep", heads=((2, 0), (2, 3)))),
+        Plan(needle_attention=NeedleAttention("only", "keep", heads=((layer, 0), (layer, 3)))),
         Plan(sparsify=Sparsify(1, "entropy")), Plan(sparsify=Sparsify(2, "l2"), phase="generation")]
 
 
@@ -119,7 +119,7 @@ def test_ops_in_the_attention_entry_equal_the_eager_route_and_leave_nothing_behi
     logits equal the eager route's; afterwards no op is left on any module and sdpa is still in use."""
     x = ids(2, 48, seed=4).to(DEVICE)
     modules = [model.model.get_submodule(b.path) for _, b in model.anatomy.blocks("attention")]
-    for plan in _plans():
+    for plan in _plans(model.anatomy.attention_layers[0]):
         eager = _logits(model, x, plan, "eager", monkeypatch)
         entry = _logits(model, x, plan, "entry", monkeypatch)
         error = ((entry - eager).norm() / eager.norm()).item()
@@ -132,9 +132,9 @@ def test_ops_in_the_attention_entry_equal_the_eager_route_and_leave_nothing_behi
 def test_the_kernel_route_equals_the_eager_route(model, monkeypatch):
     """The whole model with the kernel computing every prompt's attention (on a CPU: the interpreter)."""
     if not ON_GPU:
-        monkeypatch.setattr(griffin, "_kernel_applies", lambda query, key: True)
+        monkeypatch.setattr(attention, "_kernel_applies", lambda query, key: True)
     calls = []
-    parts = griffin.window_parts
-    monkeypatch.setattr(griffin, "window_parts", lambda *a, **kw: calls.append(1) or parts(*a, **kw))
+    parts = attention.window_parts
+    monkeypatch.setattr(attention, "window_parts", lambda *a, **kw: calls.append(1) or parts(*a, **kw))
     test_ops_in_the_attention_entry_equal_the_eager_route_and_leave_nothing_behind(model, monkeypatch)
     assert calls  # the kernel did run

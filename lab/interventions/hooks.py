@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from lab.errors import LabError
-from lab.fast import griffin
+from lab.fast import attention
 from lab.fast import state as fast_state
 from lab.interventions import needle_attention
 from lab.interventions.plan import Plan
@@ -172,12 +172,12 @@ class _Sparsifier:
         return (_head_mix(args[0], self._kept(score).to(args[0].device), self.heads, self.mean), *args[1:])
 
     def sdpa(self, module, query, key, value, attention_mask, *args, **kwargs):
-        """The attention inside lab's attention entry (lab.fast.griffin): a whole prompt through lab's window
+        """The attention inside lab's attention entry (lab.fast.attention): a whole prompt through lab's window
         kernel, which scores each head online (no weights made); anything else through eager attention."""
-        parts = griffin.window_parts(module, query, key, value, attention_mask, *args, metric=self.sparsify.metric,
+        parts = attention.window_parts(module, query, key, value, attention_mask, *args, metric=self.sparsify.metric,
                                      **kwargs)
         if parts is None:
-            return griffin.eager(module, query, key, value, attention_mask, *args, **kwargs)
+            return attention.eager(module, query, key, value, attention_mask, *args, **kwargs)
         self.score = parts.score
         return parts.out, None
 
@@ -213,7 +213,7 @@ def _attention_ops_in_kernel(model: torch.nn.Module, plan: Resolved) -> bool:
     and sparsification scoring in fp32) rather than through eager attention's weights."""
     sparsify, needle = plan.sparsify is not None, plan.needle is not None
     return (sparsify != needle and (not sparsify or plan.sparsify.score_dtype == "fp32")
-            and griffin.takes_attention_ops(model))
+            and attention.takes_attention_ops(model))
 
 
 def base_module(model: torch.nn.Module, anatomy: Anatomy) -> torch.nn.Module:

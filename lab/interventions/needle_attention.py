@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from lab.errors import LabError
-from lab.fast import griffin, state
+from lab.fast import attention, state
 from lab.interventions.sites import Resolved
 from lab.models.anatomy import Anatomy
 
@@ -230,16 +230,16 @@ class NeedleOp:
         return torch.matmul(new, values).transpose(1, 2).contiguous(), new
 
     def sdpa(self, layer: int, heads: Heads, module, query, key, value, attention_mask, *args, **kwargs):
-        """The op inside lab's attention entry (lab.fast.griffin): a whole prompt through lab's window kernel,
+        """The op inside lab's attention entry (lab.fast.attention): a whole prompt through lab's window kernel,
         its output split at the needle's keys; anything else (decoding steps, CPU) through eager attention."""
         if self.modes["generation"] == self.modes["prefill"] == "keep":
             self.reached.add(layer)
-            return griffin.windowed_sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+            return attention.windowed_sdpa(module, query, key, value, attention_mask, *args, **kwargs)
         needle = self._needle_keys(key.shape[-2])[:, 0, 0, :] if query.shape[-2] > 1 else None
-        parts = None if needle is None else griffin.window_parts(module, query, key, value, attention_mask, *args,
+        parts = None if needle is None else attention.window_parts(module, query, key, value, attention_mask, *args,
                                                                   needle=needle, **kwargs)
         if parts is None:
-            out, probs = griffin.eager(module, query, key, value, attention_mask, *args, **kwargs)
+            out, probs = attention.eager(module, query, key, value, attention_mask, *args, **kwargs)
             return self.attend(layer, heads, out, probs, value, attention_mask)
         self.reached.add(layer)
         kept = parts.out + parts.needle_out
@@ -272,7 +272,7 @@ def _changed_output(mode: str, parts, heads: Heads) -> torch.Tensor:
 def install(model: torch.nn.Module, anatomy: Anatomy, plan: Resolved, tracker, base: torch.nn.Module,
             in_kernel: bool = False) -> Callable[[], None]:
     """Put the plan's needle op on `model`: inside lab's attention entry (in_kernel; see
-    lab.fast.griffin.takes_attention_ops), or else in the eager attention the model must use now. Returns the undo."""
+    lab.fast.attention.takes_attention_ops), or else in the eager attention the model must use now. Returns the undo."""
     needle, by_layer = plan.needle, plan.needle_by_layer()
     op = NeedleOp(tracker, needle.mode("generation"), needle.mode("prefill"), set(by_layer))
     modules = []
