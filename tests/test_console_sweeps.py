@@ -3,7 +3,9 @@ painted on the grid as an effect map, re-attached by a console opened later, can
 
 import json
 import os
+import socket
 import sys
+from dataclasses import replace
 
 import pytest
 from rich.style import Style
@@ -175,14 +177,17 @@ def test_grid_keys_ask_for_sweeps_that_fit_the_cursor():
 
 
 def test_a_pid_file_of_another_process_or_an_ended_one_is_not_running(tmp_path):
-    mine = detach.Detached(os.getpid(), "m", "f", "t", str(tmp_path / "sweeps" / "x.toml"), "", str(tmp_path / "r"), 0)
+    mine = detach.Detached(os.getpid(), "m", "f", "t", str(tmp_path / "sweeps" / "x.toml"), "", str(tmp_path / "r"), 0,
+                           socket.gethostname())
     assert not detach.alive(mine)  # this pid runs pytest, whose command line does not name the preset
     mine.pid_file.parent.mkdir()
     mine.pid_file.write_text(json.dumps(mine.__dict__))
     (mine.pid_file.parent / "junk.json").write_text("{not json")
+    elsewhere = replace(mine, preset=str(tmp_path / "sweeps" / "y.toml"), host="another-host")
+    elsewhere.pid_file.write_text(json.dumps(elsewhere.__dict__))
     assert detach.running(tmp_path / "r") == []
     assert not mine.pid_file.exists()  # an ended sweep's pid file is removed; other files are left alone
-    assert (mine.pid_file.parent / "junk.json").exists()
+    assert (mine.pid_file.parent / "junk.json").exists() and elsewhere.pid_file.exists()
 
 
 # ---- the console with a stand-in process ---------------------------------------------------------
@@ -268,6 +273,23 @@ async def test_show_a_stored_sweep_by_id(tmp_path, fake_sweeps):
             app.screen.show_sweep(text)
             await pilot.pause()
             assert any(why in note for note in notes(app)), notes(app)
+
+
+async def test_a_sweep_that_fails_at_once_says_why_in_one_line(tmp_path, monkeypatch):
+    def command(preset_path, options, db, model):  # lab sweep failing on bad input: one line, exit 2
+        code = "import sys; print('lab: cannot load [b]x[/b]', file=sys.stderr); sys.exit(2)"
+        return [sys.executable, "-c", code, str(preset_path)]
+
+    monkeypatch.setattr(detach, "command", command)
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        view = app.screen.query_one(SweepView)
+        await pilot.press("K")
+        await until(pilot, lambda: view.following is None, "the end of the process")
+        (note,) = [n for n in app._notifications if "stopped before it began" in n.message]
+        assert note.message.endswith("lab: cannot load [b]x[/b]") and not note.markup  # its words, as text
+        assert list((tmp_path / "sweeps").glob("*.json")) == []
 
 
 # ---- the real thing: `lab sweep` in a process of its own ------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ class Detached:
     log: str
     db: str
     started: float
+    host: str  # pids mean something on this machine only (a data folder may be shared between hosts)
 
     @property
     def pid_file(self) -> Path:
@@ -85,7 +87,7 @@ def launch(preset: presets.Preset, options: Options, db: str | Path, title: str)
         raise LabError(f"cannot start the sweep in {where}: {error.strerror or error}") from None
     _CHILDREN[process.pid] = process
     detached = Detached(process.pid, preset.model.name, fingerprint(read, options), title, str(preset_path), str(log),
-                        str(Path(db).expanduser().absolute()), time.time())
+                        str(Path(db).expanduser().absolute()), time.time(), socket.gethostname())
     _write(detached)
     return detached
 
@@ -121,14 +123,16 @@ def alive(detached: Detached) -> bool:
 
 
 def running(db: str | Path, model: str | None = None) -> list[Detached]:
-    """The detached sweeps on this database that still run (of `model` only, if given), oldest first; pid
-    files of ended ones are removed with their presets (their logs stay)."""
+    """The detached sweeps on this database that still run on this machine (of `model` only, if given), oldest
+    first; pid files of ended ones are removed with their presets (their logs stay)."""
     found = []
-    for pid_file in sorted(folder(db).glob("*.json")):
+    for pid_file in folder(db).glob("*.json"):
         try:
             detached = Detached(**json.loads(pid_file.read_text()))
         except (OSError, ValueError, TypeError):
             continue  # not a pid file of this lab
+        if detached.host != socket.gethostname():
+            continue  # another machine's: only it can tell whether the process runs
         if not alive(detached):
             forget(detached)
         elif model in (None, detached.model):

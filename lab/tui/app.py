@@ -155,11 +155,11 @@ class MainScreen(Screen):
                 id="view.overlay"),
         Binding("ctrl+o", "open_preset", "Open", tooltip="Open a preset", id="preset.open"),
         Binding("ctrl+s", "save_preset", "Save", tooltip="Save model, plan and probe settings", id="preset.save"),
-        Binding("w", "sweep('heads')", "Sweep heads", show=False, id="sweep.heads",
+        Binding("w", "sweep('heads')", "Sweep heads", id="sweep.heads",
                 tooltip="Sweep: each head of the cursor's attention layer off alone (a detached process)"),
-        Binding("b", "sweep('blocks')", "Sweep blocks", show=False, id="sweep.blocks",
+        Binding("b", "sweep('blocks')", "Sweep blocks", id="sweep.blocks",
                 tooltip="Sweep: each block of the cursor's kind off alone, layer by layer (a detached process)"),
-        Binding("K", "sweep('k')", "Sweep k", show=False, id="sweep.k",
+        Binding("K", "sweep('k')", "Sweep k", id="sweep.k",
                 tooltip="Sweep k, the heads kept per token, 0..heads, with random controls (a detached process)"),
         Binding("S", "show_sweep", "Show sweep", show=False, id="sweep.show",
                 tooltip="Show a stored sweep's effect map and chart by its id (lab sweeps lists them)"),
@@ -448,7 +448,7 @@ class MainScreen(Screen):
             sweep_conditions(options, self.loaded.anatomy, preset.plan)  # a bad sweep fails here, not in the log
             view.launch(preset, options, title)
         except LabError as error:
-            self.notify(str(error), title="sweep", severity="error", timeout=8)
+            self.notify(str(error), title="sweep", severity="error", timeout=8, markup=False)
             return
         self.query_one(LayerGrid).set_effects({})
         self.query_one("#tabs", TabbedContent).active = "tab-sweep"
@@ -470,17 +470,17 @@ class MainScreen(Screen):
         try:
             found = self.query_one(SweepView).show(text)
         except LabError as error:
-            self.notify(str(error), title="sweep", severity="error")
+            self.notify(str(error), title="sweep", severity="error", markup=False)
             return
         if found["model"] != self.model_name:
             self.notify(f"sweep #{found['sweep']} is of {found['model']}: its map is not painted on this model",
-                        severity="warning")
+                        severity="warning", markup=False)
         self.query_one("#tabs", TabbedContent).active = "tab-sweep"
 
     def _attach_sweep(self) -> None:
         attached = self.query_one(SweepView).attach(self.model_name)
         if attached is not None:
-            self.notify(f"following a running sweep of {self.model_name}: {attached.title}")
+            self.notify(f"following a running sweep of {self.model_name}: {attached.title}", markup=False)
 
     @on(SweepUpdated)
     def sweep_updated(self, message: SweepUpdated) -> None:
@@ -489,7 +489,7 @@ class MainScreen(Screen):
 
     @on(SweepEnded)
     def sweep_ended(self, message: SweepEnded) -> None:
-        self.notify(message.text, severity="information" if message.done else "warning", timeout=10)
+        self.notify(message.text, severity="information" if message.done else "warning", timeout=10, markup=False)
         self._refresh_runs()
 
     def action_score_heads(self) -> None:

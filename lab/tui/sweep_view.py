@@ -96,7 +96,7 @@ class SweepView(Vertical):
         self.following: detach.Detached | None = None
         self.sweep_id: int | None = None  # of the followed or shown sweep, once its row exists
         self._store: Store | None = None
-        self._shown: tuple | None = None  # what the table and chart show now (redrawn only when it changes)
+        self._shown: tuple | None = None  # the followed sweep's status and its conditions' as last drawn
 
     def compose(self) -> ComposeResult:
         yield Static("no sweep shown", id="sweep-status", markup=False)
@@ -171,7 +171,7 @@ class SweepView(Vertical):
         self.sweep_id, self._shown = sweep_id, None
         self._status(f"sweep #{sweep_id}: {found['name']} ({found['status']}, "
                      f"{len(found['conditions'])} conditions and the base)")
-        self._update(found)
+        self._show(found)
         return found
 
     def poll(self) -> None:
@@ -182,18 +182,22 @@ class SweepView(Vertical):
         alive = detach.alive(detached)
         try:
             row = detach.sweep_row(self.store, detached)
-        except LabError as error:
+            if row is None or (alive and row["status"] != "running"):  # not opened yet (or an earlier run's row)
+                if not alive:
+                    self._ended(None)
+                return
+            self.sweep_id = row["id"]
+            sweep = self.store.sweep(row["id"])
+            version = (row["id"], row["status"], tuple((link["position"], link["status"]) for link in sweep["runs"]))
+            if version != self._shown:  # a condition began or finished: the result is read again, not every poll
+                self._shown = version
+                self._show(result(self.store, row["id"]))
+            progress = self._progress(detached, row, sweep)
+        except LabError as error:  # the database cannot be read now: said, and tried again at the next poll
             self._status(str(error))
             return
-        if row is None or (alive and row["status"] != "running"):  # not opened yet (or an earlier run's row)
-            if not alive:
-                self._ended(None)
-            return
-        self.sweep_id = row["id"]
-        sweep = self.store.sweep(row["id"])
-        self._update(result(self.store, row["id"]), tuple((link["position"], link["status"]) for link in sweep["runs"]))
         if alive:
-            self._status(self._progress(detached, row, sweep))
+            self._status(progress)
         else:
             self._ended(row)
 
@@ -220,12 +224,8 @@ class SweepView(Vertical):
         self._status(text)
         self.post_message(SweepEnded(text, row is not None and row["status"] == "done"))
 
-    def _update(self, found: dict, version: tuple | None = None) -> None:
-        """Redraw table and chart and post SweepUpdated, unless the finished conditions are as shown."""
-        version = (found["sweep"], found["status"], version)
-        if version == self._shown:
-            return
-        self._shown = version
+    def _show(self, found: dict) -> None:
+        """Draw a sweep's result in the table and chart, and post it for the grid."""
         self._draw(found)
         self.post_message(SweepUpdated(found))
 
