@@ -18,7 +18,7 @@ from lab.probes.needle import NeedleSpec
 from lab.store import Store
 from lab.sweeps import Options, detach
 from lab.tui.app import LabApp
-from lab.tui.effects import DROP, GAIN, NEUTRAL, curve, effect_colour, effect_map, legend
+from lab.tui.effects import DROP, GAIN, NEUTRAL, curve, effect_colour, effect_map, legend, thinned
 from lab.tui.grid import LayerGrid
 from lab.tui.sweep_view import SweepView, grid_sweep
 
@@ -151,7 +151,9 @@ def test_a_heads_curve_places_conditions_in_order_with_their_labels():
         condition(f"L2.attn.h{h}", [2, h], 0.5, None) for h in range(30)]}
     drawn = curve(result)
     assert drawn.xlabel == "condition" and drawn.lines[0][1] == [float(h + 1) for h in range(30)]
-    assert drawn.ticks[:2] == [(1.0, "L2.attn.h0"), (4.0, "L2.attn.h3")] and len(drawn.ticks) <= 12
+    assert drawn.ticks[:2] == [(1.0, "L2h0"), (2.0, "L2h1")] and len(drawn.ticks) == 30
+    assert thinned(drawn.ticks, 60)[:2] == [(1, "L2h0"), (5, "L2h4")]  # 7 columns a label (L2h29, 2 spaces): every 4th
+    assert len(thinned(drawn.ticks, 600)) == 30 and thinned([], 60) == []
 
 
 def test_the_command_is_lab_sweep_with_the_options_and_no_remote_code(tmp_path):

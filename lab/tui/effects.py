@@ -18,7 +18,7 @@ from lab.sweeps.stats import OUTCOMES
 NEUTRAL, DROP, GAIN = (70, 70, 70), (215, 48, 39), (49, 130, 220)  # no effect, accuracy lost, accuracy gained
 LEGEND = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
 NUMERIC_AXES = ("k", "keep-top")  # a number on the x axis; other axes: one place per condition
-MOST_TICKS = 12
+SHORT_LABELS = ((".attn.h", "h"), (".attn.kv", "kv"), (".attn", ""), (".ssm", ""), (".mlp", ""))
 
 
 def effect_colour(delta: float) -> Color:
@@ -34,6 +34,19 @@ def legend() -> Text:
     for step in LEGEND:
         text.append(f"{100 * step:+.0f} ".replace("+0 ", "0 ").rjust(5), Style(color="white", bgcolor=effect_colour(step)))
     return text
+
+
+def _short(label: str) -> str:
+    """A condition's label as an axis tick: L2.attn.h3 -> L2h3, L4.ssm -> L4."""
+    for long, short in SHORT_LABELS:
+        label = label.replace(long, short)
+    return label
+
+
+def thinned(ticks: list[tuple[float, str]], width: int) -> list[tuple[float, str]]:
+    """Every n-th tick, so that their labels fit side by side in `width` columns."""
+    room = max(1, width // (max((len(label) for _, label in ticks), default=1) + 2))
+    return ticks[::-(-len(ticks) // room) or 1]
 
 
 def probe_of(result: dict) -> str | None:
@@ -89,11 +102,10 @@ def curve(result: dict) -> Curve:
     for condition in (c for c in result["conditions"] if c["control"] == 0):
         key = json.dumps(condition["value"])
         places[key] = float(condition["value"]) if numeric else len(places) + 1
-    names = {json.dumps(c["value"]): f"{c['value']:g}" if numeric else c["label"] for c in result["conditions"]}
+    names = {json.dumps(c["value"]): f"{c['value']:g}" if numeric else _short(c["label"]) for c in result["conditions"]}
     found = Curve(f"{probe or 'accuracy'} by {axis}" + (" (the paper's curve)" if axis == "k" else ""),
                   axis if numeric else "condition")
-    step = max(1, -(-len(places) // MOST_TICKS))
-    found.ticks = [(x, names[key]) for key, x in list(places.items())[::step]]
+    found.ticks = [(x, names[key]) for key, x in places.items()]
     for name, control in ((axis, False), ("random controls", True)):
         by_place: dict[float, list[float]] = {}
         for condition in done:

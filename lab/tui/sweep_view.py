@@ -22,7 +22,7 @@ from lab.models.anatomy import Anatomy
 from lab.store import Store
 from lab.sweeps import Options, detach, result
 from lab.sweeps.axes import BLOCK_AXES
-from lab.tui.effects import Curve, curve, legend, probe_of
+from lab.tui.effects import Curve, curve, legend, probe_of, thinned
 
 POLL_S = 1.0  # how often a followed sweep's rows are read
 
@@ -73,8 +73,8 @@ class SweepChart(PlotextPlot):
             plt.xlabel(drawn.xlabel)
             plt.ylim(-5, 125)
             plt.yticks([0, 25, 50, 75, 100])
-            xs, labels = zip(*drawn.ticks)
-            plt.xticks(list(xs), [label[:12] for label in labels])
+            xs, labels = zip(*thinned(drawn.ticks, self.size.width - 8))  # less the y axis and frame
+            plt.xticks(list(xs), list(labels))
             for name, line_xs, ys in drawn.lines:
                 plt.plot(line_xs, ys, label=name[:30], marker="braille")
         self.refresh()
