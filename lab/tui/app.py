@@ -388,8 +388,9 @@ class MainScreen(Screen):
         """The session for a new job, or None (and a note) while another job runs."""
         if not self._ready():
             return None
-        if self.query_one(SweepView).running:
-            self.notify(self.query_one(SweepView).busy_note, severity="warning")
+        sweep = self.query_one(SweepView)
+        if sweep.running:
+            self.notify(sweep.busy_note, severity="warning")
             return None
         try:
             return self.session.claim(name)

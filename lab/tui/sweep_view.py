@@ -61,23 +61,27 @@ def grid_sweep(what: str, anatomy: Anatomy, layer: int, kind: str | None) -> tup
 class SweepChart(PlotextPlot):
     """Accuracy (%) against the swept value."""
 
-    names: list[str] = []
+    drawn: Curve | None = None
 
     def show(self, drawn: Curve | None) -> None:
+        self.drawn = drawn
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        self.names = [name for name, _, _ in drawn.lines] if drawn else []
-        plt.title(drawn.title if drawn else "no sweep shown (w, b or K starts one; S shows a stored one)")
+        plt.title(drawn.title if drawn else "no sweep shown: start one from the grid (F1 lists the keys)")
         if drawn and drawn.lines:
             plt.xlabel(drawn.xlabel)
             plt.ylim(-5, 125)
             plt.yticks([0, 25, 50, 75, 100])
-            xs, labels = zip(*thinned(drawn.ticks, self.size.width - 8))  # less the y axis and frame
+            width = self.size.width - 8 if self.size.width > 20 else 60  # less the y axis and frame; 60 unshown
+            xs, labels = zip(*thinned(drawn.ticks, width))
             plt.xticks(list(xs), list(labels))
             for name, line_xs, ys in drawn.lines:
                 plt.plot(line_xs, ys, label=name[:30], marker="braille")
         self.refresh()
+
+    def on_resize(self) -> None:
+        self.show(self.drawn)  # the ticks that fit the new width
 
 
 class SweepView(Vertical):
@@ -217,10 +221,11 @@ class SweepView(Vertical):
         if row is None:
             why = detach.last_line(detached) or "no output"
             text = f"the sweep ({detached.title}) stopped before it began: {why}"
-        elif row["status"] == "running":  # killed without a chance to say so
-            text = f"sweep #{row['id']} stopped (its process ended: {detach.last_line(detached) or 'no output'})"
-        else:
+        elif row["status"] in ("done", "cancelled"):
             text = f"sweep #{row['id']} {row['status']}: {detached.title}"
+        else:  # failed, or still 'running': killed without a chance to say so
+            status = "stopped" if row["status"] == "running" else row["status"]
+            text = f"sweep #{row['id']} {status}: {detach.last_line(detached) or 'no output'}"
         self._status(text)
         self.post_message(SweepEnded(text, row is not None and row["status"] == "done"))
 
