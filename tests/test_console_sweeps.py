@@ -179,8 +179,7 @@ def test_grid_keys_ask_for_sweeps_that_fit_the_cursor():
 
 
 def test_a_pid_file_of_another_process_or_an_ended_one_is_not_running(tmp_path):
-    mine = detach.Detached(os.getpid(), "m", "f", "t", str(tmp_path / "sweeps" / "x.toml"), "", str(tmp_path / "r"), 0,
-                           socket.gethostname())
+    mine = detach.Detached(os.getpid(), "m", "f", "t", str(tmp_path / "sweeps" / "x.toml"), "", 0, socket.gethostname())
     assert not detach.alive(mine)  # this pid runs pytest, whose command line does not name the preset
     mine.pid_file.parent.mkdir()
     mine.pid_file.write_text(json.dumps(mine.__dict__))
@@ -233,6 +232,7 @@ async def test_a_console_opened_later_reattaches_and_cancels(tmp_path, fake_swee
         await pilot.press("b")  # each attention block off alone
     (detached,) = fake_sweeps
     assert detach.alive(detached)  # the console quit; the sweep runs on
+    assert os.getsid(detached.pid) == detached.pid != os.getsid(0)  # in a session of its own: no SIGHUP from ours
     sweep = write_progress(tmp_path / "r.sqlite", detached, [("L2.attn", 2, -0.5)], "attention-layers")
     again = make_app(tmp_path)
     async with again.run_test(size=SIZE) as pilot:
@@ -292,6 +292,17 @@ async def test_a_sweep_that_fails_at_once_says_why_in_one_line(tmp_path, monkeyp
         (note,) = [n for n in app._notifications if "stopped before it began" in n.message]
         assert note.message.endswith("lab: cannot load [b]x[/b]") and not note.markup  # its words, as text
         assert list((tmp_path / "sweeps").glob("*.json")) == []
+
+
+async def test_a_sweep_that_cannot_start_is_a_note(tmp_path):
+    (tmp_path / "sweeps").write_text("a file where the sweeps folder goes")
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("K")
+        await pilot.pause()
+        assert any(n.startswith(f"cannot start the sweep in {tmp_path / 'sweeps'}") for n in notes(app)), notes(app)
+        assert app.screen.query_one(SweepView).following is None
 
 
 # ---- the real thing: `lab sweep` in a process of its own ------------------------------------------

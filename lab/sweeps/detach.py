@@ -40,7 +40,6 @@ class Detached:
     title: str  # what it sweeps, in words ("heads of layer 2")
     preset: str  # the preset file the process runs; its path is on the process's command line
     log: str
-    db: str
     started: float
     host: str  # pids mean something on this machine only (a data folder may be shared between hosts)
 
@@ -70,7 +69,7 @@ def command(preset_path: Path, options: Options, db: str | Path, model: ModelSpe
 def launch(preset: presets.Preset, options: Options, db: str | Path, title: str) -> Detached:
     """Write the preset, start `lab sweep` on it in a new session (output to the log) and write the pid file."""
     options = options.validate()
-    where = folder(db)
+    db, where = Path(db).expanduser().absolute(), folder(db)
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     preset_path, log = where / f"{name}.toml", where / f"{name}.log"
     try:
@@ -80,15 +79,18 @@ def launch(preset: presets.Preset, options: Options, db: str | Path, title: str)
         read = presets.load(str(preset_path)).with_model(preset.model.name, preset.model.trust_remote_code,
                                                          preset.model.allow_pickle)
         with open(log, "wb") as out:
-            process = subprocess.Popen(command(preset_path, options, Path(db).expanduser().absolute(), preset.model),
-                                       stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(command(preset_path, options, db, preset.model), stdin=subprocess.DEVNULL,
+                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as error:
         raise LabError(f"cannot start the sweep in {where}: {error.strerror or error}") from None
     _CHILDREN[process.pid] = process
     detached = Detached(process.pid, preset.model.name, fingerprint(read, options), title, str(preset_path), str(log),
-                        str(Path(db).expanduser().absolute()), time.time(), socket.gethostname())
-    _write(detached)
+                        time.time(), socket.gethostname())
+    try:
+        _write(detached)
+    except LabError:
+        cancel(detached)  # a sweep no console could find again would hold the GPU unseen
+        raise
     return detached
 
 
