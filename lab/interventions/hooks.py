@@ -7,7 +7,8 @@ are saved, zeroed, and copied back on leaving), so it costs nothing per forward 
 Phase: a position is "generation" when it is at or after the prompt length. The prompt length is
 given, or taken from the first call of a sequence (cached generate: the prefill call).
 Sparsification and needle-attention manipulation (lab.interventions.needle_attention) need the
-attention probabilities: the model runs eager attention while such a plan is active.
+attention probabilities: the model runs eager attention while such a plan is active. Experts off in
+MoE blocks (zeroed or rerouted) are hooked by lab.interventions.experts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Iterator
 import torch
 
 from lab.errors import LabError
-from lab.interventions import needle_attention
+from lab.interventions import experts, needle_attention
 from lab.interventions.plan import Plan
 from lab.interventions.sites import Resolved, resolve
 from lab.models.anatomy import ADAPTERS, Anatomy
@@ -253,6 +254,7 @@ def _installed(model, anatomy: Anatomy, plan: Resolved, means: Means, prompt_len
             block = anatomy.layers[site.layer].block(site.kind)
             hook = _block_hook(tracker, means.get(("block", site.layer, site.kind)))
             handles.append(model.get_submodule(block.path).register_forward_hook(hook))
+        handles.extend(experts.install(model, anatomy, plan, tracker))
         yield tracker
     finally:
         for handle in handles:
