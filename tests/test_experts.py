@@ -87,6 +87,15 @@ def test_bad_experts_are_one_line_errors(data, message):
     assert "\n" not in str(error.value)
 
 
+def test_reroute_needs_a_router():
+    from lab.models.anatomy import Anatomy, Block, Layer
+
+    anatomy = Anatomy("made-up", (Layer(0, "moe", (Block("moe", "moe", "model.layers.0.mlp", experts=4, top_k=2),)),))
+    assert Plan.from_dict({"experts_off": [[0, 1]]}, anatomy).experts_off == ((0, 1),)  # zero needs none
+    with pytest.raises(LabError, match="plan.expert_mode: layer 0's MoE block has no router lab can mask; use zero"):
+        Plan.from_dict({"experts_off": [[0, 1]], "expert_mode": "reroute"}, anatomy)
+
+
 def test_the_cli_reports_a_layer_without_moe_in_one_line(tmp_path, capsys):
     preset = tmp_path / "p.toml"
     preset.write_text('version = 1\nname = "x"\n[model]\nname = "random:jamba"\n[plan]\nexperts_off = [[2, 0]]\n'

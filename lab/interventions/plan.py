@@ -142,7 +142,7 @@ class Plan:
     def _validate_experts(self, anatomy: Anatomy) -> None:
         off: dict[int, set[int]] = {}
         for layer, expert in self.experts_off:
-            block = moe_block(anatomy, layer)
+            block = _moe_block(anatomy, layer)
             if not 0 <= expert < block.experts:
                 raise LabError(f"plan.experts_off: expert {expert} is out of range for layer {layer} "
                                f"(0..{block.experts - 1})")
@@ -150,7 +150,7 @@ class Plan:
         if self.expert_mode != "reroute":
             return
         for layer, experts in sorted(off.items()):
-            block = moe_block(anatomy, layer)
+            block = _moe_block(anatomy, layer)
             if block.router is None:
                 raise LabError(f"plan.expert_mode: layer {layer}'s MoE block has no router lab can mask; use zero")
             if block.experts - len(experts) < block.top_k:
@@ -263,7 +263,8 @@ class Plan:
         experts = tuple(dict.fromkeys(_pair(e, "experts_off", "expert") for e in _list(data, "experts_off")))
         plan = cls(off=tuple(off), heads_off=tuple(dict.fromkeys(heads)), keep_heads=keep, sparsify=sparsify,
                    needle_attention=_needle(data.get("needle_attention")), experts_off=experts,
-                   expert_mode=_str(data, "expert_mode", "zero", "plan"), mode=_str(data, "mode", "zero", "plan"), phase=_str(data, "phase", "both", "plan")).check_names()
+                   expert_mode=_str(data, "expert_mode", "zero", "plan"), mode=_str(data, "mode", "zero", "plan"),
+                   phase=_str(data, "phase", "both", "plan")).check_names()
         return plan.validate(anatomy) if anatomy is not None else plan
 
     def with_(self, **changes) -> Plan:
@@ -279,7 +280,7 @@ def kv_group_heads(anatomy: Anatomy, layer: int, group: int) -> list[Head]:
     return [(layer, h) for h in range(group * size, (group + 1) * size)]
 
 
-def moe_block(anatomy: Anatomy, layer: int):
+def _moe_block(anatomy: Anatomy, layer: int):
     """The MoE block of a layer, or a LabError naming the layers that have one."""
     if not 0 <= layer < anatomy.num_layers:
         raise LabError(f"plan.experts_off: layer {layer} is out of range (0..{anatomy.num_layers - 1})")
@@ -346,5 +347,5 @@ def _pair(value, key: str, unit: str) -> tuple[int, int]:
     return (layer, index)
 
 
-__all__ = ["BlocksOff", "Expert", "Head", "NeedleAttention", "Plan", "Sparsify", "kv_group_heads", "moe_block", "MODES",
+__all__ = ["BlocksOff", "Expert", "Head", "NeedleAttention", "Plan", "Sparsify", "kv_group_heads", "MODES",
            "PHASES", "METRICS", "EXPERT_MODES", "NEEDLE_MODES", "PREFILL_MODES"]

@@ -1,8 +1,9 @@
 """A plan resolved against one model, once: the canonical sites it acts on and the op there.
 
 Sites are named as everywhere in lab (the store, the grid, sweeps): `L2.attn` (a block),
-`L2.attn.h3` (a query head), `L4.ssm`, `L5.mlp`, `L5.moe`, `L5.moe.e3` (a routed expert). Hooks, calibration and the grid read
-the resolved form instead of re-deriving layers and heads from the plan's entries.
+`L2.attn.h3` (a query head), `L4.ssm`, `L5.mlp`, `L5.moe`, `L5.moe.e3` (a routed expert). Hooks,
+calibration and the grid read the resolved form instead of re-deriving layers, heads and experts from the
+plan's entries.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Site:
     @property
     def order(self) -> tuple:
         """Layer order, the block before its heads or experts (None cannot be compared with an index)."""
-        return (self.layer, self.kind, -1 if self.head is None else self.head, -1 if self.expert is None else self.expert)
+        unit = self.head if self.head is not None else self.expert
+        return (self.layer, self.kind, -1 if unit is None else unit)
 
     @classmethod
     def parse(cls, name: str) -> Site:

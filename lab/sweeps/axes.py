@@ -1,8 +1,9 @@
 """Sweep axes: a sweep's conditions as plans, each the preset's own plan plus one change.
 
 The change extends the plan's lists (off, heads_off, kv_heads_off, experts_off); the k axis replaces the
-preset's sparsify and keep-top its keep_heads; the experts axis sets expert_mode when --expert-mode is given. A random control (--controls N) changes a set of the same size,
-drawn from every unit of the axis's kind with a generator seeded by the sweep, so it is the same each time.
+preset's sparsify and keep-top its keep_heads; the experts axis sets expert_mode when --expert-mode is
+given. A random control (--controls N) changes a set of the same size, drawn from every unit of the axis's
+kind with a generator seeded by the sweep, so it is the same each time.
 """
 
 from __future__ import annotations
