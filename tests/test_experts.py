@@ -301,3 +301,35 @@ def test_experts_axis_on_a_model_without_moe_and_a_layer_without_moe():
 def test_options_without_expert_mode_keep_their_dict():
     assert "expert_mode" not in Options("heads").to_dict()  # so earlier sweeps keep their fingerprints
     assert Options("experts", expert_mode="reroute").to_dict()["expert_mode"] == "reroute"
+
+
+# ---- cached generation and accelerate ------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["zero", "reroute"])
+@pytest.mark.parametrize("phase", ["prefill", "generation"])
+def test_cached_generate_agrees_with_teacher_forcing(mode, phase):
+    loaded = tiny("jamba")
+    plan = Plan.from_dict({"experts_off": [[1, 0], [3, 2]], "expert_mode": mode, "phase": phase})
+    prompt = ids(2, 12, seed=3) + 1
+    with torch.no_grad(), apply_plan(loaded.model, loaded.anatomy, plan):
+        gen = loaded.model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True, pad_token_id=256, eos_token_id=None)
+    full = logits(loaded, gen.sequences[:, :-1], plan, prompt_len=prompt.shape[1])
+    torch.testing.assert_close(full[:, prompt.shape[1] - 1:], torch.stack(gen.logits, 1), rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("favoured", ["nemotron_h"], indirect=True)
+def test_reroute_under_accelerate_offload_with_buffers(favoured, tmp_path):
+    """accelerate moves the router's weight and its selection bias in during each forward."""
+    from accelerate import cpu_offload
+
+    from lab.models import ModelSpec, load
+
+    favoured.model.save_pretrained(tmp_path)
+    favoured.tokenizer.save_pretrained(tmp_path)
+    loaded = load(ModelSpec(str(tmp_path), dtype="float32"))
+    cpu_offload(loaded.model, execution_device=torch.device("cpu"), offload_buffers=True)
+    layer = moe_layer(loaded)
+    plan = Plan.from_dict({"experts_off": [[layer, 1]], "expert_mode": "reroute"})
+    assert (routing(loaded, layer, ids()) == 1).any()
+    assert not (routing(loaded, layer, ids(), plan) == 1).any()
+    torch.testing.assert_close(logits(loaded, ids(), plan), logits(favoured, ids(), plan), rtol=1e-5, atol=1e-5)

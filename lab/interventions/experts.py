@@ -56,18 +56,20 @@ def _zero_prehook(tracker, experts: torch.Tensor):
 
 class _MaskScores(TorchFunctionMode):
     """Inside one router call: -inf at the masked experts' columns of its logits (the first linear map) and of
-    any result computed from one of `biases`."""
+    any result computed from a selection bias (looked up at each call: accelerate may swap the tensor in)."""
 
-    def __init__(self, tracker, columns: torch.Tensor, biases: list[torch.Tensor]):
+    def __init__(self, tracker, columns: torch.Tensor, biases: list[tuple[torch.nn.Module, str]]):
         super().__init__()
         self.tracker, self.columns, self.biases = tracker, columns, biases
         self.logits_seen = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if not (isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[-1] == len(self.columns)):
+            return out  # not scores of every token for every expert
         logits = func is F.linear and not self.logits_seen
         self.logits_seen |= logits
-        if logits or any(arg is bias for arg in args for bias in self.biases):
+        if logits or any(arg is getattr(owner, name) for arg in args for owner, name in self.biases):
             return self._masked(out)
         return out
 
@@ -83,7 +85,7 @@ class _MaskScores(TorchFunctionMode):
 class _Rerouter:
     """Enters a _MaskScores mode before the router's forward and leaves it after (even when it raises)."""
 
-    def __init__(self, tracker, columns: torch.Tensor, biases: list[torch.Tensor]):
+    def __init__(self, tracker, columns: torch.Tensor, biases: list[tuple[torch.nn.Module, str]]):
         self.tracker, self.columns, self.biases = tracker, columns, biases
         self.modes: list[_MaskScores] = []
 
@@ -110,7 +112,7 @@ def install(model: torch.nn.Module, anatomy: Anatomy, plan: Resolved, tracker) -
         columns = torch.zeros(block.experts, dtype=torch.bool)
         columns[chosen] = True
         owners = (router, model.get_submodule(block.path))
-        biases = [getattr(owner, name) for owner in owners for name in SELECTION_BIASES
+        biases = [(owner, name) for owner in owners for name in SELECTION_BIASES
                   if isinstance(getattr(owner, name, None), torch.Tensor)]
         rerouter = _Rerouter(tracker, columns, biases)
         handles.append(router.register_forward_pre_hook(rerouter.pre))
