@@ -198,27 +198,33 @@ def test_reroute_never_picks_the_masked_expert(favoured):
     assert not (rerouted == 1).any()
 
 
-def _jamba_router_by_hand(masked: int):
-    """Jamba's routing with one expert's logit at -inf: softmax over the rest, top-2, weights unnormalised."""
+def _router_by_hand(arch: str, masked: int):
+    """The router with one expert's logit at -inf, by hand: Jamba takes the top-2 of the softmax (weights left
+    unnormalised), Granite the softmax of the top-2 logits."""
     def hook(router, args, output):
-        router_logits = F.linear(args[0], router.weight)
-        probs = torch.softmax(router_logits.masked_fill(torch.arange(4) == masked, float("-inf")), -1,
-                              dtype=torch.float)
-        weights, index = probs.topk(router.top_k, dim=-1)
+        router_logits = F.linear(args[0], router.weight).float()
+        router_logits = router_logits.masked_fill(torch.arange(4) == masked, float("-inf"))
+        if arch == "jamba":
+            weights, index = torch.softmax(router_logits, -1).topk(router.top_k, dim=-1)
+        else:
+            top, index = router_logits.topk(router.top_k, dim=-1)
+            weights = torch.softmax(top, -1)
         return output[0], weights.to(args[0].dtype), index
     return hook
 
 
-def test_reroute_equals_routing_by_hand_without_the_expert():
-    loaded = tiny("jamba")
-    router = loaded.model.get_submodule(loaded.anatomy.layers[3].block("moe").router)
-    handle = router.register_forward_hook(_jamba_router_by_hand(2))
+@pytest.mark.parametrize("arch", ["jamba", "granitemoehybrid"])
+def test_reroute_equals_routing_by_hand_without_the_expert(arch):
+    loaded = tiny(arch)
+    layer = loaded.anatomy.blocks("moe")[-1][0]
+    router = loaded.model.get_submodule(loaded.anatomy.layers[layer].block("moe").router)
+    handle = router.register_forward_hook(_router_by_hand(arch, 2))
     try:
         reference = logits(loaded, ids())
     finally:
         handle.remove()
-    rerouted = logits(loaded, ids(), Plan.from_dict({"experts_off": [[3, 2]], "expert_mode": "reroute"}))
-    zeroed = logits(loaded, ids(), Plan.from_dict({"experts_off": [[3, 2]]}))
+    rerouted = logits(loaded, ids(), Plan.from_dict({"experts_off": [[layer, 2]], "expert_mode": "reroute"}))
+    zeroed = logits(loaded, ids(), Plan.from_dict({"experts_off": [[layer, 2]]}))
     torch.testing.assert_close(rerouted, reference, rtol=1e-5, atol=1e-5)
     assert (rerouted - zeroed).abs().max() > 1e-4  # another expert took its place
 
