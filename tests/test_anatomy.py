@@ -60,7 +60,8 @@ def test_json_shape(any_model):
     assert set(data) == {"architecture", "num_layers", "layers"}
     for layer in data["layers"]:
         for block in layer["blocks"]:
-            assert set(block) == {"kind", "flavour", "heads", "kv_heads", "head_dim", "window", "path"}
+            moe = {"experts", "top_k", "router", "experts_path"} if block["kind"] == "moe" else set()
+            assert set(block) == {"kind", "flavour", "heads", "kv_heads", "head_dim", "window", "path"} | moe
             assert block["kind"] in ("attention", "ssm", "mlp", "moe")
 
 

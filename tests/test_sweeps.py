@@ -450,3 +450,16 @@ def test_toy_recurrentgemma_k_sweep_goes_from_nothing_to_everything(tmp_path):
     assert final.result["base"]["plan"]["phase"] == preset.plan["phase"] == k0["plan"]["phase"]
     assert k0["needle"]["trials"] == k8["needle"]["trials"] == 10
     assert k0["needle"]["accuracy"] <= 0.05 and k8["needle"]["accuracy"] >= 0.95
+
+
+def test_an_experts_sweep_on_jamba_runs_one_condition_per_expert(tmp_path):
+    store = Store(tmp_path / "r.sqlite")
+    preset = presets.Preset(name="demo", model=ModelSpec("random:jamba"), plan={}, needle=NEEDLE)
+    final, events = sweep(preset, store, axis="experts", layers=(3,), expert_mode="reroute")  # 4 experts in layer 3
+    assert [s.label for s in events if isinstance(s, sweeps.Stage)] == ["base"] + [f"L3.moe.e{e}" for e in range(4)]
+    result = final.result
+    assert final.status == "done" and [c["value"] for c in result["conditions"]] == [[3, e] for e in range(4)]
+    for condition in result["conditions"]:
+        assert condition["plan"]["experts_off"] == [condition["value"]]
+        assert condition["plan"]["expert_mode"] == "reroute" and condition["needle"]["trials"] == 2
+    assert result["options"]["expert_mode"] == "reroute"

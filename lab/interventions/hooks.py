@@ -8,8 +8,9 @@ Phase: a position is "generation" when it is at or after the prompt length. The 
 given, or taken from the first call of a sequence (cached generate: the prefill call).
 Sparsification and needle-attention manipulation (lab.interventions.needle_attention) need the
 attention probabilities: the model runs eager attention while such a plan is active, except on lab's fast
-paths for RecurrentGemma, where lab's window kernel scores the heads (or splits the output at the needle)
-online and only one-token decoding steps compute weights.
+paths for RecurrentGemma and Jamba on a GPU, where lab's window kernel scores the heads (or splits the output
+at the needle) online and only one-token decoding steps compute weights. Experts off in MoE blocks (zeroed
+or rerouted) are hooked by lab.interventions.experts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from lab.errors import LabError
 from lab.fast import attention
 from lab.fast import state as fast_state
-from lab.interventions import needle_attention
+from lab.interventions import experts, needle_attention
 from lab.interventions.plan import Plan
 from lab.interventions.sites import Resolved, resolve
 from lab.models.anatomy import ADAPTERS, Anatomy
@@ -296,6 +297,7 @@ def _installed(model, anatomy: Anatomy, plan: Resolved, means: Means, prompt_len
             block = anatomy.layers[site.layer].block(site.kind)
             hook = _block_hook(tracker, means.get(("block", site.layer, site.kind)))
             handles.append(model.get_submodule(block.path).register_forward_hook(hook))
+        handles.extend(experts.install(model, anatomy, plan, tracker))
         yield tracker
     finally:
         for handle in handles:

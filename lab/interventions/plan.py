@@ -11,9 +11,11 @@ MODES = ("zero", "mean")
 PHASES = ("prefill", "generation", "both")
 METRICS = ("entropy", "l2")
 SCORE_DTYPES = ("fp32", "model")
+EXPERT_MODES = ("zero", "reroute")  # zero: its output dropped, routing kept; reroute: top-k picks others
 NEEDLE_MODES = ("keep", "omit", "only", "balanced", "null")
 PREFILL_MODES = NEEDLE_MODES + ("follow",)  # follow: the prefill uses the generation mode
-PLAN_KEYS = {"off", "heads_off", "kv_heads_off", "keep_heads", "sparsify", "needle_attention", "mode", "phase"}
+PLAN_KEYS = {"off", "heads_off", "kv_heads_off", "keep_heads", "sparsify", "needle_attention", "experts_off",
+             "expert_mode", "mode", "phase"}
 NEEDLE_KEYS = {"generation", "prefill", "layers", "heads"}
 
 
@@ -35,6 +37,7 @@ class Sparsify:
 
 
 Head = tuple[int, int]  # (layer, query head)
+Expert = tuple[int, int]  # (layer, routed expert of its MoE block)
 
 
 @dataclass(frozen=True)
@@ -76,13 +79,15 @@ class Plan:
     keep_heads: tuple[Head, ...] | None = None  # static keep-set: every other head is off
     sparsify: Sparsify | None = None
     needle_attention: NeedleAttention | None = None  # acts in its own phases, not in `phase`
+    experts_off: tuple[Expert, ...] = ()
+    expert_mode: str = "zero"  # one of EXPERT_MODES; `mode` (zero or mean) is for blocks and heads
     mode: str = "zero"
     phase: str = "both"
 
     @property
     def is_empty(self) -> bool:
         return not (self.off or self.heads_off or self.keep_heads is not None or self.sparsify
-                    or self.needle_attention)
+                    or self.needle_attention or self.experts_off)
 
     # ---- resolution against a model -------------------------------------------------------
     def check_names(self) -> Plan:
@@ -91,6 +96,8 @@ class Plan:
             raise LabError(f"plan.mode: {self.mode!r} is not one of {', '.join(MODES)}")
         if self.phase not in PHASES:
             raise LabError(f"plan.phase: {self.phase!r} is not one of {', '.join(PHASES)}")
+        if self.expert_mode not in EXPERT_MODES:
+            raise LabError(f"plan.expert_mode: {self.expert_mode!r} is not one of {', '.join(EXPERT_MODES)}")
         for entry in self.off:
             if entry.kind not in BLOCK_KINDS:
                 raise LabError(f"plan.off: kind {entry.kind!r} is not one of {', '.join(BLOCK_KINDS)}")
@@ -129,7 +136,26 @@ class Plan:
             most = max((b.heads for _, b in anatomy.blocks("attention")), default=0)
             if not 0 <= self.sparsify.k <= most:
                 raise LabError(f"plan.sparsify.k: {self.sparsify.k} is out of range (0..{most})")
+        self._validate_experts(anatomy)
         return self
+
+    def _validate_experts(self, anatomy: Anatomy) -> None:
+        off: dict[int, set[int]] = {}
+        for layer, expert in self.experts_off:
+            block = _moe_block(anatomy, layer)
+            if not 0 <= expert < block.experts:
+                raise LabError(f"plan.experts_off: expert {expert} is out of range for layer {layer} "
+                               f"(0..{block.experts - 1})")
+            off.setdefault(layer, set()).add(expert)
+        if self.expert_mode != "reroute":
+            return
+        for layer, experts in sorted(off.items()):
+            block = _moe_block(anatomy, layer)
+            if block.router is None:
+                raise LabError(f"plan.expert_mode: layer {layer}'s MoE block has no router lab can mask; use zero")
+            if block.experts - len(experts) < block.top_k:
+                raise LabError(f"plan.experts_off: rerouting leaves {block.experts - len(experts)} of {block.experts} "
+                               f"experts in layer {layer}, fewer than its top-k {block.top_k}")
 
     def blocks_off(self, anatomy: Anatomy) -> list[tuple[int, str]]:
         """(layer, kind) of every block this plan switches off."""
@@ -165,6 +191,10 @@ class Plan:
         if removed:
             n = sum(len(v) for v in removed.values())
             parts.append(f"{n}/{anatomy.total_heads} heads off")
+        if self.experts_off:
+            total = sum(b.experts for _, b in anatomy.blocks("moe"))
+            parts.append(f"{len(self.experts_off)}/{total} experts off "
+                         f"({'rerouted' if self.expert_mode == 'reroute' else 'zero'})")
         if self.sparsify:
             parts.append(f"sparsify k={self.sparsify.k} by {self.sparsify.metric}"
                          + (" (scores in the model's dtype)" if self.sparsify.score_dtype == "model" else ""))
@@ -190,6 +220,9 @@ class Plan:
             data["sparsify"] = {"k": self.sparsify.k, "metric": self.sparsify.metric}
             if self.sparsify.score_dtype != "fp32":  # written only when asked for: older plans keep their form
                 data["sparsify"]["score_dtype"] = self.sparsify.score_dtype
+        if self.experts_off or self.expert_mode != "zero":  # written only when used: older plans keep their form
+            data["experts_off"] = [list(e) for e in self.experts_off]
+            data["expert_mode"] = self.expert_mode
         needle = self.needle_attention
         if needle:
             data["needle_attention"] = {"generation": needle.generation, "prefill": needle.prefill,
@@ -227,9 +260,11 @@ class Plan:
                 raise LabError(f"plan.sparsify.k: expected an integer, got {k!r}")
             sparsify = Sparsify(k, _str(sparsify, "metric", "entropy", "plan.sparsify"),
                                 _str(sparsify, "score_dtype", "fp32", "plan.sparsify"))
+        experts = tuple(dict.fromkeys(_pair(e, "experts_off", "expert") for e in _list(data, "experts_off")))
         plan = cls(off=tuple(off), heads_off=tuple(dict.fromkeys(heads)), keep_heads=keep, sparsify=sparsify,
-                   needle_attention=_needle(data.get("needle_attention")),
-                   mode=_str(data, "mode", "zero", "plan"), phase=_str(data, "phase", "both", "plan")).check_names()
+                   needle_attention=_needle(data.get("needle_attention")), experts_off=experts,
+                   expert_mode=_str(data, "expert_mode", "zero", "plan"), mode=_str(data, "mode", "zero", "plan"),
+                   phase=_str(data, "phase", "both", "plan")).check_names()
         return plan.validate(anatomy) if anatomy is not None else plan
 
     def with_(self, **changes) -> Plan:
@@ -243,6 +278,17 @@ def kv_group_heads(anatomy: Anatomy, layer: int, group: int) -> list[Head]:
         raise LabError(f"plan.kv_heads_off: KV head {group} is out of range for layer {layer} (0..{block.kv_heads - 1})")
     size = block.heads // block.kv_heads
     return [(layer, h) for h in range(group * size, (group + 1) * size)]
+
+
+def _moe_block(anatomy: Anatomy, layer: int):
+    """The MoE block of a layer, or a LabError naming the layers that have one."""
+    if not 0 <= layer < anatomy.num_layers:
+        raise LabError(f"plan.experts_off: layer {layer} is out of range (0..{anatomy.num_layers - 1})")
+    block = anatomy.layers[layer].block("moe")
+    if block is None:
+        having = ", ".join(str(i) for i, _ in anatomy.blocks("moe")) or "none"
+        raise LabError(f"plan.experts_off: layer {layer} has no MoE block (these do: {having})")
+    return block
 
 
 def _attention(anatomy: Anatomy, layer: int, key: str):
@@ -291,11 +337,15 @@ def _needle(table) -> NeedleAttention | None:
 
 
 def _head(value, key: str) -> Head:
+    return _pair(value, key, "head")
+
+
+def _pair(value, key: str, unit: str) -> tuple[int, int]:
     if not (isinstance(value, list) and len(value) == 2):
-        raise LabError(f"plan.{key}: expected [layer, head] pairs, got {value!r}")
-    layer, head = _ints(value, f"plan.{key}")
-    return (layer, head)
+        raise LabError(f"plan.{key}: expected [layer, {unit}] pairs, got {value!r}")
+    layer, index = _ints(value, f"plan.{key}")
+    return (layer, index)
 
 
-__all__ = ["BlocksOff", "Head", "NeedleAttention", "Plan", "Sparsify", "kv_group_heads", "MODES", "PHASES", "METRICS",
-           "NEEDLE_MODES", "PREFILL_MODES"]
+__all__ = ["BlocksOff", "Expert", "Head", "NeedleAttention", "Plan", "Sparsify", "kv_group_heads", "MODES",
+           "PHASES", "METRICS", "EXPERT_MODES", "NEEDLE_MODES", "PREFILL_MODES"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
 import torch.nn as nn
 
 ATTENTION_TYPES = {"full_attention", "sliding_attention", "hybrid"}
@@ -63,7 +64,10 @@ class Block:
     window: int | None = None
     out_proj: str | None = None  # attention only: path of the output projection
     out_bias: bool = False  # attention only: the output projection has a bias
-    experts: int = 0
+    experts: int = 0  # moe only: routed experts, of which the router picks top_k per token
+    top_k: int = 0
+    router: str | None = None  # moe only: path of the router (weight: experts x hidden)
+    experts_path: str | None = None  # moe only: path of the fused experts module
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,8 @@ class Anatomy:
 
 def _block_json(block: Block) -> dict:
     data = asdict(block)
-    return {k: data[k] for k in ("kind", "flavour", "heads", "kv_heads", "head_dim", "window", "path")}
+    keys = ("kind", "flavour", "heads", "kv_heads", "head_dim", "window", "path")
+    return {k: data[k] for k in keys + (("experts", "top_k", "router", "experts_path") if block.kind == "moe" else ())}
 
 
 def _find(root: nn.Module, prefix: str, candidates: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
@@ -138,12 +143,36 @@ def _is_moe(module: nn.Module) -> bool:
     return any(name == "experts" for name, _ in module.named_children())
 
 
-def _num_experts(config) -> int:
-    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+def _config_int(config, keys: tuple[str, ...]) -> int:
+    for key in keys:
         value = getattr(config, key, None)
         if isinstance(value, int):
             return value
     return 0
+
+
+def _moe_block(config, path: str, module: nn.Module) -> Block:
+    """A MoE block: its experts module and its router (transformers 5.x routers return (logits, top-k weights,
+    top-k indices))."""
+    experts = getattr(module.experts, "num_experts", None)
+    if not isinstance(experts, int):
+        experts = _config_int(config, ("num_experts", "num_local_experts", "n_routed_experts"))
+    router = _router(module, experts)
+    top_k = getattr(router[1], "top_k", None) if router else None
+    if not isinstance(top_k, int):
+        top_k = _config_int(config, ("num_experts_per_tok", "num_experts_per_token"))
+    return Block(kind="moe", flavour="moe", path=path, experts=experts, top_k=top_k,
+                 router=f"{path}.{router[0]}" if router else None, experts_path=f"{path}.experts")
+
+
+def _router(module: nn.Module, experts: int) -> tuple[str, nn.Module] | None:
+    """The child `router` or `gate` whose weight has one row per expert."""
+    for name in ("router", "gate"):
+        child = getattr(module, name, None)
+        weight = getattr(child, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == experts:
+            return name, child
+    return None
 
 
 def _attention_block(config, path: str, module: nn.Module, layer_type: str) -> Block:
@@ -193,9 +222,7 @@ def build_anatomy(model: nn.Module) -> Anatomy:
         if arch == "nemotron_h" and layer_type not in ("mlp", "moe"):
             mlp_candidates = ()
         for path, module in _find(layer, prefix, mlp_candidates):
-            moe = _is_moe(module)
-            blocks.append(Block(kind="moe" if moe else "mlp", flavour="moe" if moe else "mlp", path=path,
-                                experts=_num_experts(config) if moe else 0))
+            blocks.append(_moe_block(config, path, module) if _is_moe(module) else Block("mlp", "mlp", path))
         layers.append(Layer(index=i, layer_type=layer_type, blocks=tuple(blocks)))
     notes = []
     if any(b.out_bias for _, b in Anatomy(arch, tuple(layers)).blocks("attention")):

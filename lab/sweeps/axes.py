@@ -1,8 +1,9 @@
 """Sweep axes: a sweep's conditions as plans, each the preset's own plan plus one change.
 
-The change extends the plan's lists (off, heads_off, kv_heads_off); the k axis replaces the preset's
-sparsify and keep-top its keep_heads. A random control (--controls N) changes a set of the same size,
-drawn from every unit of the axis's kind with a generator seeded by the sweep, so it is the same each time.
+The change extends the plan's lists (off, heads_off, kv_heads_off, experts_off); the k axis replaces the
+preset's sparsify and keep-top its keep_heads; the experts axis sets expert_mode when --expert-mode is
+given. A random control (--controls N) changes a set of the same size, drawn from every unit of the axis's
+kind with a generator seeded by the sweep, so it is the same each time.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import Callable, Iterator
 
 from lab.errors import LabError
 from lab.interventions import METRICS, Plan, Site
+from lab.interventions.plan import EXPERT_MODES
 from lab.models.anatomy import Anatomy
 from lab.probes.heads import SCORES, keep_set
 
 BLOCK_AXES = {"attention-layers": "attention", "ssm-layers": "ssm", "mlp-layers": "mlp"}
-AXES = (*BLOCK_AXES, "heads", "kv-heads", "k", "keep-top")
-LAYERED = (*BLOCK_AXES, "heads", "kv-heads")  # the axes --layers narrows
+AXES = (*BLOCK_AXES, "heads", "kv-heads", "experts", "k", "keep-top")
+LAYERED = (*BLOCK_AXES, "heads", "kv-heads", "experts")  # the axes --layers narrows
 VALUED = ("k", "keep-top")  # the axes --values narrows
 KEEP_TOP = (5, 10, 15, 25)  # percentages keep-top sweeps without --values
 
@@ -33,6 +35,7 @@ class Options:
     values: tuple[float, ...] | None = None  # k (integers) or keep-top percentages
     metric: str | None = None  # k: sparsify metric (default: the preset's, else entropy)
     score: str | None = None  # keep-top: head score (default: retrieval)
+    expert_mode: str | None = None  # experts: zero or reroute (default: the preset's expert_mode, else zero)
     controls: int = 0
     seed: int = 0
 
@@ -43,13 +46,16 @@ class Options:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise LabError(f"unknown sweep axis {self.axis!r} (known: {', '.join(AXES)}){hint}")
         for flag, given, axes in (("--layers", self.layers, LAYERED), ("--values", self.values, VALUED),
-                                  ("--metric", self.metric, ("k",)), ("--score", self.score, ("keep-top",))):
+                                  ("--metric", self.metric, ("k",)), ("--score", self.score, ("keep-top",)),
+                                  ("--expert-mode", self.expert_mode, ("experts",))):
             if given is not None and self.axis not in axes:
                 raise LabError(f"{flag} does not apply to axis {self.axis} (only to {', '.join(axes)})")
         if self.metric is not None and self.metric not in METRICS:
             raise LabError(f"--metric: {self.metric!r} is not one of {', '.join(METRICS)}")
         if self.score is not None and self.score not in SCORES:
             raise LabError(f"--score: {self.score!r} is not one of {', '.join(SCORES)}")
+        if self.expert_mode is not None and self.expert_mode not in EXPERT_MODES:
+            raise LabError(f"--expert-mode: {self.expert_mode!r} is not one of {', '.join(EXPERT_MODES)}")
         if self.controls < 0:
             raise LabError(f"--controls: {self.controls} is negative; give the number of random sets (0: none)")
         for layer in self.layers or ():
@@ -73,7 +79,10 @@ class Options:
                 raise LabError(f"--values: {value:g} % is not a percentage above 0 and at most 100")
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """As stored with the sweep and fingerprinted; expert_mode only when given, so sweeps from before it
+        keep their fingerprints (and resume)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
+                if k != "expert_mode" or v is not None}
 
 
 def numbers(text: str, flag: str) -> tuple[float, ...]:
@@ -93,7 +102,7 @@ def numbers(text: str, flag: str) -> tuple[float, ...]:
 @dataclass(frozen=True)
 class Condition:
     label: str
-    value: object  # the swept quantity: a layer, [layer, head], [layer, kv group], k or a percentage
+    value: object  # the swept quantity: a layer, [layer, head], [layer, kv group], [layer, expert], k or a percentage
     plan: dict  # the whole plan: the preset's own plus this condition's change
     control: int = 0  # 0: the condition itself; n: its n-th random control
 
@@ -125,6 +134,9 @@ def _changes(options: Options, anatomy: Anatomy, base: dict, ranked) -> Iterator
             yield (str(Site(layer, kind)), layer, _off(base, kind, [layer]),
                    lambda rng: _off(base, kind, rng.sample(pool, 1)))
         return
+    if options.axis == "experts":
+        yield from _expert_changes(options, anatomy, base)
+        return
     if not heads:
         raise LabError(f"{anatomy.architecture} has no attention heads to sweep")
     attention = anatomy.blocks("attention")
@@ -143,6 +155,19 @@ def _changes(options: Options, anatomy: Anatomy, base: dict, ranked) -> Iterator
         yield from _k_changes(options, attention, base)
     else:
         yield from _keep_top_changes(options, heads, base, ranked)
+
+
+def _expert_changes(options: Options, anatomy: Anatomy, base: dict) -> Iterator[tuple[str, object, dict, Draw]]:
+    """Each expert of each MoE layer off alone, in --expert-mode (else the preset's); a control: a random expert."""
+    moe = anatomy.blocks("moe")
+    if options.expert_mode is not None:
+        base = {**base, "expert_mode": options.expert_mode}
+    every = [[layer, e] for layer, block in moe for e in range(block.experts)]
+    for layer in _layers(options, anatomy, "moe", [layer for layer, _ in moe]):
+        for expert in range(anatomy.layers[layer].block("moe").experts):
+            yield (str(Site(layer, "moe", expert=expert)), [layer, expert],
+                   _extend(base, "experts_off", [[layer, expert]]),
+                   lambda rng: _extend(base, "experts_off", [rng.choice(every)]))
 
 
 def _k_changes(options: Options, attention: list, base: dict) -> Iterator[tuple[str, object, dict, Draw]]:
