@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, replace
 from typing import Callable, Generator, Iterator
 
@@ -73,6 +74,30 @@ def in_session(session: Session) -> Execute:
         return "done"
 
     return execute
+
+
+class Clock:
+    """Times a sweep's work (SweepStarted to SweepFinished, the model already loaded) and counts the trials it
+    ran (skipped ones not counted): the throughput `lab sweep` prints, to compare --nproc 1 and N."""
+
+    def __init__(self):
+        self.started = self.seconds = None
+        self.trials = 0
+
+    def watch(self, events: Iterator[Event]) -> Iterator[Event]:
+        for event in events:
+            if isinstance(event, SweepStarted):
+                self.started = time.monotonic()
+            elif isinstance(event, runner.Started):
+                self.trials += event.total - event.skipped
+            elif isinstance(event, SweepFinished):
+                self.seconds = time.monotonic() - self.started
+            yield event
+
+    def line(self, replicas: int) -> str:
+        rate = f" ({self.trials / self.seconds:.2f} trials/s)" if self.seconds else ""
+        return (f"{self.trials} trials in {self.seconds:.1f} s on {replicas} replica{'s' if replicas > 1 else ''}"
+                f"{rate}")
 
 
 def fingerprint(preset: Preset, options: Options) -> str:
