@@ -64,7 +64,8 @@ def check_devices(spec, replicas: int, gpus_per_replica: int) -> bool:
                        "replica on its own GPUs (use device auto, cuda or device_map, or cpu)")
     on_gpus = spec.device != "cpu" and bool(gpus())
     if not on_gpus and (gpus_per_replica > 1 or spec.device in ("cuda", "device_map")):
-        raise LabError(f"--gpus-per-replica {gpus_per_replica} and device {spec.device} need GPUs; none is visible")
+        raise LabError(f"--gpus-per-replica {gpus_per_replica} with device {spec.device} needs GPUs; "
+                       "none is visible here")
     if on_gpus and replicas * gpus_per_replica > len(gpus()):
         raise LabError(f"{replicas} replicas x {gpus_per_replica} GPUs need {replicas * gpus_per_replica} GPUs; "
                        f"{len(gpus())} are visible here")
@@ -79,28 +80,32 @@ def launch(command, args, nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # its failures become one line here
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"lab-sweep-{uuid.uuid4().hex}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn")
     try:
         outcome = elastic_launch(config, _worker)(command, args)
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
-        message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
-        raise LabError(f"sweep worker rank {rank} failed ({' '.join(str(message).split()) or failure.exitcode}); "
-                       f"{KEPT}") from None
+        raise LabError(f"sweep worker rank {rank} failed ({_why(failure)}); {KEPT}") from None
     code, message = outcome[0]
     if message:
         raise LabError(message)
     return code
 
 
+def _why(failure) -> str:
+    """A dead worker's exception (recorded in its error file), else its exit code or signal."""
+    if not os.path.isfile(failure.error_file):
+        return f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+    message = failure.message
+    return " ".join(str(message.get("message", "") if isinstance(message, dict) else message).split())
+
+
 @record
 def _worker(command, args) -> tuple[int, str | None]:
-    """A launched worker: command(args) as one rank (--nproc 1: it is a rank now); (exit code, error or None).
-    Ranks other than 0 write nothing to stdout."""
-    if int(os.environ["RANK"]) != 0:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    """A launched worker: command(args) as one rank (--nproc 1: it is a rank now); (exit code, error or None)."""
     try:
         return command(argparse.Namespace(**{**vars(args), "nproc": 1})), None
     except LabError as error:
@@ -122,6 +127,18 @@ class Runs:
     presets: list
     done: list[dict[str, set[str]]]
     tasks: list[Task]
+
+
+def _tasks(presets: list, missing: list[dict[str, int]], ranks: int) -> list[Task]:
+    """Each run's missing trials per probe in slices: the probe's batch size, or when that is automatic an
+    even share of all the trials, at most AUTO_CHUNK."""
+    share = max(1, min(AUTO_CHUNK, math.ceil(sum(sum(m.values()) for m in missing) / ranks)))
+    tasks = []
+    for j, preset in enumerate(presets):
+        for name, count in missing[j].items():
+            size = preset.probes[name].batch_size or share
+            tasks += [Task(j, name, start, min(start + size, count)) for start in range(0, count, size)]
+    return tasks
 
 
 class Replica:
@@ -186,20 +203,20 @@ class World:
         """lab.sweeps.run's Execute for rank 0: the jobs' missing trials spread over every rank, stored here."""
         from lab.sweeps.run import stored_done
 
-        todo, presets, done = {}, [], []  # the jobs with no finished run: index in jobs -> index in presets
+        todo, runs_of, presets, done = {}, {}, [], []  # todo: index in jobs -> index in presets (a run to do)
         for i, job in enumerate(jobs):
-            if stored_done(job, store) is None:
-                stored = store.run_by_fingerprint(job.preset.fingerprint())
-                todo[i] = len(presets)
+            key = job.preset.fingerprint()  # jobs of one plan (a control that repeats a condition) share a run
+            if key not in runs_of and stored_done(job, store) is None:
+                stored = store.run_by_fingerprint(key)
+                runs_of[key] = len(presets)
                 presets.append(job.preset)
                 done.append({name: store.done_keys(stored["id"], name) if stored else set()
                              for name in job.preset.probes})
+            if key in runs_of:
+                todo[i] = runs_of[key]
         missing = [{name: self.replica.prepared(name, spec).trials - len(keys[name])
                     for name, spec in preset.probes.items()} for preset, keys in zip(presets, done)]
-        chunk = max(1, min(AUTO_CHUNK, math.ceil(sum(sum(m.values()) for m in missing) / self.size)))
-        tasks = [Task(j, name, start, min(start + size, count)) for j, preset in enumerate(presets)
-                 for name, count in missing[j].items()
-                 for size in [preset.probes[name].batch_size or chunk] for start in range(0, count, size)]
+        tasks = _tasks(presets, missing, self.size)
         runs = Runs(presets, done, tasks)
         self.say(runs)
         return (yield from _Rounds(self, store, jobs, todo, [sum(m.values()) for m in missing], runs).run())
@@ -288,11 +305,12 @@ class _Rounds:
         for i in range(self.begun, upto + 1):
             job = self.jobs[i]
             self.begun = i + 1
-            if i not in self.todo:
+            j = self.todo.get(i)
+            if j is None or j in self.run_ids:  # finished before, or another job's run
                 yield replace(job.stage, skipped=True)
-                job.link(stored_done(job, self.store))
+                job.link(stored_done(job, self.store) if j is None else self.run_ids[j])
                 continue
-            j, loaded, preset = self.todo[i], self.world.replica.loaded, job.preset
+            loaded, preset = self.world.replica.loaded, job.preset
             yield job.stage
             plan = preset.plan_for(loaded.anatomy)
             words = plan.describe(loaded.anatomy)
@@ -328,11 +346,13 @@ class _Rounds:
 @contextmanager
 def world(spec, gpus_per_replica: int) -> Iterator[World]:
     """Join the workers (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE from the launcher), each loading its
-    replica: on GPUs its own CUDA_VISIBLE_DEVICES slice (nccl), else the CPU (gloo). Rank 0 tells the others
-    to stop when it leaves."""
+    replica: on GPUs its own CUDA_VISIBLE_DEVICES slice (nccl), else the CPU (gloo). Ranks other than 0 write
+    nothing to stdout; rank 0 tells the others to stop when it leaves."""
     from lab.models import load
 
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank != 0:  # only rank 0 prints (the result, --json)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
     on_gpus = check_devices(spec, local_size, gpus_per_replica)
