@@ -26,8 +26,7 @@ from typing import Generator, Iterator
 
 import torch
 import torch.distributed as dist
-
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from lab.errors import LabError
 
@@ -77,11 +76,12 @@ def launch(command, args, nproc: int) -> int:
     exit code. A worker that dies is a one-line LabError naming its rank."""
     import logging
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # its failures become one line here
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):  # the launcher's failures become one line here
+        if name.startswith(("torch.distributed.elastic", "torch.multiprocessing")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"lab-sweep-{uuid.uuid4().hex}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn")
     try:
@@ -89,6 +89,10 @@ def launch(command, args, nproc: int) -> int:
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         raise LabError(f"sweep worker rank {rank} failed ({_why(failure)}); {KEPT}") from None
+    except SignalException as error:  # Ctrl-C, SIGTERM, SIGHUP: the launcher stopped the workers
+        interrupt = KeyboardInterrupt()
+        interrupt.signum = error.sigval
+        raise interrupt from None
     code, message = outcome[0]
     if message:
         raise LabError(message)
@@ -147,7 +151,7 @@ class Replica:
     def __init__(self, loaded):
         self.loaded = loaded
         self._prepared = {}
-        self._current = None  # ((run index, Runs id), sites, means, {probe: (work, batch size)})
+        self._current = None  # (Runs, run index, sites, means, {probe: (work, batch size)})
         self.attempts = 0
 
     def prepared(self, name: str, spec):
@@ -163,10 +167,10 @@ class Replica:
         from lab.interventions import apply_plan, resolve
 
         loaded, preset = self.loaded, runs.presets[task.job]
-        if self._current is None or self._current[0] != (task.job, id(runs)):
+        if self._current is None or self._current[0] is not runs or self._current[1] != task.job:
             sites = resolve(preset.plan_for(loaded.anatomy), loaded.anatomy)
-            self._current = ((task.job, id(runs)), sites, runner._means(loaded, sites), {})
-        _, sites, means, works = self._current
+            self._current = (runs, task.job, sites, runner._means(loaded, sites), {})
+        _, _, sites, means, works = self._current
         with apply_plan(loaded.model, loaded.anatomy, sites, means) as tracker:
             if task.probe not in works:
                 work = self.prepared(task.probe, preset.probes[task.probe]).work(runs.done[task.job][task.probe])
@@ -360,6 +364,8 @@ def world(spec, gpus_per_replica: int) -> Iterator[World]:
         mine = gpus()[local_rank * gpus_per_replica:(local_rank + 1) * gpus_per_replica]
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)  # before CUDA starts in this process
         torch.cuda.set_device(0)
+        if torch.cuda.device_count() != len(mine):  # CUDA started earlier, seeing every GPU
+            raise LabError(f"sweep worker rank {rank}: CUDA started before its GPUs ({', '.join(mine)}) were chosen")
         spec = replace(spec, device="cuda" if gpus_per_replica == 1 else "device_map")
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
