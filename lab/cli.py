@@ -156,13 +156,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from rich.console import Console
-
     from lab import sweeps
     from lab.session import Session
     from lab.sweeps import distributed
-    from lab.sweeps.report import drive, sweep_table
-    from lab.sweeps.run import Clock
 
     options = sweeps.Options(axis=args.over, layers=sweeps.numbers(args.layers, "--layers") if args.layers else None,
                              values=sweeps.numbers(args.values, "--values") if args.values else None,
@@ -173,25 +169,36 @@ def cmd_sweep(args) -> int:
     if args.nproc != 1 or args.gpus_per_replica != 1:
         distributed.check_devices(preset.model, args.nproc, args.gpus_per_replica)
     if args.nproc > 1:
+        _store(args).close()  # a database lab cannot write fails here, before any worker starts
         return distributed.launch(cmd_sweep, args, args.nproc)
-    clock = Clock()
-    if distributed.launched():
-        with distributed.world(preset.model, args.gpus_per_replica) as world:
-            if world.rank != 0:
-                world.serve()
-                return 0
-            store = _store(args)
-            final = drive(clock.watch(sweeps.run(preset, options, world.session, store, world.execute)), args.json)
-    else:
+    if not distributed.launched():
         store = _store(args)
-        final = drive(clock.watch(sweeps.run(preset, options, Session.open(preset.model), store)), args.json)
+        return _sweep(args, sweeps.run(preset, options, Session.open(preset.model), store), store)
+    with distributed.world(preset.model, args.gpus_per_replica) as world:
+        if world.rank != 0:
+            world.serve()
+            return 0
+        store = _store(args)
+        return _sweep(args, sweeps.run(preset, options, world.session, store, world.execute), store)
+
+
+def _sweep(args, events, store) -> int:
+    """Drive a sweep's events (progress on a terminal), then print its result and its trials per second."""
+    from rich.console import Console
+
+    from lab.sweeps.distributed import replicas
+    from lab.sweeps.report import drive, sweep_table
+    from lab.sweeps.run import Clock
+
+    clock = Clock()
+    final = drive(clock.watch(events), args.json)
     if args.json:
         print(json.dumps(final.result, indent=1))
     else:
         console = Console()
         console.print(f"sweep {final.sweep_id} ({final.status}), results in {store.path}", markup=False)
         console.print(sweep_table(final.result))
-        console.print(clock.line(distributed.replicas()), markup=False)
+        console.print(clock.line(replicas()), markup=False)
     return 0
 
 

@@ -108,6 +108,28 @@ def test_a_failing_worker_ends_the_sweep_naming_its_rank_and_the_same_command_re
     assert [without_run(c) for c in resumed_result] == [without_run(c) for c in single["conditions"]]
 
 
+def test_one_rank_world_runs_the_sweep_as_one_process_does_sharing_repeated_plans(tmp_path, capsys, monkeypatch):
+    """torchrun's entry with WORLD_SIZE=1, in this process: the distributed Execute alone (no start-up cost);
+    controls that repeat a condition share its run, as in one process; a second time everything is skipped."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("localhost", 0))
+        port = free.getsockname()[1]
+    command = ["sweep", preset_file(tmp_path), "--over", "kv-heads", "--controls", "2", "--json"]
+    assert main(command + ["--db", str(tmp_path / "one.sqlite")]) == 0
+    single = json.loads(capsys.readouterr().out)
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    db = tmp_path / "world.sqlite"
+    for _ in range(2):
+        assert main(command + ["--db", str(db)]) == 0
+        ranked = json.loads(capsys.readouterr().out)
+        assert ranked["conditions"] == single["conditions"] and len(ranked["conditions"]) == 6
+    runs, _ = statuses(db)
+    assert len(runs) == 3 and trials(db)[1] == 6
+
+
 @pytest.mark.parametrize("argv, env, message", [
     (["--nproc", "0"], {}, "--nproc and --gpus-per-replica must be at least 1"),
     (["--gpus-per-replica", "2"], {}, "--gpus-per-replica 2 with device auto needs GPUs; none is visible here"),
@@ -120,6 +142,13 @@ def test_bad_placement_is_one_line_before_any_worker_starts(tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_a_database_lab_cannot_write_fails_before_any_worker_starts(tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert main(["sweep", preset_file(tmp_path), "--over", "heads", "--nproc", "2", "--db", str(folder)]) == 2
+    assert f"cannot open the results database {folder}" in capsys.readouterr().err
 
 
 def test_replicas_must_fit_the_visible_gpus_and_the_preset_device(monkeypatch):
