@@ -156,24 +156,49 @@ def cmd_export(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from rich.console import Console
-
     from lab import sweeps
     from lab.session import Session
-    from lab.sweeps.report import drive, sweep_table
+    from lab.sweeps import distributed
 
     options = sweeps.Options(axis=args.over, layers=sweeps.numbers(args.layers, "--layers") if args.layers else None,
                              values=sweeps.numbers(args.values, "--values") if args.values else None,
                              metric=args.metric, score=args.score, controls=args.controls, seed=args.seed).validate()
     preset = _preset(args)
-    store = _store(args)
-    final = drive(sweeps.run(preset, options, Session.open(preset.model), store), args.json)
+    if args.nproc != 1 and distributed.launched():
+        raise LabError("--nproc: this process is a torch.distributed worker already (torchrun); leave --nproc out")
+    if args.nproc != 1 or args.gpus_per_replica != 1:
+        distributed.check_devices(preset.model, args.nproc, args.gpus_per_replica)
+    if args.nproc > 1:
+        _store(args).close()  # a database lab cannot write fails here, before any worker starts
+        return distributed.launch(cmd_sweep, args, args.nproc)
+    if not distributed.launched():
+        store = _store(args)
+        return _sweep(args, sweeps.run(preset, options, Session.open(preset.model), store), store)
+    with distributed.world(preset.model, args.gpus_per_replica) as world:
+        if world.rank != 0:
+            world.serve()
+            return 0
+        store = _store(args)
+        return _sweep(args, sweeps.run(preset, options, world.session, store, world.execute), store)
+
+
+def _sweep(args, events, store) -> int:
+    """Drive a sweep's events (progress on a terminal), then print its result and its trials per second."""
+    from rich.console import Console
+
+    from lab.sweeps.distributed import replicas
+    from lab.sweeps.report import drive, sweep_table
+    from lab.sweeps.run import Clock
+
+    clock = Clock()
+    final = drive(clock.watch(events), args.json)
     if args.json:
         print(json.dumps(final.result, indent=1))
     else:
         console = Console()
         console.print(f"sweep {final.sweep_id} ({final.status}), results in {store.path}", markup=False)
         console.print(sweep_table(final.result))
+        console.print(clock.line(replicas()), markup=False)
     return 0
 
 
@@ -379,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controls", type=int, default=0, help="random sets of the same size per condition")
     p.add_argument("--seed", type=int, default=0, help="seed of the random controls")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="worker processes, each with a replica of the model (torch.distributed; nccl on GPUs, "
+                        "gloo on the CPU); under torchrun leave it out")
+    p.add_argument("--gpus-per-replica", type=int, default=1,
+                   help="GPUs each replica spreads over (accelerate's device_map); --nproc x this <= GPUs")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("sweeps", help="list sweeps, or show one sweep's result (--csv: one row per condition)")

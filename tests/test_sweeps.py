@@ -463,3 +463,22 @@ def test_an_experts_sweep_on_jamba_runs_one_condition_per_expert(tmp_path):
         assert condition["plan"]["experts_off"] == [condition["value"]]
         assert condition["plan"]["expert_mode"] == "reroute" and condition["needle"]["trials"] == 2
     assert result["options"]["expert_mode"] == "reroute"
+
+
+# 7. throughput: what `lab sweep` prints to compare --nproc 1 and N (lab.sweeps.distributed)
+
+def test_clock_counts_the_trials_run_not_those_skipped(monkeypatch):
+    import importlib
+
+    from lab import runner
+
+    run = importlib.import_module("lab.sweeps.run")  # the module (lab.sweeps.run is also the function)
+    times = iter([10.0, 14.0])
+    monkeypatch.setattr(run.time, "monotonic", lambda: next(times))
+    clock = run.Clock()
+    events = [sweeps.SweepStarted(1, 3), sweeps.Stage(0, 3, "base", True), runner.Started(2, 6, 2, "plan"),
+              runner.Started(3, 6, 6, "plan"), sweeps.SweepFinished(1, "done", {})]
+    assert list(clock.watch(iter(events))) == events
+    assert clock.trials == 4 and clock.seconds == 4.0
+    assert clock.line(1) == "4 trials in 4.0 s on 1 replica (1.00 trials/s)"
+    assert clock.line(2).endswith("on 2 replicas (1.00 trials/s)")
