@@ -36,9 +36,10 @@ class FixedCache:
         kinds = config.layer_types
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = (batch, config.num_key_value_heads, length, head_dim)
-        self.keys = {i: torch.zeros(shape, device=device, dtype=dtype) for i, k in enumerate(kinds) if k != "linear_attention"}
-        self.values = {i: torch.zeros(shape, device=device, dtype=dtype) for i in self.keys}
         self.mamba = [i for i, kind in enumerate(kinds) if kind == "linear_attention"]
+        attention = [i for i in range(len(kinds)) if i not in self.mamba]
+        self.keys = {i: torch.zeros(shape, device=device, dtype=dtype) for i in attention}
+        self.values = {i: torch.zeros(shape, device=device, dtype=dtype) for i in attention}
         self.conv: dict[int, torch.Tensor] = {}
         self.ssm: dict[int, torch.Tensor] = {}
         self.batch = batch
