@@ -77,6 +77,25 @@ def test_jamba_decoder_only_where_it_applies():
     assert jamba_decode.supports(model)
 
 
+def test_jamba_without_experts_decodes_on_any_experts_implementation():
+    """A dense Jamba (MLPs only) has no experts loop to avoid: the decoder takes it and matches generate()."""
+    from transformers import JambaForCausalLM
+
+    base = _load("random:jamba").model.config
+    config = type(base)(**{**base.to_dict(), "num_experts": 1, "experts_implementation": "eager"})
+    torch.manual_seed(0)
+    model = JambaForCausalLM(config).eval()
+    assert model.config._experts_implementation == "eager" and jamba_decode.supports(model)
+    groups = _groups("cpu")[:2]
+    with torch.no_grad():
+        tokens, logits = jamba_decode.greedy(model, groups, 6, return_logits=True)
+        expected = [model.generate(group, max_new_tokens=6, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True, pad_token_id=256, eos_token_id=None)
+                    for group in groups]
+    assert torch.equal(tokens, torch.cat([out.sequences[:, -6:] for out in expected]))
+    assert torch.allclose(logits, torch.cat([torch.stack(out.logits, 1) for out in expected]), atol=1e-4)
+
+
 NEEDLE_PLANS = {"base": Plan(), "sparsify": Plan(sparsify=Sparsify(2)),
                 "needle omitted in generation": Plan(needle_attention=NeedleAttention(generation="omit")),
                 "attention off in generation": Plan(off=(BlocksOff("attention"),), phase="generation")}

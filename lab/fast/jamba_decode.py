@@ -21,10 +21,11 @@ from lab.fast.state import enabled
 
 def supports(model) -> bool:
     """Whether `greedy` may decode this model: lab's fast paths on for it, Jamba with sdpa or eager attention,
-    grouped_mm experts (no host synchronisation in the MoE), on one device (no accelerate offload hooks)."""
+    grouped_mm experts if it has experts (the eager ones loop on the host), on one device (no accelerate hooks)."""
     config = model.config
     return (enabled(model) and config.model_type == "jamba" and config._attn_implementation in ("sdpa", "eager")
-            and config._experts_implementation == "grouped_mm" and not getattr(model, "hf_device_map", None))
+            and (config.num_experts == 1 or config._experts_implementation == "grouped_mm")
+            and not getattr(model, "hf_device_map", None))
 
 
 class FixedCache:
