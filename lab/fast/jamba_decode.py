@@ -6,7 +6,7 @@ new tokens (slot = position) and the Mamba conv and SSM states into fixed tensor
 one-token step updates in place (so a plan's hooks still act). Every row keeps its own position, so the
 prompts of all lengths decode together. The MoE feed-forward runs through transformers' grouped_mm experts
 (one grouped product over the fused gate_up_proj / down_proj weights, routing on the device, no loop over
-experts); a model on another experts implementation decodes with generate(). On a CPU the same step runs
+experts); a model whose experts run on another implementation decodes with generate(). On a CPU the same step runs
 eagerly (tests).
 """
 
