@@ -118,21 +118,29 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
     state.join()
     logits = torch.cat(first)
     tokens = logits.argmax(-1, keepdim=True)
-    outputs, all_logits = [tokens.clone()], [logits.float()]
+    mask = torch.empty((batch, 1, 1, ring.window), device=device, dtype=model.dtype)
+    step_logits = torch.empty_like(logits)
+
+    def step() -> None:
+        ring.advance(positions, mask)
+        out = model(input_ids=tokens, position_ids=positions, attention_mask={"sliding_attention": mask},
+                    cache=ring, use_cache=True).logits[:, -1]
+        step_logits.copy_(out)
+        tokens.copy_(out.argmax(-1, keepdim=True))
+        positions.add_(1)
+        state.store()
+
+    return run_steps(step, tokens, logits, step_logits, max_new_tokens, eos_id, return_logits)
+
+
+def run_steps(step, tokens: torch.Tensor, first_logits: torch.Tensor, step_logits: torch.Tensor,
+              max_new_tokens: int, eos_id: int | None, return_logits: bool):
+    """Replay `step` (which writes the next `tokens` (B, 1) and `step_logits` (B, V) in place) until
+    max_new_tokens tokens or every row has eos (checked every 8 steps); `first_logits` came from the prefill.
+    Returns the tokens (B, new) and, with return_logits, the (B, new, V) logits."""
+    outputs, all_logits = [tokens.clone()], [first_logits.float()]
     if max_new_tokens > 1:
-        mask = torch.empty((batch, 1, 1, ring.window), device=device, dtype=model.dtype)
-        step_logits = torch.empty_like(logits)
-
-        def step() -> None:
-            ring.advance(positions, mask)
-            out = model(input_ids=tokens, position_ids=positions, attention_mask={"sliding_attention": mask},
-                        cache=ring, use_cache=True).logits[:, -1]
-            step_logits.copy_(out)
-            tokens.copy_(out.argmax(-1, keepdim=True))
-            positions.add_(1)
-            state.store()
-
-        replay = _graph(step) if device.type == "cuda" else step
+        replay = _graph(step) if tokens.device.type == "cuda" else step
         for n in range(1, max_new_tokens):
             replay()
             outputs.append(tokens.clone())

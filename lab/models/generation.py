@@ -23,15 +23,16 @@ def greedy(loaded, prompts: list[list[int]], max_new_tokens: int, static: bool =
     """Greedy continuations with cache (under whatever plan is active), each cut at eos.
 
     Prompts of one length run as one unpadded group. static: decode with lab.fast.decode where it
-    supports the model (fixed buffers, all groups in one CUDA graph on a GPU); needs a plan without
-    phase tracking, whose hooks read positions on the host."""
-    from lab.fast import decode
+    supports the model, else lab.fast.jamba_decode where it does (fixed buffers, all groups in one CUDA graph
+    on a GPU); needs a plan without phase tracking, whose hooks read positions on the host."""
+    from lab.fast import decode, jamba_decode
 
     tok, model = loaded.tokenizer, loaded.model
     groups = _by_length(prompts)
     tensors = [torch.tensor([prompts[i] for i in group], device=loaded.device) for group in groups]
-    if static and decode.supports(model):  # false for a model loaded with fast=False
-        rows = decode.greedy(model, tensors, max_new_tokens, tok.eos_token_id).tolist()
+    decoder = next((d for d in (decode, jamba_decode) if d.supports(model)), None)  # none with fast=False
+    if static and decoder is not None:
+        rows = decoder.greedy(model, tensors, max_new_tokens, tok.eos_token_id).tolist()
     else:
         rows = []
         for prompt in tensors:
