@@ -96,6 +96,9 @@ def model(request):
         for name, param in loaded.model.named_parameters():
             if name.endswith("o_proj.bias"):
                 param.normal_(0, 0.5)
+        for _, block in loaded.anatomy.blocks("attention"):  # heads of different sharpness: no near-ties in
+            weight = loaded.model.get_submodule(block.path).q_proj.weight  # the sparsifier's choice in bf16
+            weight.mul_(torch.linspace(0.3, 4, block.heads, device=weight.device).repeat_interleave(block.head_dim)[:, None])
     assert loaded.model.config._attn_implementation == "sdpa"
     return loaded
 

@@ -134,13 +134,14 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
 
 
 def run_steps(step, tokens: torch.Tensor, first_logits: torch.Tensor, step_logits: torch.Tensor,
-              max_new_tokens: int, eos_id: int | None, return_logits: bool):
+              max_new_tokens: int, eos_id: int | None, return_logits: bool, graph: bool = True):
     """Replay `step` (which writes the next `tokens` (B, 1) and `step_logits` (B, V) in place) until
     max_new_tokens tokens or every row has eos (checked every 8 steps); `first_logits` came from the prefill.
-    Returns the tokens (B, new) and, with return_logits, the (B, new, V) logits."""
+    On a GPU the step is a CUDA graph unless `graph` is false. Returns the tokens (B, new) and, with
+    return_logits, the (B, new, V) logits."""
     outputs, all_logits = [tokens.clone()], [first_logits.float()]
     if max_new_tokens > 1:
-        replay = _graph(step) if tokens.device.type == "cuda" else step
+        replay = _graph(step) if graph and tokens.device.type == "cuda" else step
         for n in range(1, max_new_tokens):
             replay()
             outputs.append(tokens.clone())

@@ -116,4 +116,6 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
         tokens.copy_(out.argmax(-1, keepdim=True))
         positions.add_(1)
 
-    return run_steps(step, tokens, logits, step_logits, max_new_tokens, eos_id, return_logits)
+    # torch's grouped product copies to the host outside bf16, which a CUDA graph cannot hold: eager steps then
+    graph = model.config.num_experts == 1 or model.dtype == torch.bfloat16
+    return run_steps(step, tokens, logits, step_logits, max_new_tokens, eos_id, return_logits, graph)
