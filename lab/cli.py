@@ -40,10 +40,19 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(loaded.anatomy.to_json(), indent=1 if args.pretty else None))
     else:
-        from rich.console import Console
-
-        Console().print(anatomy_table(loaded))
+        _stdout().print(anatomy_table(loaded))
     return 0
+
+
+PIPED_WIDTH = 100_000  # piped output: wide enough that no table folds a cell or a title
+
+
+def _stdout():
+    """A rich console on stdout: the terminal's width, or, piped, so wide that tables keep whole paths and
+    names on one line (for grep and friends)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
 
 
 def _store(args, readonly: bool = False):
@@ -65,23 +74,28 @@ def _preset(args):
 
 
 def _drive(events, quiet: bool):
-    """Consume a run's events, with a progress bar on a terminal; return its Finished event."""
-    from lab.report import progress_bar
+    """Consume a run's events, with a progress bar per probe (in its own units) on a terminal; return its
+    Finished event."""
+    from rich.markup import escape
+
+    from lab.report import progress_bar, unit
     from lab.runner import Finished, Progress, Started
 
     bar = None if quiet or not sys.stderr.isatty() else progress_bar()
-    final = None
+    final, tasks = None, {}
     try:
         for event in events:
             if isinstance(event, Started):
+                counts = {probe: (done, total, unit(probe)) for probe, (done, total) in event.probes.items()}
                 if bar is not None:
                     bar.start()
-                    task = bar.add_task(event.plan, total=event.total, completed=event.skipped)
+                    tasks = {probe: bar.add_task(escape(probe), total=total, completed=done, unit=units)
+                             for probe, (done, total, units) in counts.items()}
                 elif not quiet:
-                    print(f"run {event.run_id}: {event.plan}; {event.skipped}/{event.total} trials already done",
-                          file=sys.stderr)
+                    done = ", ".join(f"{probe} {done}/{total} {units}" for probe, (done, total, units) in counts.items())
+                    print(f"run {event.run_id}: {event.plan}; {done} already done", file=sys.stderr)
             elif isinstance(event, Progress) and bar is not None:
-                bar.update(task, completed=event.done)
+                bar.advance(tasks[event.probe], len(event.rows))
             elif isinstance(event, Finished):
                 final = event
     finally:
@@ -102,9 +116,7 @@ def cmd_run(args) -> int:
     if args.json:
         print(json.dumps({"run": final.run_id, **final.summary}, indent=1))
     else:
-        from rich.console import Console
-
-        console = Console()
+        console = _stdout()
         console.print(f"run {final.run_id} ({final.status}), results in {store.path}", markup=False)
         for table in summary_tables(final.summary):
             console.print(table)
@@ -120,11 +132,9 @@ def cmd_runs(args) -> int:
     if args.json:
         print(json.dumps([{**r, "summary": summaries[r["id"]]} for r in runs], indent=1))
     else:
-        from rich.console import Console
-
         from lab.report import runs_table
 
-        console = Console()
+        console = _stdout()
         console.print(runs_table(runs, summaries, store.path, console.width))
     return 0
 
@@ -178,8 +188,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_sweeps(args) -> int:
-    from rich.console import Console
-
     from lab.sweeps import result
     from lab.sweeps.report import sweep_table, sweeps_table, write_csv
 
@@ -192,7 +200,7 @@ def cmd_sweeps(args) -> int:
     elif args.json:
         print(json.dumps(found, indent=1))
     else:
-        Console().print(sweep_table(found) if args.sweep is not None else sweeps_table(found, store.path))
+        _stdout().print(sweep_table(found) if args.sweep is not None else sweeps_table(found, store.path))
     return 0
 
 
@@ -222,11 +230,9 @@ def cmd_heads(args) -> int:
         print(json.dumps({"run": final.run_id, "score": args.score, "keep": [list(k) for k in keep],
                           "ranking": [{"layer": l, "head": h, "value": v} for (l, h), v in ranked]}))
     else:
-        from rich.console import Console
-
         from lab.report import heads_table
 
-        Console().print(heads_table(ranked, args.score, set(keep), args.top))
+        _stdout().print(heads_table(ranked, args.score, set(keep), args.top))
     if args.write:
         base = presets.Preset(name=f"{args.model}: keep {args.keep} of heads by {args.score}", model=_spec(args))
         path = presets.save(base.with_plan(Plan(keep_heads=tuple(keep))), args.write)
@@ -278,10 +284,9 @@ def cmd_bench(args) -> int:
     if args.json:
         print(json.dumps(results, indent=1))
     else:
-        from rich.console import Console
-
+        console = _stdout()
         for table in bench_tables(results):
-            Console().print(table)
+            console.print(table)
     return 0
 
 
