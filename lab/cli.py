@@ -1,4 +1,4 @@
-"""The `lab` command line: console by default; inspect, run, heads, runs, export, bench."""
+"""The `lab` command line: the console by default; inspect, run, runs, export, sweep, sweeps, heads, bench."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def _model_args(parser: argparse.ArgumentParser, default: str | None = None) -> 
         parser.add_argument("--model", default=default, help="builtin name, random:<type>, directory or hub id")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, device_map (accelerate) or meta (random:/config: specs, no memory)")
-    parser.add_argument("--attn", dest="attn_implementation", default=None, help="eager, sdpa, ...")
+    parser.add_argument("--attn", dest="attn_implementation", default=None, metavar="IMPL",
+                        help="attention implementation: eager, sdpa, ...")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code")
     parser.add_argument("--allow-pickle", action="store_true", help="allow non-safetensors weights")
 
@@ -331,6 +332,16 @@ def _db_option(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> No
                         help="results database (default: $LAB_DB or ~/.local/share/lab/results.sqlite)")
 
 
+DESCRIPTION = """Ablation experiments on hybrid SSM/recurrent + attention language models.
+Without a command, lab opens the console (it needs a terminal: ssh -t)."""
+EXAMPLES = """examples:
+  lab inspect toy-jamba                   layers, blocks, heads and module paths
+  lab run toy-recurrentgemma-base         a builtin preset: needle and MMLU
+  lab heads toy-recurrentgemma --keep 15% --write keep15.toml
+  lab run keep15.toml                     the needle probe with 15 % of heads
+  lab runs                                every run, plan in words, accuracy"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is one `lab: ...` line and exit 2, like every other bad input."""
 
@@ -341,14 +352,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lab", description=__doc__)
+    parser = _Parser(prog="lab", description=DESCRIPTION, epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model for the console (default: the preset's, else toy-recurrentgemma)")
     parser.add_argument("--preset", help="open the console with this preset")
     parser.add_argument("--no-mouse", action="store_true", help="no mouse tracking (kinder to flaky SSH links)")
     parser.add_argument("--color", choices=tuple(COLORS), default="auto",
                         help="colour depth (sets TEXTUAL_COLOR_SYSTEM); NO_COLOR is honoured")
     _db_option(parser, default=None)
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND",
+                                help="lab COMMAND --help shows its options")
     p = sub.add_parser("inspect", help="print a model's layers, blocks and heads")
     _model_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -368,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export one run's trials, or a sweep (one row per condition)")
     p.add_argument("run", type=int, nargs="?", help="the run's id (see lab runs)")
-    p.add_argument("--sweep", type=int, help="export this sweep instead: one row per condition (see lab sweeps)")
-    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.add_argument("--sweep", type=int, metavar="ID", help="export this sweep instead: one row per condition (see lab sweeps)")
+    p.add_argument("--format", choices=("csv", "json"), default="csv",
+                   help="csv: one row per trial (default); json: the run, its plan, summary and trials")
     _db_option(p)
     p.set_defaults(func=cmd_export)
 
@@ -388,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweeps", help="list sweeps, or show one sweep's result (--csv: one row per condition)")
     p.add_argument("sweep", type=int, nargs="?", help="a sweep id (see lab sweeps)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the sweeps, or the sweep's result, as JSON")
     p.add_argument("--csv", action="store_true", help="with a sweep id: one row per condition")
     _db_option(p)
     p.set_defaults(func=cmd_sweeps)
@@ -396,28 +410,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("heads", help="score attention heads on needle prompts and rank them")
     _model_args(p)
     _db_option(p)
-    p.add_argument("--score", default="retrieval", help="retrieval, entropy or needle_mass")
-    p.add_argument("--keep", help="percentage of heads to keep, e.g. 15%%")
-    p.add_argument("--write", help="write a preset whose plan keeps those heads")
-    p.add_argument("--task", default="passkey")
-    p.add_argument("--lengths", type=int, nargs="+", default=[512])
-    p.add_argument("--depths", type=float, nargs="+", default=[10, 50, 90])
-    p.add_argument("--trials", type=int, default=2)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--top", type=int, default=30, help="rows to print")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--score", default="retrieval",
+                   help="rank by retrieval, entropy or needle_mass (default retrieval)")
+    p.add_argument("--keep", metavar="PCT", help="percentage of heads to keep, e.g. 15%%")
+    p.add_argument("--write", metavar="FILE", help="write a preset that keeps those heads and runs the needle "
+                                                   "probe on the grid they were scored on (needs --keep)")
+    p.add_argument("--task", default="passkey",
+                   help="needle task: sentence, passkey, multikey, multivalue or multiquery (default passkey)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512], metavar="N",
+                   help="prompt lengths in tokens (default 512)")
+    p.add_argument("--depths", type=float, nargs="+", default=[10, 50, 90], metavar="PCT",
+                   help="needle depths in percent of the context (default 10 50 90)")
+    p.add_argument("--trials", type=int, default=2, metavar="N", help="prompts per length and depth (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=16, metavar="N",
+                   help="tokens the model may answer with (default 16)")
+    p.add_argument("--top", type=int, default=30, metavar="N", help="rows to print (default 30)")
+    p.add_argument("--json", action="store_true", help="print the ranking and the kept heads as JSON")
     p.set_defaults(func=cmd_heads)
 
     p = sub.add_parser("bench", help="time lab's probe paths against the reference paths")
     p.add_argument("model", nargs="?", default="random:recurrent_gemma",
                    help="a model spec, or config:recurrentgemma-2b / config:recurrentgemma-9b / config:jamba-mini-1.6 "
                         "(published configs with random weights)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or device_map (accelerate)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--quick", action="store_true", help="a small needle grid even on a GPU")
     p.add_argument("--rows", help="measure only these rows, comma-separated: needle, mmlu, plans, prefill")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the measures as JSON")
     p.set_defaults(func=cmd_bench)
+    for choice in sub._choices_actions:  # each command's --help opens with what the command list says of it
+        sub.choices[choice.dest].description = choice.help
     return parser
 
 

@@ -4,6 +4,7 @@ bench headers, and presets that `lab heads --write` hands to `lab run`."""
 import argparse
 import io
 import json
+import re
 import sys
 
 import pytest
@@ -148,12 +149,31 @@ def test_every_option_of_every_command_has_help():
 # 7. help at 80 columns
 
 @pytest.mark.parametrize("command", [name.split()[1:] for name, _ in parsers(build_parser())])
-def test_help_fits_80_columns(command, capsys, monkeypatch):
+def test_help_reads_well_at_80_columns(command, capsys, monkeypatch):
+    """Each --help says what the command does, fits 80 columns, and names option values in short words
+    (a long metavar such as ATTN_IMPLEMENTATION pushed every help text of its command to a line of its own)."""
     monkeypatch.setenv("COLUMNS", "80")
     with pytest.raises(SystemExit):
         main([*command, "--help"])
     out = capsys.readouterr().out
     assert out.startswith("usage: lab") and max(map(len, out.splitlines())) <= 80
+    assert max(map(len, re.findall(r"\b[A-Z][A-Z_]+\b", out.split("\n\n")[0]))) <= 10
+    summary = " ".join(out.split("\n\n")[1].split())
+    assert summary == (" ".join(build_parser().description.split()) if not command else next(
+        choice.help for choice in parsers_action(build_parser())._choices_actions if choice.dest == command[0]))
+
+
+def parsers_action(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def test_top_help_names_every_command_with_an_example(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in parsers_action(build_parser()).choices:
+        assert f"\n    {command} " in out
+    assert "lab heads toy-recurrentgemma --keep 15% --write keep15.toml" in out
 
 
 # 5. lab heads --write: a preset that lab run runs
