@@ -234,10 +234,12 @@ def cmd_heads(args) -> int:
         from lab.report import heads_table
 
         _stdout().print(heads_table(ranked, args.score, set(keep), args.top))
-    if args.write:
-        base = presets.Preset(name=f"{args.model}: keep {args.keep} of heads by {args.score}", model=_spec(args))
+    if args.write:  # a preset lab run runs: the needle probe on the grid the heads were scored on
+        base = presets.Preset(name=f"{args.model}: keep {args.keep} of heads by {args.score}",
+                              description=f"heads scored in run {final.run_id}; [needle] is the grid they were "
+                                          "scored on", model=_spec(args), needle=spec.needle())
         path = presets.save(base.with_plan(Plan(keep_heads=tuple(keep))), args.write)
-        print(f"wrote {path}", file=sys.stderr)
+        print(f"wrote {path} (the needle probe on the scoring grid): lab run {path}", file=sys.stderr)
     return 0
 
 
