@@ -19,7 +19,8 @@ def _model_args(parser: argparse.ArgumentParser, default: str | None = None) -> 
     else:
         parser.add_argument("--model", default=default, help="builtin name, random:<type>, directory or hub id")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, device_map (accelerate) or meta (random:/config: specs, no memory)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, device_map (accelerate) or meta "
+                                                         "(random:/config: specs, no memory)")
     parser.add_argument("--attn", dest="attn_implementation", default=None, metavar="IMPL",
                         help="attention implementation: eager, sdpa, ...")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code")
@@ -93,7 +94,7 @@ def _drive(events, quiet: bool):
                     tasks = {probe: bar.add_task(escape(probe), total=total, completed=done, unit=units)
                              for probe, (done, total, units) in counts.items()}
                 elif not quiet:
-                    done = ", ".join(f"{probe} {done}/{total} {units}" for probe, (done, total, units) in counts.items())
+                    done = ", ".join(f"{probe} {n}/{total} {units}" for probe, (n, total, units) in counts.items())
                     print(f"run {event.run_id}: {event.plan}; {done} already done", file=sys.stderr)
             elif isinstance(event, Progress) and bar is not None:
                 bar.advance(tasks[event.probe], len(event.rows))
@@ -383,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export one run's trials, or a sweep (one row per condition)")
     p.add_argument("run", type=int, nargs="?", help="the run's id (see lab runs)")
-    p.add_argument("--sweep", type=int, metavar="ID", help="export this sweep instead: one row per condition (see lab sweeps)")
+    p.add_argument("--sweep", type=int, metavar="ID",
+                   help="export this sweep instead: one row per condition (see lab sweeps)")
     p.add_argument("--format", choices=("csv", "json"), default="csv",
                    help="csv: one row per trial (default); json: the run, its plan, summary and trials")
     _db_option(p)

@@ -151,9 +151,9 @@ def bench_tables(results: dict) -> list:
     experts = f", {active / 1e6:.1f} M active per token" if active < 0.9 * results["parameters"] else ""
     header = text(f"lab bench: {results['model']} ({results['parameters'] / 1e6:.1f} M parameters{experts}, "
                   f"{results['dtype']}) on {results['device']}")
-    tables = [_speed_table(results)] if {"needle_grid", "mmlu"} & set(results) else []
-    tables += map(_plan_table, results.get("plan_overhead", []))
-    return [header, *tables] + ([_prefill_table(results["prefill"])] if "prefill" in results else [])
+    speed = [_speed_table(results)] if {"needle_grid", "mmlu"} & set(results) else []
+    prefill = [_prefill_table(results["prefill"])] if "prefill" in results else []
+    return [header, *speed, *map(_plan_table, results.get("plan_overhead", [])), *prefill]
 
 
 def _speed_table(results: dict) -> Table:

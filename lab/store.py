@@ -2,8 +2,9 @@
 link their conditions' runs (a run, such as a sweep's base, can belong to several sweeps).
 
 The file's schema is versioned (PRAGMA user_version) and every sqlite3 or OS error becomes a one-line
-LabError that names the file. A run records the process that runs it: a 'running' run whose process is
-gone is listed as 'interrupted' (its row is left as it is; running it again resumes it). Store(path, readonly=True) reads without creating or changing anything.
+LabError that names the file. Store(path, readonly=True) reads without creating or changing anything.
+A run records the process that runs it: a 'running' run whose process is gone is listed as 'interrupted'
+(its row is left as it is; running it again resumes it).
 """
 
 from __future__ import annotations
