@@ -50,11 +50,11 @@ PIPED_WIDTH = 100_000  # piped output: wide enough that no table folds a cell or
 
 
 def _stdout():
-    """A rich console on stdout: the terminal's width, or, piped, so wide that tables keep whole paths and
-    names on one line (for grep and friends)."""
+    """A rich console on stdout: the terminal's width (or $COLUMNS, if set), or, piped, so wide that tables
+    keep whole paths and names on one line (for grep and friends)."""
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
+    return Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=PIPED_WIDTH)
 
 
 def _store(args, readonly: bool = False):

@@ -74,12 +74,16 @@ def test_summary_titles_do_not_wrap_at_80_columns():
     assert "mmlu: accuracy 90.0 %, 200 questions" in [line.strip() for line in lines]
 
 
-def test_inspect_piped_shows_whole_module_paths(capsys):
+def test_inspect_piped_shows_whole_module_paths(capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)  # a width asked for explicitly is honoured, piped or not
     assert main(["inspect", "toy-jamba"]) == 0  # capsys: stdout is not a terminal
     out = capsys.readouterr().out
     for path in ("model.layers.1.feed_forward", "model.layers.2.self_attn", "model.layers.0.mamba"):
         assert path in out
     assert "toy-jamba: jamba, 6 layers" in out.splitlines()[0]
+    monkeypatch.setenv("COLUMNS", "60")
+    assert main(["inspect", "toy-jamba"]) == 0
+    assert max(map(len, capsys.readouterr().out.splitlines())) <= 60
 
 
 # 3. lab bench: every figure under the path it describes
