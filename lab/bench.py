@@ -18,6 +18,7 @@ import torch
 from lab import fast
 from lab.errors import LabError
 from lab.interventions import Plan, Sparsify, apply_plan
+from lab.interventions.plan import NeedleAttention
 from lab.models import Loaded, ModelSpec, load
 from lab.probes import mmlu as mmlu_probe
 from lab.probes import needle as needle_probe
@@ -126,7 +127,8 @@ def bench_plans(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
     heads_off = Plan(heads_off=tuple((l, 0) for l in anatomy.attention_layers))
     plans = {"none": Plan(), "heads_off": heads_off,  # zeroed heads are folded into o_proj: no work per call
              "heads_off_hooked": heads_off.with_(phase="prefill"),  # a phase needs the hooks: measure them too
-             "sparsify": Plan(sparsify=Sparsify(max(1, most // 7)))}
+             "sparsify": Plan(sparsify=Sparsify(max(1, most // 7))),
+             "needle": Plan(needle_attention=NeedleAttention("omit", "follow"))}  # no needle here: the op's cost
     default = model.config._attn_implementation
 
     def forward(plan: Plan) -> float:
@@ -146,7 +148,8 @@ def bench_plans(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
             "heads_off_overhead": round(seconds["heads_off"] / seconds["none"] - 1, 4),
             "heads_off_hooked_overhead": round(seconds["heads_off_hooked"] / seconds["none"] - 1, 4),
             "sparsify_overhead_vs_eager": round(seconds["sparsify"] / seconds["eager"] - 1, 4),
-            "sparsify_overhead_vs_default": round(seconds["sparsify"] / seconds["none"] - 1, 4)}
+            "sparsify_overhead_vs_default": round(seconds["sparsify"] / seconds["none"] - 1, 4),
+            "needle_attention_overhead_vs_default": round(seconds["needle"] / seconds["none"] - 1, 4)}
 
 
 @torch.inference_mode()

@@ -194,6 +194,8 @@ def _plan_table(plan: dict) -> Table:
         _row(table, "heads off (folded)", pct("heads_off_overhead"), "")
         _row(table, "heads off, prefill only (hooks)", pct("heads_off_hooked_overhead"), "")
         _row(table, "sparsify", pct("sparsify_overhead_vs_default"), pct("sparsify_overhead_vs_eager"))
+        if "needle_attention_overhead_vs_default" in plan:
+            _row(table, "needle attention, omit", pct("needle_attention_overhead_vs_default"), "")
     return table
 
 

@@ -9,7 +9,7 @@ os.environ["LAB_DB"] = os.path.join(tempfile.mkdtemp(prefix="lab-tests-"), "resu
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
-from lab.models import SUPPORTED, load  # noqa: E402
+from lab.models import SUPPORTED, ModelSpec, load  # noqa: E402
 
 _CACHE: dict = {}
 
@@ -17,7 +17,7 @@ _CACHE: dict = {}
 def tiny(arch: str):
     """A tiny random model of `arch` (cached; tests must leave it as they found it)."""
     if arch not in _CACHE:
-        loaded = load(f"random:{arch}")
+        loaded = load(ModelSpec(f"random:{arch}", device="cpu"))  # CPU tests, on a GPU machine too
         torch.manual_seed(1)
         for name, param in loaded.model.named_parameters():
             if name.endswith(("o_proj.bias", "out_proj.bias")):  # random init zeroes biases; make them matter

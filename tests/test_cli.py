@@ -93,7 +93,8 @@ BENCH = {"model": "random:jamba", "parameters": 2e6, "dtype": "float32", "device
                          "reference_measured_prompts": 4, "speedup": 4.0},
          "mmlu": {"questions": 16, "lab_qps": 20.0, "per_choice_qps": 5.0, "speedup": 4.0},
          "plan_overhead": [{"batch": 1, "length": 1024, "heads_off_overhead": 0.01, "heads_off_hooked_overhead": 0.02,
-                            "sparsify_overhead_vs_eager": 0.3, "sparsify_overhead_vs_default": 0.5}],
+                            "sparsify_overhead_vs_eager": 0.3, "sparsify_overhead_vs_default": 0.5,
+                            "needle_attention_overhead_vs_default": 0.25}],
          "prefill": {"batch": 1, "length": 1024, "tokens_per_s": 12345, "tflops": 0.12}}
 
 
@@ -113,9 +114,10 @@ def test_bench_columns_name_the_path_their_figures_describe():
     assert cells(speed, 1)[1:] == ["20.0 q/s", "5.0 q/s", "4.0x"]
     assert str(speed.caption).startswith("speedup: reference time / lab time")
     assert headers(plans) == ["plan, 1 x 1024 tokens", "time vs no plan", "vs eager, no plan"]
-    assert [cells(plans, i) for i in range(3)] == [["heads off (folded)", "+1.0 %", ""],
+    assert [cells(plans, i) for i in range(4)] == [["heads off (folded)", "+1.0 %", ""],
                                                    ["heads off, prefill only (hooks)", "+2.0 %", ""],
-                                                   ["sparsify", "+50.0 %", "+30.0 %"]]
+                                                   ["sparsify", "+50.0 %", "+30.0 %"],
+                                                   ["needle attention, omit", "+25.0 %", ""]]
     assert headers(prefill) == ["prefill (lab path)", "tokens/s", "TFLOP/s", "of bf16 peak"]
     assert cells(prefill, 0) == ["1 x 1024 tokens", "12,345", "0.12", ""]
     assert all(max(map(len, rendered(table).splitlines())) <= 80 for table in (speed, plans, prefill))

@@ -157,9 +157,9 @@ def test_lab_fast_has_no_import_cycle():
 
 
 def test_windowed_attention_in_query_chunks_matches_one_masked_product(monkeypatch):
-    from lab.fast import griffin
+    from lab.fast import attention
 
-    monkeypatch.setattr(griffin, "QUERY_CHUNK", 24)  # window 32, 200 tokens: chunks start before and past it
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 24)  # window 32, 200 tokens: chunks start before and past it
     plan = Plan(heads_off=((2, 1),))
     reference, quick = _reference_vs_fast(load(ModelSpec("random:recurrent_gemma", device="cpu")), ids(2, 200), plan, 150, 50)
     for a, b in zip(reference, quick):
@@ -170,9 +170,9 @@ def test_windowed_attention_in_query_chunks_matches_one_masked_product(monkeypat
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_recurrentgemma_fast_path_on_gpu_matches_reference(dtype, monkeypatch):
     """lab's kernels (norm, convolution, RG-LRU, MLP) and chunked windowed attention against transformers'."""
-    from lab.fast import griffin
+    from lab.fast import attention
 
-    monkeypatch.setattr(griffin, "QUERY_CHUNK", 64)
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 64)
     plan = Plan(off=(BlocksOff("attention"),), phase="generation")
     loaded = load(ModelSpec("random:recurrent_gemma", device="cuda", dtype=dtype))
     with torch.no_grad():  # trained-looking norms and biases, not their zero initialisation

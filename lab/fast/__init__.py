@@ -5,7 +5,7 @@
 given to apply() follow `enable(on)`'s default (on), for scripts that build models themselves.
 """
 
-from lab.fast import griffin, mamba, scan, state
+from lab.fast import attention, griffin, mamba, scan, state
 from lab.fast.scan import linear_scan
 from lab.fast.state import enabled
 
@@ -16,6 +16,7 @@ def install() -> None:
     """Put the dispatchers in place (idempotent). Call it before accelerate hooks a model's modules."""
     scan.install()
     griffin.install()
+    attention.install()
     mamba.install()
 
 

@@ -2,21 +2,17 @@
 
 The recurrent block, the RMSNorm and the MLP get forwards that use the kernels when the input is on a
 GPU, no gradient is wanted and Triton is importable; otherwise (CPU, training, one-token decoding)
-they call transformers' own. Hooks on these modules fire as before. Windowed attention over a whole
-prompt runs as one kernel that visits only the keys inside each query's window (in half precision on a
-GPU), or else in query chunks against those keys, instead of one masked product over every key.
+they call transformers' own. Hooks on these modules fire as before. Its windowed attention is in
+lab.fast.attention.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lab.fast.state import acts_on, triton_applies
 
-QUERY_CHUNK = 512
-NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _originals: dict = {}
 
 
@@ -66,49 +62,8 @@ def _recurrent_block_forward(self, input_states, position_ids, attention_mask, u
     return self.linear_out(out), None
 
 
-def _windowed_sdpa(module, query, key, value, attention_mask, *args, sliding_window=None, **kwargs):
-    """Windowed attention over a whole prompt: lab's kernel on a GPU in half precision; elsewhere
-    transformers' sdpa in chunks of queries against only the keys inside their window."""
-    steps = query.shape[-2]
-    original = _originals["sdpa"]
-    if (not isinstance(sliding_window, int) or not isinstance(attention_mask, torch.Tensor)
-            or attention_mask.dtype != torch.bool or attention_mask.shape[-3:] != (1, steps, steps)
-            or key.shape[-2] != steps or args or kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None
-            or kwargs.get("is_causal") is False or not getattr(module, "is_causal", True)):
-        return original(module, query, key, value, attention_mask, *args, sliding_window=sliding_window, **kwargs)
-    if (query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] in (16, 32, 64, 128, 256)
-            and triton_applies(query, key)):
-        from lab.fast import triton_griffin
-
-        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        return triton_griffin.window_attention(query, key, value, attention_mask, sliding_window, scale), None
-    if steps <= QUERY_CHUNK:
-        return original(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
-    outputs = []
-    for start in range(0, steps, QUERY_CHUNK):
-        end, low = min(start + QUERY_CHUNK, steps), max(0, start - sliding_window + 1)
-        out, _ = original(module, query[:, :, start:end], key[:, :, low:end], value[:, :, low:end],
-                          attention_mask[:, :, start:end, low:end], sliding_window=sliding_window, **kwargs)
-        outputs.append(out)
-    return torch.cat(outputs, 1), None
-
-
-def _sdpa(module, query, *args, **kwargs):
-    """transformers' "sdpa" entry: for modules lab.fast acts on, windowed attention as above and, on a GPU,
-    without cuDNN's attention (it builds a plan per new prompt shape: seconds per length of a grid; the
-    flash and memory-efficient kernels need none)."""
-    if not acts_on(module):
-        return _originals["sdpa"](module, query, *args, **kwargs)
-    if not query.is_cuda:
-        return _windowed_sdpa(module, query, *args, **kwargs)
-    with sdpa_kernel(NO_CUDNN):
-        return _windowed_sdpa(module, query, *args, **kwargs)
-
-
 def install() -> None:
-    """Route RecurrentGemma's norm, MLP and recurrent block forwards and the "sdpa" attention entry through
-    the functions above (once)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    """Route RecurrentGemma's norm, MLP and recurrent block forwards through the functions above (once)."""
     from transformers.models.recurrent_gemma import modeling_recurrent_gemma as rg
 
     if _originals:
@@ -118,5 +73,3 @@ def install() -> None:
     for key, (cls, fast_forward) in targets.items():
         _originals[key] = cls.forward
         cls.forward = fast_forward
-    _originals["sdpa"] = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = _sdpa

@@ -16,6 +16,7 @@ import torch
 
 _settings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> bool
 _default = {"on": True}
+_attention_ops: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> a plan's op
 
 
 def set_model(model: torch.nn.Module, on: bool) -> None:
@@ -29,6 +30,19 @@ def set_default(on: bool) -> None:
 
 def acts_on(module: torch.nn.Module) -> bool:
     return _settings.get(module, _default["on"])
+
+
+def set_attention_op(module: torch.nn.Module, op=None) -> None:
+    """Let a plan's op compute `module`'s attention in lab's attention entry (None takes it away). The op is
+    called as the attention function is and returns (output, weights or None)."""
+    if op is None:
+        _attention_ops.pop(module, None)
+    else:
+        _attention_ops[module] = op
+
+
+def attention_op(module: torch.nn.Module):
+    return _attention_ops.get(module)
 
 
 def enabled(model: torch.nn.Module | None = None) -> bool:

@@ -10,6 +10,8 @@ as the reference's norms and scan are.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -158,8 +160,15 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @triton.jit(do_not_specialize=["steps", "window"])  # strides keep their alignment hints: unhinted, 4.6x slower
 def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, window, scale, heads, groups,
                              sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_t, so_b, so_h, so_t,
-                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Flash attention over the keys of a causal window (j <= i < j + window) and inside the boolean mask."""
+                             needle_ptr, sn_b, lse_ptr, score_ptr,
+                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             NEEDLE: tl.constexpr, METRIC: tl.constexpr):
+    """Flash attention over the keys of a causal window (j <= i < j + window) and inside the boolean mask.
+
+    NEEDLE: the output is what the non-needle keys give, weighted as in the whole softmax (no renormalisation),
+    and lse holds each query's log-sum-exp, from which the needle's few keys are weighted outside. METRIC 1 / 2:
+    each head's sum of p ln p / L2 norm of its weights per query (score), from the running max and sums,
+    without the weights themselves."""
     block = tl.program_id(0)
     batch, head = tl.program_id(1) // heads, tl.program_id(1) % heads
     kv_head = head // groups
@@ -170,6 +179,7 @@ def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, wind
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    moment = tl.zeros([BLOCK_M], dtype=tl.float32)  # entropy: sum of e^(s - best) (s - best); L2: sum of e^(2 (s - best))
     low = tl.maximum(block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
     high = tl.minimum((block + 1) * BLOCK_M, steps)
     for start in tl.range(low, high, BLOCK_N):
@@ -185,34 +195,99 @@ def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, wind
         shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # rows with nothing allowed yet
         p = tl.exp(scores - shift[:, None])
         rescale = tl.exp(best - shift)
+        if METRIC == 1:
+            moved = tl.where(total > 0, (best - shift) * total, 0.0)
+            moment = (moment + moved) * rescale + tl.sum(tl.where(allowed, p * (scores - shift[:, None]), 0.0), axis=1)
+        elif METRIC == 2:
+            moment = moment * rescale * rescale + tl.sum(p * p, axis=1)
         total = total * rescale + tl.sum(p, axis=1)
         v = tl.load(v_ptr + batch * sv_b + kv_head * sv_h + cols[:, None].to(tl.int64) * sv_t + dims[None, :],
                     mask=cols[:, None] < steps, other=0.0)
+        if NEEDLE:
+            is_needle = tl.load(needle_ptr + batch * sn_b + cols, mask=cols < steps, other=0) != 0
+            p = tl.where(is_needle[None, :], 0.0, p)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
         best = new_best
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + batch * so_b + head * so_h + rows[:, None].to(tl.int64) * so_t + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < steps)
+    norm = tl.where(total > 0, total, 1.0)
+    out_at = batch * so_b + head * so_h + rows[:, None].to(tl.int64) * so_t + dims[None, :]
+    inside = rows[:, None] < steps
+    tl.store(out_ptr + out_at, (acc / norm[:, None]).to(out_ptr.dtype.element_ty), mask=inside)
+    per_head = (batch * heads + head).to(tl.int64) * steps + rows
+    if NEEDLE:
+        tl.store(lse_ptr + per_head, tl.where(total > 0, best + tl.log(norm), float("inf")), mask=rows < steps)
+    if METRIC == 1:
+        tl.store(score_ptr + per_head, moment / norm - tl.log(norm), mask=rows < steps)
+    elif METRIC == 2:
+        tl.store(score_ptr + per_head, tl.sqrt(moment) / norm, mask=rows < steps)
 
 
 ATTENTION_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)  # fastest of 54 on an H100, head dim 256
+METRICS = {None: 0, "entropy": 1, "l2": 2}
+
+
+@dataclass
+class WindowParts:
+    """window_attention's output split for the needle-attention op and the sparsifier (see the kernel)."""
+
+    out: torch.Tensor  # (B, T, H, D); with a needle: what the non-needle keys give
+    needle_out: torch.Tensor | None = None  # (B, T, H, D)
+    mass: torch.Tensor | None = None  # (B, H, T) float32
+    needle_values: torch.Tensor | None = None  # (B, T, H, D) float32: the sum of the needle values a query sees
+    shown: torch.Tensor | None = None  # (B, H, T) float32: how many needle keys a query sees
+    score: torch.Tensor | None = None  # (B, H, T) float32
 
 
 def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, window: int,
                      scale: float) -> torch.Tensor:
     """Causal attention within `window` keys and a boolean mask (B|1, 1, T, T) for (B, H, T, D) queries and
     (B, KV, T, D) keys and values; returns (B, T, H, D), as transformers' attention functions do."""
+    return window_attention_parts(query, key, value, mask, window, scale).out
+
+
+def window_attention_parts(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                           window: int, scale: float, needle: torch.Tensor | None = None,
+                           metric: str | None = None) -> WindowParts:
+    """window_attention, with the output split at the needle's keys (needle: (B, T) bool) and/or each head's
+    score per query (metric: "entropy", sum of p ln p, or "l2", the norm of its weights)."""
     batch, heads, steps, dim = query.shape
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     if mask.stride(-1) != 1 or mask.stride(2) % 16:  # rows 16-aligned: one compiled kernel, hinted loads, any length
         padded = mask.new_zeros(*mask.shape[:-1], triton.cdiv(steps, 16) * 16)
         padded[..., :steps] = mask
         mask = padded
-    out = torch.empty((batch, steps, heads, dim), dtype=query.dtype, device=query.device)
+    parts = WindowParts(torch.empty((batch, steps, heads, dim), dtype=query.dtype, device=query.device))
+    lse = torch.empty((batch, heads, steps), dtype=torch.float32, device=query.device)
+    if metric is not None:
+        parts.score = torch.empty_like(lse)
+    out = parts.out
     grid = (triton.cdiv(steps, ATTENTION_CONFIG["BLOCK_M"]), batch * heads)
     _window_attention_kernel[grid](
         query, key, value, mask.view(torch.uint8), out, steps, window, scale, heads, heads // key.shape[1],
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
         mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2), out.stride(0), out.stride(2), out.stride(1),
-        HEAD_DIM=dim, **ATTENTION_CONFIG)
-    return out
+        out if needle is None else needle.to(torch.uint8).contiguous(), 0 if needle is None else needle.stride(0),
+        lse, lse if parts.score is None else parts.score,
+        HEAD_DIM=dim, NEEDLE=needle is not None, METRIC=METRICS[metric], **ATTENTION_CONFIG)
+    if needle is not None:
+        _weigh_needle(parts, query, key, value, mask[..., :steps], window, scale, needle, lse)
+    return parts
+
+
+def _weigh_needle(parts: WindowParts, query, key, value, mask, window: int, scale: float, needle, lse) -> None:
+    """The needle's part of the attention from its few keys: their weights exp(score - lse) (the kernel's
+    log-sum-exp over all keys, so no renormalisation), what they give, their mass, the values each query sees."""
+    batch, heads, steps, _ = query.shape
+    count = int(needle.sum(1).max())
+    at = needle.float().topk(max(count, 1), dim=1, sorted=False).indices.sort(1).values  # (B, n) key positions
+    real = needle.gather(1, at)  # False where a row has fewer needle tokens
+    groups = heads // key.shape[1]
+    keys, values = (t.gather(2, at[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])).float()
+                    .repeat_interleave(groups, 1) for t in (key, value))  # (B, H, n, D)
+    rows = torch.arange(steps, device=query.device)[:, None]
+    seen = (at[:, None, :] <= rows) & (at[:, None, :] > rows - window) & real[:, None, :]  # (B, T, n)
+    seen = seen[:, None] & mask.expand(batch, -1, -1, -1).gather(3, at[:, None, None, :].expand(-1, 1, steps, -1))
+    weights = torch.exp(query.float() @ keys.transpose(2, 3) * scale - lse[..., None]) * seen  # (B, H, T, n)
+    parts.needle_out = (weights @ values).transpose(1, 2).to(parts.out.dtype)
+    parts.mass = weights.sum(-1)
+    parts.shown = seen.sum(-1, dtype=torch.float32).expand(-1, heads, -1)
+    parts.needle_values = (seen.float() @ values).transpose(1, 2)

@@ -7,11 +7,14 @@ are saved, zeroed, and copied back on leaving), so it costs nothing per forward 
 Phase: a position is "generation" when it is at or after the prompt length. The prompt length is
 given, or taken from the first call of a sequence (cached generate: the prefill call).
 Sparsification and needle-attention manipulation (lab.interventions.needle_attention) need the
-attention probabilities: the model runs eager attention while such a plan is active.
+attention probabilities: the model runs eager attention while such a plan is active, except on lab's fast
+paths for RecurrentGemma, where lab's window kernel scores the heads (or splits the output at the needle)
+online and only one-token decoding steps compute weights.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections import Counter
@@ -21,6 +24,8 @@ from typing import Iterator
 import torch
 
 from lab.errors import LabError
+from lab.fast import attention
+from lab.fast import state as fast_state
 from lab.interventions import needle_attention
 from lab.interventions.plan import Plan
 from lab.interventions.sites import Resolved, resolve
@@ -151,24 +156,38 @@ class _Sparsifier:
     def __init__(self, tracker: PhaseTracker, proj: torch.nn.Linear, heads: int, sparsify, mean):
         self.tracker, self.proj, self.heads, self.sparsify, self.mean = tracker, proj, heads, sparsify, mean
         self.stash: torch.Tensor | None = None
+        self.score: torch.Tensor | None = None  # from lab's kernel, when it computed the attention
         self.recomputing = False
 
     def pre(self, module, args):
-        if not self.recomputing:
+        """Keep the projection's input for post(); when lab's kernel has scored the heads already, mix the heads
+        here instead, so the projection runs once."""
+        if self.recomputing:
+            return None
+        if self.score is None:
             self.stash = args[0]
+            return None
+        score, self.score = self.score, None
+        self.stash = None
+        return (_head_mix(args[0], self._kept(score).to(args[0].device), self.heads, self.mean), *args[1:])
+
+    def sdpa(self, module, query, key, value, attention_mask, *args, **kwargs):
+        """The attention inside lab's attention entry (lab.fast.attention): a whole prompt through lab's window
+        kernel, which scores each head online (no weights made); anything else through eager attention."""
+        parts = attention.window_parts(module, query, key, value, attention_mask, *args, metric=self.sparsify.metric,
+                                     **kwargs)
+        if parts is None:
+            return attention.eager(module, query, key, value, attention_mask, *args, **kwargs)
+        self.score = parts.score
+        return parts.out, None
 
     def post(self, module, args, output):
+        if self.stash is None:  # pre() mixed the heads already
+            return None
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if weights is None or weights.dim() != 4:
             raise LabError("sparsification needs attention probabilities; load the model with eager attention")
-        score = head_scores(weights, self.sparsify.metric, self.sparsify.score_dtype)  # (B, H, T)
-        keep = torch.zeros_like(score, dtype=torch.float32)
-        if self.sparsify.k > 0:
-            keep.scatter_(1, score.topk(self.sparsify.k, dim=1).indices, 1.0)
-        keep = keep.transpose(1, 2)  # (B, T, H)
-        mask = self.tracker.mask()
-        if mask is not None:
-            keep = torch.where(mask.to(keep.device)[..., None], keep, torch.ones_like(keep))
+        keep = self._kept(head_scores(weights, self.sparsify.metric, self.sparsify.score_dtype))
         x, self.stash = self.stash, None
         self.recomputing = True  # call the projection itself so accelerate's offload hooks still apply
         try:
@@ -176,6 +195,25 @@ class _Sparsifier:
         finally:
             self.recomputing = False
         return _replace_first(output, new.to(_first(output).dtype))
+
+    def _kept(self, score: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) 1 for the k best heads of each query by `score` (B, H, T), 1 everywhere outside the phase."""
+        keep = torch.zeros_like(score, dtype=torch.float32)
+        if self.sparsify.k > 0:
+            keep.scatter_(1, score.topk(self.sparsify.k, dim=1).indices, 1.0)
+        keep = keep.transpose(1, 2)
+        mask = self.tracker.mask()
+        if mask is not None:
+            keep = torch.where(mask.to(keep.device)[..., None], keep, torch.ones_like(keep))
+        return keep
+
+
+def _attention_ops_in_kernel(model: torch.nn.Module, plan: Resolved) -> bool:
+    """Whether the plan's needle-attention or sparsification op acts inside lab's attention kernel (one of them,
+    and sparsification scoring in fp32) rather than through eager attention's weights."""
+    sparsify, needle = plan.sparsify is not None, plan.needle is not None
+    return (sparsify != needle and (not sparsify or plan.sparsify.score_dtype == "fp32")
+            and attention.takes_attention_ops(model))
 
 
 def base_module(model: torch.nn.Module, anatomy: Anatomy) -> torch.nn.Module:
@@ -236,19 +274,24 @@ def _installed(model, anatomy: Anatomy, plan: Resolved, means: Means, prompt_len
                 continue
             pre = _static_heads_prehook(tracker, block.heads, heads, mean)
             handles.append(proj.register_forward_pre_hook(pre))
-        if (plan.sparsify is not None or plan.needle is not None) and model.config._attn_implementation != "eager":
+        in_kernel = _attention_ops_in_kernel(model, plan)
+        if (plan.sparsify is not None or plan.needle is not None) and not in_kernel \
+                and model.config._attn_implementation != "eager":
             previous_impl = model.config._attn_implementation
             model.set_attn_implementation("eager")
         if plan.needle is not None:
-            undos.append(needle_attention.install(model, anatomy, plan, tracker, base_module(model, anatomy)))
+            undos.append(needle_attention.install(model, anatomy, plan, tracker, base_module(model, anatomy), in_kernel))
         if plan.sparsify is not None:
             for layer, block in anatomy.blocks("attention"):
                 if plan.sparsify.k >= block.heads:
                     continue
-                proj = model.get_submodule(block.out_proj)
+                proj, attention = model.get_submodule(block.out_proj), model.get_submodule(block.path)
                 sparsifier = _Sparsifier(tracker, proj, block.heads, plan.sparsify, means.get(("heads", layer)))
                 handles.append(proj.register_forward_pre_hook(sparsifier.pre))
-                handles.append(model.get_submodule(block.path).register_forward_hook(sparsifier.post))
+                handles.append(attention.register_forward_hook(sparsifier.post))
+                if in_kernel:
+                    fast_state.set_attention_op(attention, sparsifier.sdpa)
+                    undos.append(functools.partial(fast_state.set_attention_op, attention))
         for site in sorted(plan.blocks):
             block = anatomy.layers[site.layer].block(site.kind)
             hook = _block_hook(tracker, means.get(("block", site.layer, site.kind)))

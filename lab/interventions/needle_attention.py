@@ -5,6 +5,9 @@ phase apart (keep, omit, only, balanced, null; no renormalisation).
 While a plan with this op is active, "eager" in transformers' attention registry is `_eager`: it runs
 the model's own eager function, and for the attention modules the op acts on it changes the
 probabilities and computes probs @ values again. Every other module gets the model's result as is.
+On lab's fast paths for RecurrentGemma the op acts inside lab's attention entry instead: a whole prompt
+goes through lab's window kernel, which splits the output at the needle's keys (what the needle gives,
+what the rest gives, the needle's mass), so no (batch, heads, queries, keys) tensor is made.
 
 Where the needle is: the needle probe hands the tracker each prompt's needle spans (tracker.needles,
 keyed by the prompt's token ids); other prompts (MMLU) have no needle tokens. A forward of more than one token starts sequences (a prefill, or a
@@ -17,6 +20,7 @@ attended), or the ring cache's slots (its slot_position).
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import weakref
@@ -25,6 +29,7 @@ from typing import Callable
 import torch
 
 from lab.errors import LabError
+from lab.fast import attention, state
 from lab.interventions.sites import Resolved
 from lab.models.anatomy import Anatomy
 
@@ -224,28 +229,75 @@ class NeedleOp:
         values = value.repeat_interleave(probs.shape[1] // value.shape[1], dim=1)
         return torch.matmul(new, values).transpose(1, 2).contiguous(), new
 
+    def sdpa(self, layer: int, heads: Heads, module, query, key, value, attention_mask, *args, **kwargs):
+        """The op inside lab's attention entry (lab.fast.attention): a whole prompt through lab's window kernel,
+        its output split at the needle's keys; anything else (decoding steps, CPU) through eager attention."""
+        if self.modes["generation"] == self.modes["prefill"] == "keep":
+            self.reached.add(layer)
+            return attention.windowed_sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+        needle = self._needle_keys(key.shape[-2])[:, 0, 0, :] if query.shape[-2] > 1 else None
+        parts = None if needle is None else attention.window_parts(module, query, key, value, attention_mask, *args,
+                                                                  needle=needle, **kwargs)
+        if parts is None:
+            out, probs = attention.eager(module, query, key, value, attention_mask, *args, **kwargs)
+            return self.attend(layer, heads, out, probs, value, attention_mask)
+        self.reached.add(layer)
+        kept = parts.out + parts.needle_out
+        phased = self.modes["generation"] != self.modes["prefill"]
+        generation = (self.query_pos >= self.rows[1]).expand(query.shape[0], -1)[:, :, None, None] if phased else None
+        new = kept
+        for phase, mode in self.modes.items():
+            if mode != "keep":
+                changed = _changed_output(mode, parts, heads)
+                rows = None if not phased else (generation if phase == "generation" else ~generation)
+                new = changed if rows is None else torch.where(rows, changed, new)
+        mask = heads.mask(query.device)
+        return (new if mask is None else torch.where(mask.transpose(1, 2), new, kept)), None
 
-def install(model: torch.nn.Module, anatomy: Anatomy, plan: Resolved, tracker, base: torch.nn.Module
-            ) -> Callable[[], None]:
-    """Put the plan's needle op on `model` (whose attention must be eager now); returns the undo."""
+
+def _changed_output(mode: str, parts, heads: Heads) -> torch.Tensor:
+    """The attention output (B, T, H, D) under `mode`, from lab's kernel's split output (for every head)."""
+    if mode == "omit":
+        return parts.out
+    if mode == "only":
+        return parts.needle_out
+    if mode == "null":
+        return torch.zeros_like(parts.out)
+    mask = heads.mask(parts.mass.device)  # balanced, as in _changed
+    mass = (parts.mass if mask is None else parts.mass * mask[:, :, :, 0]).sum(1)  # (B, T)
+    weight = mass / (heads.count * parts.shown[:, 0].clamp(min=1))
+    return (weight[:, :, None, None] * parts.needle_values).to(parts.out.dtype)
+
+
+def install(model: torch.nn.Module, anatomy: Anatomy, plan: Resolved, tracker, base: torch.nn.Module,
+            in_kernel: bool = False) -> Callable[[], None]:
+    """Put the plan's needle op on `model`: inside lab's attention entry (in_kernel; see
+    lab.fast.attention.takes_attention_ops), or else in the eager attention the model must use now. Returns the undo."""
     needle, by_layer = plan.needle, plan.needle_by_layer()
     op = NeedleOp(tracker, needle.mode("generation"), needle.mode("prefill"), set(by_layer))
     modules = []
     for layer, chosen in by_layer.items():
         block = anatomy.attention(layer)
         module = model.get_submodule(block.path)
-        if _own_eager(module) is None:
+        if not in_kernel and _own_eager(module) is None:
             raise LabError(f"needle attention: {anatomy.architecture} has no eager attention function to change")
-        _OPS[module] = (op, layer, Heads(block.heads, chosen))
+        heads = Heads(block.heads, chosen)
+        if in_kernel:
+            state.set_attention_op(module, functools.partial(op.sdpa, layer, heads))
+        else:
+            _OPS[module] = (op, layer, heads)
         modules.append(module)
     handles = [base.register_forward_pre_hook(op.pre_hook, with_kwargs=True), base.register_forward_hook(op.post_hook)]
-    _claim_eager()
+    if not in_kernel:
+        _claim_eager()
 
     def undo() -> None:
         for handle in handles:
             handle.remove()
         for module in modules:
             _OPS.pop(module, None)
-        _release_eager()
+            state.set_attention_op(module)
+        if not in_kernel:
+            _release_eager()
 
     return undo

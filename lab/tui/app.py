@@ -30,18 +30,21 @@ from lab.probes.mmlu import MMLUSpec
 from lab.runner import Finished, Progress, Started
 from lab.session import Busy, Job, Session
 from lab.store import Store, default_path
+from lab.sweeps import conditions as sweep_conditions
 from lab.summary import RUN_COLUMNS, heatmap, is_base, run_cells, run_label, summarize
 from lab.tui.charts import Heatmap, MMLUChart, NeedleChart
+from lab.tui.effects import effect_map
 from lab.tui.grid import LayerGrid
 from lab.tui.help import HelpScreen
 from lab.tui.keymap import key_text, read_keymap
 from lab.tui.messages import CellToggled, Failed, ModelLoaded, ProbeEvent, ScoresReady
+from lab.tui.sweep_view import SweepEnded, SweepUpdated, SweepView, grid_sweep
 
 CONSOLE_NEEDLE = needle_probe.NeedleSpec(task="passkey", lengths=(256, 512, 1024, 2048), depths=(0, 25, 50, 75, 100),
                                          max_new_tokens=8)
 OVERLAYS = (None, "retrieval", "entropy", "needle_mass", "effect")
 FOOTER_FIRST = ("app.help", "probe.needle", "probe.mmlu", "probe.cancel", "app.quit")
-TABS = ("tab-needle", "tab-heatmap", "tab-mmlu", "tab-runs", "tab-probe")
+TABS = ("tab-needle", "tab-heatmap", "tab-mmlu", "tab-runs", "tab-probe", "tab-sweep")
 KEYMAP = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "lab" / "keymap.toml"
 
 
@@ -152,10 +155,18 @@ class MainScreen(Screen):
                 id="view.overlay"),
         Binding("ctrl+o", "open_preset", "Open", tooltip="Open a preset", id="preset.open"),
         Binding("ctrl+s", "save_preset", "Save", tooltip="Save model, plan and probe settings", id="preset.save"),
+        Binding("w", "sweep('heads')", "Sweep heads", id="sweep.heads",
+                tooltip="Sweep: each head of the cursor's attention layer off alone (a detached process)"),
+        Binding("b", "sweep('blocks')", "Sweep blocks", id="sweep.blocks",
+                tooltip="Sweep: each block of the cursor's kind off alone, layer by layer (a detached process)"),
+        Binding("K", "sweep('k')", "Sweep k", id="sweep.k",
+                tooltip="Sweep k, the heads kept per token, 0..heads, with random controls (a detached process)"),
+        Binding("S", "show_sweep", "Show sweep", show=False, id="sweep.show",
+                tooltip="Show a stored sweep's effect map and chart by its id (lab sweeps lists them)"),
         Binding("v", "all_runs", "All runs", show=False, tooltip="Runs tab: every model's runs or this model's",
                 id="runs.all"),
         *(Binding(str(n), f"tab({n - 1})", TABS[n - 1][4:].title(), show=False, tooltip="Switch to this tab",
-                  id=f"view.{TABS[n - 1][4:]}") for n in range(1, 6)),
+                  id=f"view.{TABS[n - 1][4:]}") for n in range(1, len(TABS) + 1)),
     ]
 
     def __init__(self, spec: ModelSpec, preset: presets.Preset, store: Store):
@@ -209,6 +220,8 @@ class MainScreen(Screen):
                         yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
                     with TabPane("Probe", id="tab-probe"):
                         yield ProbeForm(self.preset)
+                    with TabPane("Sweep", id="tab-sweep"):
+                        yield SweepView(self.store.path, id="sweep-view")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -267,6 +280,7 @@ class MainScreen(Screen):
         grid.focus()
         self._show_plan()
         self._replot()
+        self._attach_sweep()
         if anatomy.notes:
             self.notify("; ".join(anatomy.notes), timeout=6)
 
@@ -374,6 +388,10 @@ class MainScreen(Screen):
         """The session for a new job, or None (and a note) while another job runs."""
         if not self._ready():
             return None
+        sweep = self.query_one(SweepView)
+        if sweep.running:
+            self.notify(sweep.busy_note, severity="warning")
+            return None
         try:
             return self.session.claim(name)
         except Busy as busy:
@@ -407,11 +425,73 @@ class MainScreen(Screen):
         self._status("runs of every model" if self.all_runs else "runs of this model (v shows every model's)")
 
     def action_cancel_probe(self) -> None:
+        if self.query_one(SweepView).cancel():
+            return
         job = self.session.cancel() if self.session else None
         if job is None:
             self.notify("nothing is running")
         else:
             self._status(f"cancelling {job.name} after the current batch (finished trials are kept)")
+
+    def action_sweep(self, what: str) -> None:
+        """Start a sweep at the cursor as a detached `lab sweep` (the Probe tab's needle settings) and follow it."""
+        view = self.query_one(SweepView)
+        if not self._ready():
+            return
+        if view.running or self.session.job is not None:
+            self.notify(view.busy_note if view.running else f"{self.session.job.name} is running: x cancels it",
+                        severity="warning")
+            return
+        layer, cell = self.query_one(LayerGrid).current
+        try:
+            options, title = grid_sweep(what, self.loaded.anatomy, layer, cell.kind if cell else None)
+            preset = replace(self.current_preset(), mmlu=None)
+            sweep_conditions(options, self.loaded.anatomy, preset.plan)  # a bad sweep fails here, not in the log
+            view.launch(preset, options, title)
+        except LabError as error:
+            self.notify(str(error), title="sweep", severity="error", timeout=8, markup=False)
+            return
+        self.query_one(LayerGrid).set_effects({})
+        self.query_one("#tabs", TabbedContent).active = "tab-sweep"
+
+    def action_show_sweep(self) -> None:
+        view = self.query_one(SweepView)
+        if view.running:
+            self.notify(f"{view.busy_note}; its map is the one shown", severity="warning")
+            return
+        mine = [s["id"] for s in self.store.sweeps() if s["model"] == self.model_name]
+
+        def chosen(text: str | None) -> None:
+            if text:
+                self.show_sweep(text)
+        self.app.push_screen(PathDialog("show sweep: its id (lab sweeps lists them)", str(mine[-1]) if mine else ""),
+                             chosen)
+
+    def show_sweep(self, text: str) -> None:
+        try:
+            found = self.query_one(SweepView).show(text)
+        except LabError as error:
+            self.notify(str(error), title="sweep", severity="error", markup=False)
+            return
+        if found["model"] != self.model_name:
+            self.notify(f"sweep #{found['sweep']} is of {found['model']}: its map is not painted on this model",
+                        severity="warning", markup=False)
+        self.query_one("#tabs", TabbedContent).active = "tab-sweep"
+
+    def _attach_sweep(self) -> None:
+        attached = self.query_one(SweepView).attach(self.model_name)
+        if attached is not None:
+            self.notify(f"following a running sweep of {self.model_name}: {attached.title}", markup=False)
+
+    @on(SweepUpdated)
+    def sweep_updated(self, message: SweepUpdated) -> None:
+        if self.loaded is not None and message.result["model"] == self.model_name:
+            self.query_one(LayerGrid).set_effects(effect_map(message.result, self.loaded.anatomy))
+
+    @on(SweepEnded)
+    def sweep_ended(self, message: SweepEnded) -> None:
+        self.notify(message.text, severity="information" if message.done else "warning", timeout=10, markup=False)
+        self._refresh_runs()
 
     def action_score_heads(self) -> None:
         try:

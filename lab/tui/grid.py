@@ -20,6 +20,7 @@ from textual.strip import Strip
 from lab.interventions import Plan
 from lab.interventions.sites import Site, resolve
 from lab.models.anatomy import Anatomy, Layer
+from lab.tui.effects import effect_colour
 from lab.tui.messages import CellToggled
 
 LABEL_WIDTH = 18
@@ -98,6 +99,7 @@ class LayerGrid(ScrollView, can_focus=True):
         self.rows = [row_cells(layer) for layer in anatomy.layers]
         self.labels = [layer_label(layer) for layer in anatomy.layers]
         self.overlay: dict[tuple[int, int], float] | None = None
+        self.effects: dict[Site, float] = {}  # a sweep's effect map: difference to the base per block or head
         width = max((cells[-1].x + cells[-1].width for cells in self.rows if cells), default=LABEL_WIDTH)
         self.virtual_size = Size(width + len(BADGE.format(k=99, heads=99)), len(self.rows) + 1)
         self.header = self._header(width)
@@ -118,6 +120,10 @@ class LayerGrid(ScrollView, can_focus=True):
 
     def set_overlay(self, overlay: dict[tuple[int, int], float] | None) -> None:
         self.overlay = overlay
+        self.refresh()
+
+    def set_effects(self, effects: dict[Site, float]) -> None:
+        self.effects = effects
         self.refresh()
 
     @property
@@ -187,6 +193,9 @@ class LayerGrid(ScrollView, can_focus=True):
                 label = BLOCK_LABELS[cell.kind]
                 text = ("×" + label[:3] if off else label.center(4)) + " "
                 cell_style = style("grid--off" if off else "grid--on")
+            site = Site(row, "attention" if cell.kind == "head" else cell.kind, cell.head)
+            if site in self.effects:
+                cell_style = cell_style + Style(bgcolor=effect_colour(self.effects[site]))
             if (row, col) == (cursor_row, cursor_col) and self.has_focus:
                 cell_style = cell_style + style("grid--cursor")
             segments.append(Segment(text[: cell.width - 1], cell_style))

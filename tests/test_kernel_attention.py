@@ -1,0 +1,140 @@
+"""Needle attention and sparsification inside lab's window kernel (RecurrentGemma and Jamba on lab's fast paths):
+the kernel's split output and online head scores against eager attention, and whole models against the
+eager route. The kernel tests run on a GPU, or on a CPU under Triton's interpreter (TRITON_INTERPRET=1)."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from lab.fast import attention
+from lab.fast import state as fast_state
+from lab.interventions import Plan, Sparsify, apply_plan, hooks
+from lab.interventions.plan import NeedleAttention
+from lab.models import ModelSpec, load
+
+from conftest import ids
+
+ON_GPU = torch.cuda.is_available()
+kernel = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or not (ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs Triton on a GPU, or Triton's interpreter (TRITON_INTERPRET=1)")
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32  # the interpreter runs the kernel in float32
+NEEDLE = [(8, 14)]
+PROMPT_LEN = 40
+MODES = [("omit", "keep"), ("only", "follow"), ("null", "omit"), ("balanced", "keep"), ("keep", "balanced"),
+         ("omit", "follow")]
+
+
+def _inputs(batch=2, heads=4, kv=2, steps=150, dim=32, window=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, steps, dim, generator=g) * torch.linspace(0.3, 3, heads)[:, None, None]  # heads differ
+    k, v = (torch.randn(batch, kv, steps, dim, generator=g) for _ in range(2))
+    i = torch.arange(steps)
+    mask = ((i[None] <= i[:, None]) & (i[None] > i[:, None] - window)).expand(batch, 1, steps, steps).clone()
+    mask[-1, :, :, steps - 7:] = False  # right padding in the last row
+    needle = torch.zeros(batch, steps, dtype=torch.bool)
+    needle[:, 20:26] = True
+    needle[-1, 100:103] = True
+    q, k, v = (t.to(DEVICE, DTYPE) for t in (q, k, v))  # the reference starts from the same rounded inputs
+    return [q, k, v, mask.to(DEVICE), needle.to(DEVICE)], window
+
+
+def _eager_probs(q, k, v, mask):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1).float(), v.repeat_interleave(groups, 1).float()
+    scores = (q.float() @ k.transpose(2, 3)) * q.shape[-1] ** -0.5
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).nan_to_num(), v
+
+
+@kernel
+def test_the_kernel_splits_the_output_at_the_needle_as_eager_attention_does():
+    from lab.fast import triton_griffin
+
+    (q, k, v, mask, needle), window = _inputs()
+    parts = triton_griffin.window_attention_parts(q, k, v, mask, window, q.shape[-1] ** -0.5, needle=needle)
+    p, values = _eager_probs(q, k, v, mask)
+    on_needle = needle[:, None, None, :]
+    tolerance = 2e-2 if ON_GPU else 1e-5
+    for got, expected in [(parts.out, p.masked_fill(on_needle, 0) @ values),
+                          (parts.needle_out, p.masked_fill(~on_needle, 0) @ values),
+                          (parts.needle_values, (mask & on_needle).float() @ values)]:
+        expected = expected.transpose(1, 2)
+        assert ((got.float() - expected).norm() / expected.norm()).item() < tolerance
+    assert torch.allclose(parts.mass, (p * on_needle).sum(-1), atol=tolerance)
+    assert torch.equal(parts.shown, (mask & on_needle).sum(-1).float().expand_as(parts.shown))
+
+
+@kernel
+@pytest.mark.parametrize("metric", ["entropy", "l2"])
+def test_online_head_scores_pick_the_heads_eager_weights_pick(metric):
+    """The kernel's per-query head scores against hooks.head_scores on eager weights: the same top-k heads
+    wherever the k-th and the next score are apart (ties aside)."""
+    from lab.fast import triton_griffin
+
+    (q, k, v, mask, _), window = _inputs(heads=8, seed=3)
+    parts = triton_griffin.window_attention_parts(q, k, v, mask, window, q.shape[-1] ** -0.5, metric=metric)
+    p, _ = _eager_probs(q, k, v, mask)
+    expected = hooks.head_scores(p.to(DTYPE), metric, "fp32")  # (B, H, T), as the sparsifier scores them
+    margin = (5e-2 if metric == "entropy" else 1e-2) if ON_GPU else 1e-3  # bf16 on a GPU: p ln p sums drift more
+    assert torch.allclose(parts.score, expected, atol=margin / 2)
+    for keep in (1, 3, 6):
+        ranked = expected.sort(1, descending=True).values
+        clear = (ranked[:, keep - 1] - ranked[:, keep]) > margin  # (B, T)
+        chosen = lambda s: torch.zeros_like(s).scatter_(1, s.topk(keep, 1).indices, 1.0)  # noqa: E731
+        assert clear.float().mean() > 0.5  # most queries are compared
+        assert torch.equal(chosen(parts.score).transpose(1, 2)[clear], chosen(expected).transpose(1, 2)[clear])
+
+
+@pytest.fixture(params=["recurrent_gemma", "jamba"])
+def model(request):
+    loaded = load(ModelSpec(f"random:{request.param}", device=DEVICE, dtype="bfloat16" if ON_GPU else "float32"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if name.endswith("o_proj.bias"):
+                param.normal_(0, 0.5)
+    assert loaded.model.config._attn_implementation == "sdpa"
+    return loaded
+
+
+def _logits(loaded, x, plan, route, monkeypatch):
+    """Teacher-forced logits under `plan` through the eager route or lab's attention entry (route "entry")."""
+    monkeypatch.setattr(attention, "takes_attention_ops", lambda m: route == "entry")
+    with torch.no_grad(), apply_plan(loaded.model, loaded.anatomy, plan, prompt_len=PROMPT_LEN) as tracker:
+        tracker.needles = {tuple(row[:PROMPT_LEN]): NEEDLE for row in x.tolist()}
+        return loaded.model(input_ids=x).logits.float()
+
+
+def _plans(layer: int):
+    return [Plan(needle_attention=NeedleAttention(g, p)) for g, p in MODES] + [
+        Plan(needle_attention=NeedleAttention("only", "keep", heads=((layer, 0), (layer, 3)))),
+        Plan(sparsify=Sparsify(1, "entropy")), Plan(sparsify=Sparsify(2, "l2"), phase="generation")]
+
+
+def test_ops_in_the_attention_entry_equal_the_eager_route_and_leave_nothing_behind(model, monkeypatch):
+    """Through lab's attention entry (on a CPU its eager fallback; on a GPU the kernel for the prompt) the
+    logits equal the eager route's; afterwards no op is left on any module and sdpa is still in use."""
+    x = ids(2, 48, seed=4).to(DEVICE)
+    modules = [model.model.get_submodule(b.path) for _, b in model.anatomy.blocks("attention")]
+    for plan in _plans(model.anatomy.attention_layers[0]):
+        eager = _logits(model, x, plan, "eager", monkeypatch)
+        entry = _logits(model, x, plan, "entry", monkeypatch)
+        error = ((entry - eager).norm() / eager.norm()).item()
+        assert error < (3e-2 if ON_GPU else 1e-5), plan.to_dict()
+        assert all(fast_state.attention_op(m) is None for m in modules)
+        assert model.model.config._attn_implementation == "sdpa"
+
+
+@kernel
+def test_the_kernel_route_equals_the_eager_route(model, monkeypatch):
+    """The whole model with the kernel computing every prompt's attention (on a CPU: the interpreter)."""
+    if not ON_GPU:
+        monkeypatch.setattr(attention, "_kernel_applies", lambda query, key: True)
+    calls = []
+    parts = attention.window_parts
+    monkeypatch.setattr(attention, "window_parts", lambda *a, **kw: calls.append(1) or parts(*a, **kw))
+    test_ops_in_the_attention_entry_equal_the_eager_route_and_leave_nothing_behind(model, monkeypatch)
+    assert calls  # the kernel did run
