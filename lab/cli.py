@@ -1,4 +1,4 @@
-"""The `lab` command line: console by default; inspect, run, heads, runs, export, bench."""
+"""The `lab` command line: the console by default; inspect, run, runs, export, sweep, sweeps, heads, bench."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ def _model_args(parser: argparse.ArgumentParser, default: str | None = None) -> 
     else:
         parser.add_argument("--model", default=default, help="builtin name, random:<type>, directory or hub id")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, device_map (accelerate) or meta (random:/config: specs, no memory)")
-    parser.add_argument("--attn", dest="attn_implementation", default=None, help="eager, sdpa, ...")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, device_map (accelerate) or meta "
+                                                         "(random:/config: specs, no memory)")
+    parser.add_argument("--attn", dest="attn_implementation", default=None, metavar="IMPL",
+                        help="attention implementation: eager, sdpa, ...")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code")
     parser.add_argument("--allow-pickle", action="store_true", help="allow non-safetensors weights")
 
@@ -40,10 +42,19 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(loaded.anatomy.to_json(), indent=1 if args.pretty else None))
     else:
-        from rich.console import Console
-
-        Console().print(anatomy_table(loaded))
+        _stdout().print(anatomy_table(loaded))
     return 0
+
+
+PIPED_WIDTH = 100_000  # piped output: wide enough that no table folds a cell or a title
+
+
+def _stdout():
+    """A rich console on stdout: the terminal's width (or $COLUMNS, if set), or, piped, so wide that tables
+    keep whole paths and names on one line (for grep and friends)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=PIPED_WIDTH)
 
 
 def _store(args, readonly: bool = False):
@@ -65,23 +76,28 @@ def _preset(args):
 
 
 def _drive(events, quiet: bool):
-    """Consume a run's events, with a progress bar on a terminal; return its Finished event."""
-    from lab.report import progress_bar
+    """Consume a run's events, with a progress bar per probe (in its own units) on a terminal; return its
+    Finished event."""
+    from rich.markup import escape
+
+    from lab.report import progress_bar, unit
     from lab.runner import Finished, Progress, Started
 
     bar = None if quiet or not sys.stderr.isatty() else progress_bar()
-    final = None
+    final, tasks = None, {}
     try:
         for event in events:
             if isinstance(event, Started):
+                counts = {probe: (done, total, unit(probe)) for probe, (done, total) in event.probes.items()}
                 if bar is not None:
                     bar.start()
-                    task = bar.add_task(event.plan, total=event.total, completed=event.skipped)
+                    tasks = {probe: bar.add_task(escape(probe), total=total, completed=done, unit=units)
+                             for probe, (done, total, units) in counts.items()}
                 elif not quiet:
-                    print(f"run {event.run_id}: {event.plan}; {event.skipped}/{event.total} trials already done",
-                          file=sys.stderr)
+                    done = ", ".join(f"{probe} {n}/{total} {units}" for probe, (n, total, units) in counts.items())
+                    print(f"run {event.run_id}: {event.plan}; {done} already done", file=sys.stderr)
             elif isinstance(event, Progress) and bar is not None:
-                bar.update(task, completed=event.done)
+                bar.advance(tasks[event.probe], len(event.rows))
             elif isinstance(event, Finished):
                 final = event
     finally:
@@ -102,9 +118,7 @@ def cmd_run(args) -> int:
     if args.json:
         print(json.dumps({"run": final.run_id, **final.summary}, indent=1))
     else:
-        from rich.console import Console
-
-        console = Console()
+        console = _stdout()
         console.print(f"run {final.run_id} ({final.status}), results in {store.path}", markup=False)
         for table in summary_tables(final.summary):
             console.print(table)
@@ -120,11 +134,9 @@ def cmd_runs(args) -> int:
     if args.json:
         print(json.dumps([{**r, "summary": summaries[r["id"]]} for r in runs], indent=1))
     else:
-        from rich.console import Console
-
         from lab.report import runs_table
 
-        console = Console()
+        console = _stdout()
         console.print(runs_table(runs, summaries, store.path, console.width))
     return 0
 
@@ -203,8 +215,6 @@ def _sweep(args, events, store) -> int:
 
 
 def cmd_sweeps(args) -> int:
-    from rich.console import Console
-
     from lab.sweeps import result
     from lab.sweeps.report import sweep_table, sweeps_table, write_csv
 
@@ -217,7 +227,7 @@ def cmd_sweeps(args) -> int:
     elif args.json:
         print(json.dumps(found, indent=1))
     else:
-        Console().print(sweep_table(found) if args.sweep is not None else sweeps_table(found, store.path))
+        _stdout().print(sweep_table(found) if args.sweep is not None else sweeps_table(found, store.path))
     return 0
 
 
@@ -247,15 +257,15 @@ def cmd_heads(args) -> int:
         print(json.dumps({"run": final.run_id, "score": args.score, "keep": [list(k) for k in keep],
                           "ranking": [{"layer": l, "head": h, "value": v} for (l, h), v in ranked]}))
     else:
-        from rich.console import Console
-
         from lab.report import heads_table
 
-        Console().print(heads_table(ranked, args.score, set(keep), args.top))
-    if args.write:
-        base = presets.Preset(name=f"{args.model}: keep {args.keep} of heads by {args.score}", model=_spec(args))
+        _stdout().print(heads_table(ranked, args.score, set(keep), args.top))
+    if args.write:  # a preset lab run runs: the needle probe on the grid the heads were scored on
+        base = presets.Preset(name=f"{args.model}: keep {args.keep} of heads by {args.score}",
+                              description=f"heads scored in run {final.run_id}; [needle] is the grid they were "
+                                          "scored on", model=_spec(args), needle=spec.needle())
         path = presets.save(base.with_plan(Plan(keep_heads=tuple(keep))), args.write)
-        print(f"wrote {path}", file=sys.stderr)
+        print(f"wrote {path} (the needle probe on the scoring grid): lab run {path}", file=sys.stderr)
     return 0
 
 
@@ -303,10 +313,9 @@ def cmd_bench(args) -> int:
     if args.json:
         print(json.dumps(results, indent=1))
     else:
-        from rich.console import Console
-
+        console = _stdout()
         for table in bench_tables(results):
-            Console().print(table)
+            console.print(table)
     return 0
 
 
@@ -351,6 +360,16 @@ def _db_option(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> No
                         help="results database (default: $LAB_DB or ~/.local/share/lab/results.sqlite)")
 
 
+DESCRIPTION = """Ablation experiments on hybrid SSM/recurrent + attention language models.
+Without a command, lab opens the console (it needs a terminal: ssh -t)."""
+EXAMPLES = """examples:
+  lab inspect toy-jamba                   layers, blocks, heads and module paths
+  lab run toy-recurrentgemma-base         a builtin preset: needle and MMLU
+  lab heads toy-recurrentgemma --keep 15% --write keep15.toml
+  lab run keep15.toml                     the needle probe with 15 % of heads
+  lab runs                                every run, plan in words, accuracy"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is one `lab: ...` line and exit 2, like every other bad input."""
 
@@ -361,14 +380,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lab", description=__doc__)
+    parser = _Parser(prog="lab", description=DESCRIPTION, epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model for the console (default: the preset's, else toy-recurrentgemma)")
     parser.add_argument("--preset", help="open the console with this preset")
     parser.add_argument("--no-mouse", action="store_true", help="no mouse tracking (kinder to flaky SSH links)")
     parser.add_argument("--color", choices=tuple(COLORS), default="auto",
                         help="colour depth (sets TEXTUAL_COLOR_SYSTEM); NO_COLOR is honoured")
     _db_option(parser, default=None)
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND",
+                                help="lab COMMAND --help shows its options")
     p = sub.add_parser("inspect", help="print a model's layers, blocks and heads")
     _model_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -388,8 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export one run's trials, or a sweep (one row per condition)")
     p.add_argument("run", type=int, nargs="?", help="the run's id (see lab runs)")
-    p.add_argument("--sweep", type=int, help="export this sweep instead: one row per condition (see lab sweeps)")
-    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.add_argument("--sweep", type=int, metavar="ID",
+                   help="export this sweep instead: one row per condition (see lab sweeps)")
+    p.add_argument("--format", choices=("csv", "json"), default="csv",
+                   help="csv: one row per trial (default); json: the run, its plan, summary and trials")
     _db_option(p)
     p.set_defaults(func=cmd_export)
 
@@ -413,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweeps", help="list sweeps, or show one sweep's result (--csv: one row per condition)")
     p.add_argument("sweep", type=int, nargs="?", help="a sweep id (see lab sweeps)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the sweeps, or the sweep's result, as JSON")
     p.add_argument("--csv", action="store_true", help="with a sweep id: one row per condition")
     _db_option(p)
     p.set_defaults(func=cmd_sweeps)
@@ -421,28 +444,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("heads", help="score attention heads on needle prompts and rank them")
     _model_args(p)
     _db_option(p)
-    p.add_argument("--score", default="retrieval", help="retrieval, entropy or needle_mass")
-    p.add_argument("--keep", help="percentage of heads to keep, e.g. 15%%")
-    p.add_argument("--write", help="write a preset whose plan keeps those heads")
-    p.add_argument("--task", default="passkey")
-    p.add_argument("--lengths", type=int, nargs="+", default=[512])
-    p.add_argument("--depths", type=float, nargs="+", default=[10, 50, 90])
-    p.add_argument("--trials", type=int, default=2)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--top", type=int, default=30, help="rows to print")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--score", default="retrieval",
+                   help="rank by retrieval, entropy or needle_mass (default retrieval)")
+    p.add_argument("--keep", metavar="PCT", help="percentage of heads to keep, e.g. 15%%")
+    p.add_argument("--write", metavar="FILE", help="write a preset that keeps those heads and runs the needle "
+                                                   "probe on the grid they were scored on (needs --keep)")
+    p.add_argument("--task", default="passkey",
+                   help="needle task: sentence, passkey, multikey, multivalue or multiquery (default passkey)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512], metavar="N",
+                   help="prompt lengths in tokens (default 512)")
+    p.add_argument("--depths", type=float, nargs="+", default=[10, 50, 90], metavar="PCT",
+                   help="needle depths in percent of the context (default 10 50 90)")
+    p.add_argument("--trials", type=int, default=2, metavar="N", help="prompts per length and depth (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=16, metavar="N",
+                   help="tokens the model may answer with (default 16)")
+    p.add_argument("--top", type=int, default=30, metavar="N", help="rows to print (default 30)")
+    p.add_argument("--json", action="store_true", help="print the ranking and the kept heads as JSON")
     p.set_defaults(func=cmd_heads)
 
     p = sub.add_parser("bench", help="time lab's probe paths against the reference paths")
     p.add_argument("model", nargs="?", default="random:recurrent_gemma",
                    help="a model spec, or config:recurrentgemma-2b / config:recurrentgemma-9b / config:jamba-mini-1.6 "
                         "(published configs with random weights)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or device_map (accelerate)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--quick", action="store_true", help="a small needle grid even on a GPU")
     p.add_argument("--rows", help="measure only these rows, comma-separated: needle, mmlu, plans, prefill")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the measures as JSON")
     p.set_defaults(func=cmd_bench)
+    for choice in sub._choices_actions:  # each command's --help opens with what the command list says of it
+        sub.choices[choice.dest].description = choice.help
     return parser
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -23,8 +25,10 @@ def text(value) -> Text:
 
 
 def _table(title: str, columns: dict[str, str]) -> Table:
-    """A table titled `title` with columns {header: justify}, all as plain text."""
-    table = Table(title=text(title), title_justify="left")
+    """A table titled `title` with columns {header: justify}, all as plain text; at least as wide as its title,
+    so that a title wraps only where the terminal is narrower than it."""
+    title = text(title)
+    table = Table(title=title, title_justify="left", min_width=title.cell_len)
     for header, justify in columns.items():
         table.add_column(text(header), justify=justify, overflow="fold")  # long names wrap, never cut
     return table
@@ -52,11 +56,26 @@ def anatomy_table(loaded: Loaded) -> Table:
     return table
 
 
-def progress_bar():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+UNITS = {"mmlu": "questions"}  # what a probe counts; every other probe counts trials
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    transient=True)
+
+def unit(probe: str) -> str:
+    return UNITS.get(probe, "trials")
+
+
+class CountColumn(ProgressColumn):
+    """Done of total ("12/80 trials"), in the task's `unit` field where it has one."""
+
+    def render(self, task) -> Text:
+        total = "?" if task.total is None else f"{task.total:g}"
+        return Text(f"{task.completed:g}/{total} {task.fields.get('unit', '')}".rstrip())
+
+
+def progress_bar(console: Console | None = None) -> Progress:
+    """A transient progress display on stderr (or `console`): description, bar, CountColumn, time left.
+    Descriptions are markup: escape user text."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), CountColumn(), TimeRemainingColumn(),
+                    console=console or Console(stderr=True), transient=True)
 
 
 def _pct(x: float) -> str:
@@ -124,43 +143,66 @@ def heads_table(ranked: list, score: str, keep: set, top: int) -> Table:
     return table
 
 
-def bench_tables(results: dict) -> list[Table]:
+def bench_tables(results: dict) -> list:
+    """A header line, then a table per measure present, each figure under the path it describes: lab's probe
+    paths against the reference paths (the speedup is the reference's time over lab's), a plan's overhead on a
+    forward pass, prefill speed."""
     active = results.get("active_parameters", results["parameters"])
     experts = f", {active / 1e6:.1f} M active per token" if active < 0.9 * results["parameters"] else ""
-    table = _table(f"lab bench: {results['model']} ({results['parameters'] / 1e6:.1f} M parameters{experts}, "
-                   f"{results['dtype']}) on {results['device']}",
-                   {"measure": "left", "lab": "right", "reference": "right", "ratio": "right"})
+    header = text(f"lab bench: {results['model']} ({results['parameters'] / 1e6:.1f} M parameters{experts}, "
+                  f"{results['dtype']}) on {results['device']}")
+    speed = [_speed_table(results)] if {"needle_grid", "mmlu"} & set(results) else []
+    prefill = [_prefill_table(results["prefill"])] if "prefill" in results else []
+    return [header, *speed, *map(_plan_table, results.get("plan_overhead", [])), *prefill]
 
-    def skipped(label: str, row: dict) -> bool:
-        if "skipped" in row:
-            _row(table, label, f"skipped: {row['skipped']}", "", "")
-        return "skipped" in row
 
+def _speed_table(results: dict) -> Table:
+    table = _table("lab against the reference paths", {"measure": "left", "lab path": "right",
+                                                        "reference path": "right", "lab speedup": "right"})
+    notes = []
     n = results.get("needle_grid")
-    if n is not None and not skipped("needle grid", n):
-        _row(table, f"needle grid, {n['prompts']} prompts x {n['new_tokens']} tokens", f"{n['lab_s']:.2f} s",
-             f"{n['reference_s']:.2f} s ({n['reference_measured_prompts']} timed)", f"{n['speedup']:.1f}x")
+    if n is not None and not _skipped(table, "needle grid", n):
+        _row(table, f"needle, {n['prompts']} prompts x {n['new_tokens']} tokens", f"{n['lab_s']:.2f} s",
+             f"{n['reference_s']:.2f} s", f"{n['speedup']:.1f}x")
+        notes.append(f"needle reference: generate(), one prompt at a time ({n['reference_measured_prompts']} "
+                     "timed, scaled to the grid)")
     m = results.get("mmlu")
-    if m is not None and not skipped("MMLU 5-shot", m):
+    if m is not None and not _skipped(table, "MMLU 5-shot", m):
         _row(table, f"MMLU 5-shot, {m['questions']} questions", f"{m['lab_qps']:.1f} q/s",
              f"{m['per_choice_qps']:.1f} q/s", f"{m['speedup']:.1f}x")
-    for plan in results.get("plan_overhead", []):
-        if skipped("plan overhead", plan):
-            continue
-        shape = f"{plan['batch']} x {plan['length']} tokens"
-        _row(table, f"plan overhead, heads off ({shape})", f"{100 * plan['heads_off_overhead']:+.1f} %", "", "")
-        _row(table, f"plan overhead, heads off in prefill phase: hooks ({shape})",
-             f"{100 * plan['heads_off_hooked_overhead']:+.1f} %", "", "")
-        _row(table, f"plan overhead, sparsify vs eager ({shape})", f"{100 * plan['sparsify_overhead_vs_eager']:+.1f} %",
-             "", "")
-        _row(table, f"plan overhead, sparsify vs default attention ({shape})",
-             f"{100 * plan['sparsify_overhead_vs_default']:+.1f} %", "", "")
+        notes.append("MMLU reference: one forward per choice")
+    table.caption = text("; ".join(["speedup: reference time / lab time", *notes]))
+    table.caption_justify = "left"
+    return table
+
+
+def _skipped(table: Table, label: str, row: dict) -> bool:
+    """Add a row saying why a measure was skipped, if it was."""
+    if "skipped" in row:
+        _row(table, label, f"skipped: {row['skipped']}", *[""] * (len(table.columns) - 2))
+    return "skipped" in row
+
+
+def _plan_table(plan: dict) -> Table:
+    """A forward pass under each plan against the same pass without one (lab's path both times)."""
+    shape = f"{plan['batch']} x {plan['length']} tokens" if "batch" in plan else "a forward pass"
+    table = _table("plan overhead (lab path)", {f"plan, {shape}": "left", "time vs no plan": "right",
+                                                "vs eager, no plan": "right"})
+    if not _skipped(table, "plan overhead", plan):
+        def pct(key: str) -> str:
+            return f"{100 * plan[key]:+.1f} %"
+        _row(table, "heads off (folded)", pct("heads_off_overhead"), "")
+        _row(table, "heads off, prefill only (hooks)", pct("heads_off_hooked_overhead"), "")
+        _row(table, "sparsify", pct("sparsify_overhead_vs_default"), pct("sparsify_overhead_vs_eager"))
         if "needle_attention_overhead_vs_default" in plan:
-            _row(table, f"plan overhead, needle attention omit vs default attention ({shape})",
-                 f"{100 * plan['needle_attention_overhead_vs_default']:+.1f} %", "", "")
-    f = results.get("prefill")
-    if f is not None and not skipped("prefill", f):
-        peak = f", {100 * f['fraction_of_bf16_peak']:.0f} % of bf16 peak" if "fraction_of_bf16_peak" in f else ""
-        _row(table, f"prefill {f['batch']} x {f['length']} tokens", f"{f['tokens_per_s']:,} tok/s",
-             f"{f['tflops']} TFLOP/s{peak}", "")
-    return [table]
+            _row(table, "needle attention, omit", pct("needle_attention_overhead_vs_default"), "")
+    return table
+
+
+def _prefill_table(f: dict) -> Table:
+    table = _table("prefill", {"prefill (lab path)": "left", "tokens/s": "right", "TFLOP/s": "right",
+                               "of bf16 peak": "right"})
+    if not _skipped(table, "prefill", f):
+        peak = f"{100 * f['fraction_of_bf16_peak']:.0f} %" if "fraction_of_bf16_peak" in f else ""
+        _row(table, f"{f['batch']} x {f['length']} tokens", f"{f['tokens_per_s']:,}", f"{f['tflops']}", peak)
+    return table

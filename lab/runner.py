@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -30,6 +30,7 @@ class Started:
     total: int
     skipped: int
     plan: str
+    probes: dict[str, tuple[int, int]] = field(default_factory=dict)  # per probe: (trials done, its total)
 
 
 @dataclass
@@ -135,7 +136,7 @@ def run(preset: Preset, store: Store, loaded: Loaded | None = None,
                             preset.to_toml(), versions())
     done_keys = {name: store.done_keys(run_id, name) for name in prepared}
     done = sum(len(k) for k in done_keys.values())
-    yield Started(run_id, total, done, words)
+    yield Started(run_id, total, done, words, {name: (len(done_keys[name]), p.trials) for name, p in prepared.items()})
     means = _means(loaded, sites)
     status = "failed"
     started, fresh = time.monotonic(), 0

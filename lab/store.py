@@ -3,12 +3,15 @@ link their conditions' runs (a run, such as a sweep's base, can belong to severa
 
 The file's schema is versioned (PRAGMA user_version) and every sqlite3 or OS error becomes a one-line
 LabError that names the file. Store(path, readonly=True) reads without creating or changing anything.
+A run records the process that runs it: a 'running' run whose process is gone is listed as 'interrupted'
+(its row is left as it is; running it again resumes it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import sys
 import time
@@ -60,6 +63,11 @@ MIGRATIONS = [(
         value TEXT NOT NULL,
         control INTEGER NOT NULL,
         PRIMARY KEY (sweep_id, position))""",
+), (  # 3: the process that runs a run or sweep, so that one whose process is gone is listed as interrupted
+    "ALTER TABLE runs ADD COLUMN pid INTEGER",
+    "ALTER TABLE runs ADD COLUMN host TEXT",
+    "ALTER TABLE sweeps ADD COLUMN pid INTEGER",
+    "ALTER TABLE sweeps ADD COLUMN host TEXT",
 )]
 SCHEMA_VERSION = len(MIGRATIONS)
 # the columns lab reads: a file whose tables lack them belongs to another application
@@ -87,6 +95,28 @@ def _reason(error: Exception) -> str:
     name = getattr(error, "sqlite_errorname", "")
     hint = next((hint for prefix, hint in HINTS.items() if name.startswith(prefix)), None)
     return " ".join(text.split()) + (f" ({hint})" if hint else "")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether it exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, but belongs to another user
+        pass
+    return True
+
+
+def _as_listed(row: sqlite3.Row) -> dict:
+    """A run's or sweep's row as a dict, 'running' shown as 'interrupted' when the process that runs it
+    (recorded since schema version 3) is gone from this machine: a full disk or a kill -9 could not mark it.
+    Rows of another host, and older rows without a pid, keep their status."""
+    found = dict(row)
+    gone = found.get("pid") and found.get("host") == socket.gethostname() and not _alive(found["pid"])
+    if found["status"] == "running" and gone:
+        found["status"] = "interrupted"
+    return found
 
 
 @contextmanager
@@ -190,9 +220,11 @@ class Store:
         """The run with this fingerprint (resumed), or a new one; one statement, so openers never race."""
         with self._errors("write to"):
             [row] = self.db.execute(
-                "INSERT INTO runs (fingerprint, name, model, plan, preset, versions, started) VALUES (?,?,?,?,?,?,?) "
-                "ON CONFLICT(fingerprint) DO UPDATE SET status = 'running', finished = NULL RETURNING id",
-                (fingerprint, name, model, json.dumps(plan), preset, json.dumps(versions), time.time())).fetchall()
+                "INSERT INTO runs (fingerprint, name, model, plan, preset, versions, started, pid, host) "
+                "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(fingerprint) DO UPDATE SET status = 'running', "
+                "finished = NULL, pid = excluded.pid, host = excluded.host RETURNING id",
+                (fingerprint, name, model, json.dumps(plan), preset, json.dumps(versions), time.time(), os.getpid(),
+                 socket.gethostname())).fetchall()
         return row["id"]
 
     def finish_run(self, run_id: int, status: str) -> None:
@@ -229,7 +261,7 @@ class Store:
         with self._errors("read"):
             rows = self.db.execute("SELECT r.*, (SELECT COUNT(*) FROM trials t WHERE t.run_id = r.id) AS trials "
                                    "FROM runs r ORDER BY r.id").fetchall()
-        return [dict(r) for r in rows]
+        return [_as_listed(r) for r in rows]
 
     def run(self, run_id: int) -> dict:
         row = None
@@ -238,12 +270,12 @@ class Store:
                 row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             raise LabError(f"no run {run_id} in {self.path} (see lab runs)")
-        return dict(row)
+        return _as_listed(row)
 
     def run_by_fingerprint(self, fingerprint: str) -> dict | None:
         with self._errors("read"):
             row = self.db.execute("SELECT * FROM runs WHERE fingerprint = ?", (fingerprint,)).fetchone()
-        return dict(row) if row else None
+        return _as_listed(row) if row else None
 
     # ---- sweeps (schema version 2) -------------------------------------------------------------
     def open_sweep(self, fingerprint: str, name: str, model: str, axis: str, options: dict, preset: str,
@@ -251,10 +283,11 @@ class Store:
         """The sweep with this fingerprint (resumed), or a new one."""
         with self._errors("write to"):
             [row] = self.db.execute(
-                "INSERT INTO sweeps (fingerprint, name, model, axis, options, preset, conditions, started) "
-                "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(fingerprint) DO UPDATE SET status = 'running', finished = NULL "
-                "RETURNING id", (fingerprint, name, model, axis, json.dumps(options), preset, conditions,
-                                 time.time())).fetchall()
+                "INSERT INTO sweeps (fingerprint, name, model, axis, options, preset, conditions, started, pid, host) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(fingerprint) DO UPDATE SET status = 'running', "
+                "finished = NULL, pid = excluded.pid, host = excluded.host RETURNING id",
+                (fingerprint, name, model, axis, json.dumps(options), preset, conditions, time.time(), os.getpid(),
+                 socket.gethostname())).fetchall()
         return row["id"]
 
     def link_run(self, sweep_id: int, position: int, run_id: int, label: str, value, control: int) -> None:
@@ -285,7 +318,7 @@ class Store:
         with self._errors("read"):
             rows = self.db.execute("SELECT s.*, (SELECT COUNT(*) FROM sweep_runs l WHERE l.sweep_id = s.id) AS linked "
                                    "FROM sweeps s ORDER BY s.id").fetchall()
-        return [{**dict(r), "options": json.loads(r["options"])} for r in rows]
+        return [{**_as_listed(r), "options": json.loads(r["options"])} for r in rows]
 
     def sweep(self, sweep_id: int) -> dict:
         """One sweep's row, with "runs": its linked conditions in order (label, value, control, run's plan...)."""
@@ -300,4 +333,4 @@ class Store:
                 "SELECT l.position, l.run_id, l.label, l.value, l.control, r.plan, r.status FROM sweep_runs l "
                 "JOIN runs r ON r.id = l.run_id WHERE l.sweep_id = ? ORDER BY l.position", (sweep_id,)).fetchall()
         runs = [{**dict(link), "value": json.loads(link["value"]), "plan": json.loads(link["plan"])} for link in links]
-        return {**dict(row), "options": json.loads(row["options"]), "runs": runs}
+        return {**_as_listed(row), "options": json.loads(row["options"]), "runs": runs}

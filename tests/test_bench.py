@@ -70,7 +70,7 @@ def test_bench_rows_run_alone_and_a_failing_row_is_reported_not_fatal(capsys, mo
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["bench", "random:jamba", "--device", "cpu", "--rows", "mmlu,prefill"]) == 0
     out = capsys.readouterr().out
-    assert "skipped: out of memory at 16 questions, batch 8" in out and "tok/s" in out
+    assert "skipped: out of memory at 16 questions, batch 8" in out and "tokens/s" in out
 
 
 def test_bench_bad_rows_fail_before_loading(capsys, monkeypatch):

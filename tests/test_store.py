@@ -1,6 +1,7 @@
 """The results database: one-line errors, read-only commands, schema versions, races, signals, markup."""
 
 import io
+import json
 import os
 import re
 import signal
@@ -157,7 +158,8 @@ def test_finish_run_does_not_hide_the_error_in_flight(tmp_path):
 
 # 2. SIGTERM and SIGHUP cancel a run as Ctrl-C does
 
-def test_sigterm_cancels_the_run(tmp_path):
+def start_a_run(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """`lab run` of a 60-trial toy preset in a child process, returned once its first trial is written."""
     db = tmp_path / "r.sqlite"
     preset = tmp_path / "toy.toml"
     preset.write_text('name = "toy"\n[model]\nname = "toy-recurrentgemma"\n[needle]\ntask = "passkey"\n'
@@ -168,12 +170,19 @@ def test_sigterm_cancels_the_run(tmp_path):
     with stderr.open("w") as err:
         child = subprocess.Popen([sys.executable, "-m", "lab", "run", str(preset)], cwd=ROOT, env=env,
                                  stdout=subprocess.DEVNULL, stderr=err)
+    for _ in range(3000):  # poll for the first trial (bounded: the run has 60 batches)
+        if child.poll() is not None or _trial_rows(db):
+            break
+        time.sleep(0.05)
+    if child.poll() is not None or not _trial_rows(db):
+        child.kill()
+        pytest.fail("the run ended before a trial was written")
+    return child, db, stderr
+
+
+def test_sigterm_cancels_the_run(tmp_path):
+    child, db, stderr = start_a_run(tmp_path)
     try:
-        for _ in range(3000):  # poll for the first trial (bounded: the run has 60 batches)
-            if child.poll() is not None or _trial_rows(db):
-                break
-            time.sleep(0.05)
-        assert child.poll() is None and _trial_rows(db), "the run ended before a trial was written"
         child.send_signal(signal.SIGTERM)
         code = child.wait(timeout=120)
     finally:
@@ -183,6 +192,16 @@ def test_sigterm_cancels_the_run(tmp_path):
     with Store(db, readonly=True) as store:
         [run] = store.runs()
     assert run["status"] == "cancelled" and 0 < run["trials"] < 60
+
+
+def test_a_killed_run_is_listed_as_interrupted(tmp_path):
+    """Nothing can mark a run whose process is killed (or whose disk is full): lab runs tells by its pid."""
+    child, db, _ = start_a_run(tmp_path)
+    child.kill()
+    child.wait()
+    with Store(db, readonly=True) as store:
+        [run] = store.runs()
+    assert run["status"] == "interrupted" and run["pid"] == child.pid and 0 < run["trials"] < 60
 
 
 def _trial_rows(db: Path) -> int:
@@ -400,7 +419,7 @@ def test_a_version_1_file_gains_the_sweep_tables_and_keeps_its_runs(tmp_path):
         sweep_id = store.open_sweep("s", "sweep", "toy", "heads", {"axis": "heads"}, "", 2)
         store.link_run(sweep_id, 0, 1, "base", None, 0)
         assert store.sweep(sweep_id)["runs"][0]["run_id"] == 1
-    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_sweeps_resume_by_fingerprint_and_share_runs(tmp_path):
@@ -431,3 +450,83 @@ def test_terminal_escapes_in_user_text_are_shown_not_sent(tmp_path, capsys, monk
     assert main(["--db", str(db), "runs"]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "ev\\x1b]0;pwned\\x07il\\x1b[2J" in out
+
+
+# 10. a run whose process is gone (a full disk, a kill -9, a lost machine) is listed as interrupted
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # exited and reaped: no process has this id now
+    return child.pid
+
+
+def running_run(db: Path, pid: int, host: str | None = None) -> int:
+    """A run left 'running' by process `pid` on `host` (this one by default)."""
+    with Store(db) as store:
+        run_id = open_demo_run(store)
+        store.db.execute("UPDATE runs SET pid = ?, host = COALESCE(?, host) WHERE id = ?", (pid, host, run_id))
+    return run_id
+
+
+def test_a_running_run_whose_process_is_gone_lists_as_interrupted(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    db = tmp_path / "r.sqlite"
+    run_id = running_run(db, dead_pid())
+    assert main(["runs", "--db", str(db), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "interrupted"
+    assert main(["runs", "--db", str(db)]) == 0
+    assert "interrupted" in capsys.readouterr().out
+    with Store(db, readonly=True) as store:
+        assert store.run(run_id)["status"] == "interrupted"
+    assert raw(db).execute("SELECT status FROM runs").fetchone()[0] == "running"  # listing changes nothing
+
+
+def test_a_running_run_whose_process_lives_stays_running(tmp_path):
+    db = tmp_path / "r.sqlite"
+    running_run(db, os.getpid())
+    with Store(db, readonly=True) as store:
+        assert [run["status"] for run in store.runs()] == ["running"]
+
+
+def test_another_hosts_running_run_stays_running(tmp_path):
+    db = tmp_path / "r.sqlite"
+    running_run(db, dead_pid(), host="another-host")  # its pid means nothing here
+    with Store(db, readonly=True) as store:
+        assert [run["status"] for run in store.runs()] == ["running"]
+
+
+def test_an_interrupted_run_resumes_under_the_new_process(tmp_path):
+    db = tmp_path / "r.sqlite"
+    run_id = running_run(db, dead_pid())
+    with Store(db) as store:
+        assert open_demo_run(store) == run_id
+        assert store.run(run_id)["status"] == "running" and store.run(run_id)["pid"] == os.getpid()
+        store.finish_run(run_id, "done")
+        assert store.run(run_id)["status"] == "done"
+
+
+def test_a_version_2_file_keeps_its_runs_and_gains_pid_and_host(tmp_path):
+    db = tmp_path / "v2.sqlite"
+    with Store(db) as store:
+        open_demo_run(store)
+    old = raw(db)
+    old.executescript("".join(f"ALTER TABLE {table} DROP COLUMN {column};" for table in ("runs", "sweeps")
+                              for column in ("pid", "host")) + "PRAGMA user_version = 2;")  # as version 2 wrote it
+    old.close()
+    with Store(db, readonly=True) as store:  # read-only: the old file as it is, no column added
+        assert [(run["name"], run["status"]) for run in store.runs()] == [("demo", "running")]
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == 2
+    with Store(db) as store:
+        assert [(run["name"], run["status"], run["pid"]) for run in store.runs()] == [("demo", "running", None)]
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+
+
+def test_a_sweep_whose_process_is_gone_lists_as_interrupted(tmp_path):
+    db = tmp_path / "r.sqlite"
+    with Store(db) as store:
+        gone = store.open_sweep("a", "demo: heads", "random:jamba", "heads", {}, "preset", 2)
+        live = store.open_sweep("b", "demo: k", "random:jamba", "k", {}, "preset", 2)
+        store.db.execute("UPDATE sweeps SET pid = ? WHERE id = ?", (dead_pid(), gone))
+    with Store(db, readonly=True) as store:
+        assert [s["status"] for s in store.sweeps()] == ["interrupted", "running"]
+        assert store.sweep(gone)["status"] == "interrupted" and store.sweep(live)["status"] == "running"
