@@ -174,7 +174,8 @@ def cmd_sweep(args) -> int:
 
     options = sweeps.Options(axis=args.over, layers=sweeps.numbers(args.layers, "--layers") if args.layers else None,
                              values=sweeps.numbers(args.values, "--values") if args.values else None,
-                             metric=args.metric, score=args.score, controls=args.controls, seed=args.seed).validate()
+                             metric=args.metric, score=args.score, expert_mode=args.expert_mode,
+                             controls=args.controls, seed=args.seed).validate()
     preset = _preset(args)
     if args.nproc != 1 and distributed.launched():
         raise LabError("--nproc: this process is a torch.distributed worker already (torchrun); leave --nproc out")
@@ -419,18 +420,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a preset under every condition of an axis (each layer, head, k...)")
     _preset_args(p)
     p.add_argument("--over", required=True, metavar="AXIS",
-                   help="attention-layers, ssm-layers, mlp-layers, heads, kv-heads, k or keep-top")
-    p.add_argument("--layers", help="only these layers, e.g. 2,5 (block axes, heads, kv-heads)")
+                   help="attention-layers, ssm-layers, mlp-layers, heads, kv-heads, experts, k or keep-top")
+    p.add_argument("--layers", help="only these layers, e.g. 2,5 (block axes, heads, kv-heads, experts)")
+    p.add_argument("--expert-mode", metavar="MODE", help="experts: zero (its output dropped, routing kept) or "
+                                                         "reroute (top-k picks others); default: the preset's, else zero")
     p.add_argument("--values", help="k: e.g. 0,1,8 (default 0..heads); keep-top: percentages (default 5,10,15,25)")
     p.add_argument("--metric", help="k: entropy or l2 (default: the preset's, else entropy)")
     p.add_argument("--score", help="keep-top: retrieval, entropy or needle_mass (default retrieval)")
     p.add_argument("--controls", type=int, default=0, help="random sets of the same size per condition")
     p.add_argument("--seed", type=int, default=0, help="seed of the random controls")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="worker processes, each with a replica of the model (torch.distributed; nccl on GPUs, "
                         "gloo on the CPU); under torchrun leave it out")
-    p.add_argument("--gpus-per-replica", type=int, default=1,
+    p.add_argument("--gpus-per-replica", type=int, default=1, metavar="M",
                    help="GPUs each replica spreads over (accelerate's device_map); --nproc x this <= GPUs")
     p.set_defaults(func=cmd_sweep)
 

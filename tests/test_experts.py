@@ -1,5 +1,7 @@
 """Expert ablation in MoE blocks: plan.experts_off with expert_mode zero or reroute, its sites and sweep axis."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -339,3 +341,19 @@ def test_reroute_under_accelerate_offload_with_buffers(favoured, tmp_path):
     assert (routing(loaded, layer, ids()) == 1).any()
     assert not (routing(loaded, layer, ids(), plan) == 1).any()
     torch.testing.assert_close(logits(loaded, ids(), plan), logits(favoured, ids(), plan), rtol=1e-5, atol=1e-5)
+
+
+def test_lab_sweep_takes_the_expert_mode_from_the_command_line(tmp_path, capsys):
+    """`lab sweep --over experts --expert-mode reroute` reroutes each condition's expert; a bad mode is one line."""
+    from lab.cli import main
+
+    preset = tmp_path / "p.toml"
+    preset.write_text('version = 1\nname = "demo"\n[model]\nname = "random:jamba"\n[needle]\ntask = "passkey"\n'
+                      'lengths = [300]\ndepths = [50]\ntrials = 1\nmax_new_tokens = 4\nmode = "fast"\n')
+    db = str(tmp_path / "r.sqlite")
+    assert main(["sweep", str(preset), "--over", "experts", "--layers", "3", "--expert-mode", "reroute",
+                 "--db", db, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [c["plan"]["expert_mode"] for c in result["conditions"]] == ["reroute"] * 4
+    assert main(["sweep", str(preset), "--over", "experts", "--expert-mode", "drop", "--db", db]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["lab: --expert-mode: 'drop' is not one of zero, reroute"]
