@@ -190,7 +190,7 @@ def _plan_table(plan: dict) -> Table:
                                                 "vs eager, no plan": "right"})
     if not _skipped(table, "plan overhead", plan):
         def pct(key: str) -> str:
-            return f"{100 * plan[key]:+.1f} %"
+            return "eager out of memory" if plan[key] is None else f"{100 * plan[key]:+.1f} %"
         _row(table, "heads off (folded)", pct("heads_off_overhead"), "")
         _row(table, "heads off, prefill only (hooks)", pct("heads_off_hooked_overhead"), "")
         _row(table, "sparsify", pct("sparsify_overhead_vs_default"), pct("sparsify_overhead_vs_eager"))

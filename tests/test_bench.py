@@ -87,3 +87,24 @@ def test_flops_count_the_experts_a_token_uses():
     experts = sum(p.numel() for layer, block in loaded.anatomy.blocks("moe")
                   for p in loaded.model.get_submodule(block.path).experts.parameters())
     assert active_parameters(loaded) == dense - experts // 2
+
+
+def test_eager_attention_out_of_memory_leaves_the_other_plan_figures(monkeypatch):
+    """At 8 x 4096 on Jamba-Mini eager attention's weights did not fit and took the whole plan row with them:
+    now only the comparison with eager is missing, and the table says why."""
+    import torch
+    from rich.console import Console
+
+    from lab import bench
+    from lab.report import _plan_table
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bench, "_eager_baseline", out_of_memory)
+    row = bench.bench_plans(load(ModelSpec("random:jamba", device="cpu")), 64, 1, repeats=1)
+    assert row["sparsify_overhead_vs_eager"] is None
+    assert {"base_s", "heads_off_overhead", "sparsify_overhead_vs_default"} <= set(row)
+    console = Console(width=120, record=True)
+    console.print(_plan_table({**row, "batch": 1, "length": 64}))
+    assert "eager out of memory" in console.export_text()
