@@ -96,6 +96,12 @@ def model(request):
         for name, param in loaded.model.named_parameters():
             if name.endswith("o_proj.bias"):
                 param.normal_(0, 0.5)
+        for _, block in loaded.anatomy.blocks("attention"):  # attention that is not uniform, and heads of different
+            module = loaded.model.get_submodule(block.path)  # sharpness: few near-ties for the sparsifier in bf16
+            for proj in (module.q_proj, module.k_proj):
+                proj.weight.normal_(0, proj.weight.shape[1] ** -0.5)
+            sharpness = torch.linspace(0.5, 6, block.heads, device=DEVICE).repeat_interleave(block.head_dim)
+            module.q_proj.weight.mul_(sharpness[:, None])
     assert loaded.model.config._attn_implementation == "sdpa"
     return loaded
 
