@@ -521,3 +521,57 @@ async def test_needle_attention_keys_cycle_the_modes_and_the_plan_says_so(tmp_pa
         await pilot.press("G", "G")
         assert app.screen.plan.needle_attention.prefill == "only"
         assert "needle: omit in generation, only in prefill" in str(app.screen.query_one("#plan").render())
+
+
+# ---- command palette (issue 15) -----------------------------------------------------------------
+async def palette(pilot, text: str) -> None:
+    """Open the command palette, type `text`, run the best hit."""
+    await pilot.press("ctrl+p")
+    await pilot.pause()
+    await pilot.press(*("space" if c == " " else c for c in text))
+    await pilot.pause(0.3)  # the palette gathers hits in a task (a pause, not a timed assertion)
+    await pilot.press("enter")
+    await pilot.pause()
+
+
+async def test_command_palette_runs_labs_own_commands(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await palette(pilot, "toggle all attention")
+        assert app.screen.plan.off == (BlocksOff("attention"),)
+        grid = app.screen.query_one(LayerGrid)
+        assert "×ATT" in grid_text(grid)[3]  # layer 2's attention block is drawn off
+        await palette(pilot, "toggle all ssm")
+        assert app.screen.plan.off == (BlocksOff("attention"), BlocksOff("ssm"))
+        await palette(pilot, "clear plan")
+        assert app.screen.plan == Plan()
+        await palette(pilot, "run needle")
+        await ready(app, pilot)
+        assert app.screen.store.runs()[0]["status"] == "done"
+
+
+async def test_command_palette_lists_every_lab_command_once(tmp_path):
+    from textual.command import CommandList
+
+    from lab.tui.palette import COMMANDS
+
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.3)
+        hits = [str(option.prompt).splitlines()[0] for option in app.screen.query_one(CommandList).options]
+        assert {c.title for c in COMMANDS} <= set(hits)
+        assert hits.count("Quit") == 1  # lab's quit (asks first), not textual's as well
+
+
+async def test_pick_model_from_the_palette_loads_it_with_an_empty_plan(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await palette(pilot, "pick model")
+        app.screen.query_one("#path").value = "random:bamba"
+        await pilot.press("enter")
+        await ready(app, pilot)
+        assert app.screen.loaded.anatomy.architecture == "bamba" and app.screen.plan == Plan()

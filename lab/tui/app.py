@@ -36,6 +36,7 @@ from lab.tui.grid import LayerGrid
 from lab.tui.help import HelpScreen
 from lab.tui.keymap import key_text, read_keymap
 from lab.tui.messages import CellToggled, Failed, ModelLoaded, ProbeEvent, ScoresReady
+from lab.tui.palette import COMMANDS, LabCommands
 
 CONSOLE_NEEDLE = needle_probe.NeedleSpec(task="passkey", lengths=(256, 512, 1024, 2048), depths=(0, 25, 50, 75, 100),
                                          max_new_tokens=8)
@@ -124,6 +125,7 @@ class ProbeForm(Vertical):
 
 
 class MainScreen(Screen):
+    COMMANDS = {LabCommands}
     BINDINGS = [
         Binding("a", "toggle_kind('attention')", "All attn", tooltip="All attention blocks off/on", id="plan.attention"),
         Binding("s", "toggle_kind('ssm')", "All SSM", tooltip="All SSM/recurrent blocks off/on", id="plan.ssm"),
@@ -462,6 +464,33 @@ class MainScreen(Screen):
         else:
             self.app.exit()
 
+    def action_pick_model(self) -> None:
+        """Load another model (its name as `lab --model` takes it) with an empty plan."""
+        def picked(name: str | None) -> None:
+            if name and name != self.model_name and not self._busy():
+                self.preset = self.preset.with_model(name).with_plan(Plan())
+                self._switch_model(self.preset.model)
+
+        def choose() -> None:
+            self.app.push_screen(PathDialog("load model (toy-jamba, random:bamba, a hub id)", self.model_name), picked)
+        if self.dirty:
+            self.ask("unsaved plan changes: load another model anyway?", choose)
+        else:
+            choose()
+
+    def _busy(self) -> bool:
+        """Whether a job runs (and a note saying so): the model cannot change under it."""
+        job = self.session.job if self.session is not None else None
+        if job is not None:
+            self.notify(f"{job.name} is running: x cancels it", severity="warning")
+        return job is not None
+
+    def _switch_model(self, spec: ModelSpec) -> None:
+        self.spec, self.session = spec, None
+        self.query(LayerGrid).set(loading=True)
+        self.query("#loading").set(display=True)  # after a failed load there is no grid yet
+        self.load_model(spec)
+
     def action_save_preset(self) -> None:
         def chosen(path: str | None) -> None:
             if path:
@@ -481,17 +510,14 @@ class MainScreen(Screen):
         except LabError as error:
             self.notify(str(error), title="bad preset", severity="error", timeout=10)
             return
-        other_model = preset.model.name != (self.loaded.spec.name if self.loaded else self.spec.name)
-        if other_model and self.session is not None and self.session.job is not None:
-            self.notify(f"{self.session.job.name} is running: x cancels it", severity="warning")
+        other_model = preset.model.name != self.model_name
+        if other_model and self._busy():
             return
         self.preset, self.preset_path = preset, path
         self.query_one(ProbeForm).remove()
         self.query_one("#tab-probe").mount(ProbeForm(preset))
         if other_model:
-            self.spec, self.session = preset.model, None
-            self.query_one(LayerGrid).loading = True
-            self.load_model(preset.model)
+            self._switch_model(preset.model)
             return
         try:
             self._set_plan(preset.plan_for(self.loaded.anatomy))
@@ -641,6 +667,11 @@ class LabApp(App):
         screen.preset_path = self.preset_path
         self.push_screen(screen)
         self.main = screen
+
+    def get_system_commands(self, screen):
+        """Textual's palette commands, less those lab offers itself (Quit: lab's asks first)."""
+        ours = {command.title for command in COMMANDS}
+        return (command for command in super().get_system_commands(screen) if command.title not in ours)
 
     def get_key_display(self, binding: Binding) -> str:
         """Keys as people write them (F1, ?, -, space); textual's own form for chords (^s)."""
