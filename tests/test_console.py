@@ -575,3 +575,58 @@ async def test_pick_model_from_the_palette_loads_it_with_an_empty_plan(tmp_path)
         await pilot.press("enter")
         await ready(app, pilot)
         assert app.screen.loaded.anatomy.architecture == "bamba" and app.screen.plan == Plan()
+
+
+# ---- heatmap: absolute or delta to the base run (issue 15) --------------------------------------
+def stored_base_run(store, score: float) -> int:
+    """A finished base run of random:jamba (needle, 300 tokens, depth 50) scoring `score`."""
+    run = store.open_run("base", "t · base", "random:jamba", {}, "", {})
+    store.add_trials(run, "needle", [{"key": "a", "length": 300, "depth": 50.0, "correct": score == 1.0,
+                                      "score": score, "exact": True, "contains": True, "fraction": score}])
+    store.finish_run(run, "done")
+    return run
+
+
+async def test_heatmap_key_toggles_absolute_and_delta_to_the_base_run(tmp_path):
+    from lab.summary import heatmap as grid_of
+    from lab.tui.charts import Heatmap
+
+    app = make_app(tmp_path, lengths=(300,), depths=(50,))
+    stored_base_run(app.store, 1.0)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("a", "n")
+        await ready(app, pilot)
+        await pilot.press("2")
+        heatmap = app.screen.query_one(Heatmap)
+        absolute = heatmap.render().plain.splitlines()
+        assert absolute[0].startswith("score %")
+        (score,) = grid_of(app.screen.rows["needle"])[2][0]
+        await pilot.press("d")
+        lines = heatmap.render().plain.splitlines()
+        assert lines[0].startswith("Δ points vs #1 base")
+        assert lines[2].split() == ["50%", f"{100 * (score - 1.0):+.0f}"]
+        assert lines[-1].split() == ["-100", "-50", "0", "+50", "+100"]  # the diverging scale's legend
+        assert max(map(len, lines)) <= heatmap.size.width
+        await pilot.press("d")
+        assert heatmap.render().plain.splitlines() == absolute
+
+
+async def test_heatmap_delta_without_a_base_run_says_so(tmp_path):
+    from lab.tui.charts import Heatmap
+
+    app = make_app(tmp_path, lengths=(300,), depths=(50,))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("a", "n")
+        await ready(app, pilot)
+        await pilot.press("2", "d")
+        assert "no base run" in app.screen.query_one(Heatmap).render().plain
+
+
+def test_delta_grid_subtracts_the_base_cell_by_cell():
+    from lab.tui.charts import delta_grid
+
+    current = ([300, 400], [0.0, 50.0], [[1.0, 0.5], [None, 0.0]])
+    base = ([300], [0.0, 50.0, 100.0], [[0.5], [1.0], [1.0]])
+    assert delta_grid(current, base) == [[0.5, None], [None, None]]

@@ -31,7 +31,7 @@ from lab.runner import Finished, Progress, Started
 from lab.session import Busy, Job, Session
 from lab.store import Store, default_path
 from lab.summary import RUN_COLUMNS, heatmap, is_base, run_cells, run_label, summarize
-from lab.tui.charts import Heatmap, MMLUChart, NeedleChart
+from lab.tui.charts import Heatmap, MMLUChart, NeedleChart, delta_grid
 from lab.tui.grid import LayerGrid
 from lab.tui.help import HelpScreen
 from lab.tui.keymap import key_text, read_keymap
@@ -152,6 +152,8 @@ class MainScreen(Screen):
         Binding("r", "score_heads", "Scores", show=False, tooltip="Score heads on needle prompts", id="probe.heads"),
         Binding("o", "overlay", "Overlay", tooltip="Colour heads by a score or the last probe's effect",
                 id="view.overlay"),
+        Binding("d", "heatmap_delta", "Delta", show=False, tooltip="Heatmap: scores or the difference to the base run",
+                id="view.delta"),
         Binding("ctrl+o", "open_preset", "Open", tooltip="Open a preset", id="preset.open"),
         Binding("ctrl+s", "save_preset", "Save", tooltip="Save model, plan and probe settings", id="preset.save"),
         Binding("v", "all_runs", "All runs", show=False, tooltip="Runs tab: every model's runs or this model's",
@@ -175,6 +177,7 @@ class MainScreen(Screen):
         self.scores: dict | None = None
         self.overlay: str | None = None
         self.last_needle_run: tuple[Plan, float] | None = None
+        self.heatmap_delta = False  # heatmap cells as differences to the base run
 
     @property
     def active_bindings(self):
@@ -400,6 +403,10 @@ class MainScreen(Screen):
                         severity="warning", timeout=8)
         self.query_one("#tabs", TabbedContent).active = "tab-needle" if probe == "needle" else "tab-mmlu"
 
+    def action_heatmap_delta(self) -> None:
+        self.heatmap_delta = not self.heatmap_delta
+        self._show_heatmap()
+
     def action_tab(self, index: int) -> None:
         self.query_one("#tabs", TabbedContent).active = TABS[index]
 
@@ -609,14 +616,29 @@ class MainScreen(Screen):
         with self.app.batch_update():
             self.query_one(NeedleChart).show(self._series("needle", "by_length"))
             self.query_one(MMLUChart).show(self._series("mmlu", "by_category"))
-            self.query_one(Heatmap).show(*heatmap(self.rows["needle"]))
+            self._show_heatmap()
             self._refresh_runs()
+
+    def _base_run(self, probe: str) -> dict | None:
+        """The run compared as the base (same model, empty plan), if there is one."""
+        return next((r for r in self._compared(probe) if is_base(r)), None)
+
+    def _show_heatmap(self) -> None:
+        cells = heatmap(self.rows["needle"])
+        base = self._base_run("needle") if self.heatmap_delta else None
+        if not self.heatmap_delta:
+            self.query_one(Heatmap).show(*cells)
+        elif base is None:
+            self.query_one(Heatmap).show([], [], [], empty="Δ: no base run of this model yet (c, then n runs one)")
+        else:
+            delta = delta_grid(cells, heatmap(self.store.trials(base["id"], "needle")))
+            self.query_one(Heatmap).show(cells[0], cells[1], delta, against=run_label(base))
 
     def _overlay_values(self, name: str | None) -> dict | None:
         if name is None:
             return None
         if name == "effect":
-            base = next((r for r in self._compared("needle") if is_base(r)), None)
+            base = self._base_run("needle")
             if self.last_needle_run is None or base is None:
                 return None
             plan, accuracy = self.last_needle_run
