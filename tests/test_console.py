@@ -630,3 +630,34 @@ def test_delta_grid_subtracts_the_base_cell_by_cell():
     current = ([300, 400], [0.0, 50.0], [[1.0, 0.5], [None, 0.0]])
     base = ([300], [0.0, 50.0, 100.0], [[0.5], [1.0], [1.0]])
     assert delta_grid(current, base) == [[0.5, None], [None, None]]
+
+
+# ---- overlays (issue 15) -------------------------------------------------------------------------
+async def test_head_scores_belong_to_their_model_and_colour_the_grid_without_a_press_o_hint(tmp_path):
+    app = make_app(tmp_path, lengths=(300,), depths=(50,))
+    other = tmp_path / "other.toml"
+    other.write_text("[model]\nname = 'random:bamba'\n")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("r")
+        await ready(app, pilot)
+        screen = app.screen
+        status = str(screen.query_one("#status").render())
+        assert screen.overlay == "retrieval" and "retrieval" in status and "press o" not in status
+        assert screen.query_one(LayerGrid).overlay
+        screen.open_preset(str(other))
+        await ready(app, pilot)
+        assert screen.loaded.anatomy.architecture == "bamba"
+        assert screen.scores is None and screen.overlay is None and screen.query_one(LayerGrid).overlay is None
+        assert "overlay" not in str(screen.query_one("#plan").render())
+
+
+async def test_overlay_key_without_data_notes_it_once(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("o", "o", "o", "o", "o")
+        notes = [n.message for n in app._notifications if "overlay" in n.message]
+        assert len(notes) == 1 and "r scores heads" in notes[0]
+        assert app.screen.overlay is None and app.screen.query_one(LayerGrid).overlay is None
+        assert "r scores heads" in str(app.screen.query_one("#status").render())

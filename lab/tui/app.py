@@ -40,7 +40,9 @@ from lab.tui.palette import COMMANDS, LabCommands
 
 CONSOLE_NEEDLE = needle_probe.NeedleSpec(task="passkey", lengths=(256, 512, 1024, 2048), depths=(0, 25, 50, 75, 100),
                                          max_new_tokens=8)
-OVERLAYS = (None, "retrieval", "entropy", "needle_mass", "effect")
+SCORE_OVERLAYS = ("retrieval", "entropy", "needle_mass")  # from head scoring
+OVERLAYS = (None, *SCORE_OVERLAYS, "effect")
+NO_OVERLAY = "no overlay data yet: r scores heads; a needle run with heads off shows their effect"
 FOOTER_FIRST = ("app.help", "probe.needle", "probe.mmlu", "probe.cancel", "app.quit")
 TABS = ("tab-needle", "tab-heatmap", "tab-mmlu", "tab-runs", "tab-probe")
 KEYMAP = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "lab" / "keymap.toml"
@@ -178,6 +180,7 @@ class MainScreen(Screen):
         self.overlay: str | None = None
         self.last_needle_run: tuple[Plan, float] | None = None
         self.heatmap_delta = False  # heatmap cells as differences to the base run
+        self.overlay_noted = False  # the note that no overlay has data, shown once per model
 
     @property
     def active_bindings(self):
@@ -265,7 +268,9 @@ class MainScreen(Screen):
             self.notify(f"preset plan ignored: {error}", severity="error", timeout=10)
             self.plan = Plan()
         self.saved_plan = self.plan
-        self.rows, self.current_run, self.scores = {"needle": [], "mmlu": []}, {}, None  # they were the old model's
+        # runs, head scores and overlays were the old model's
+        self.rows, self.current_run, self.scores, self.last_needle_run = {"needle": [], "mmlu": []}, {}, None, None
+        self.overlay, self.overlay_noted = None, False
         await self.query("#loading, LayerGrid").remove()
         grid = LayerGrid(anatomy, self.plan, id="grid")
         await self.query_one("#left").mount(grid)
@@ -317,19 +322,23 @@ class MainScreen(Screen):
         elif isinstance(event, Finished):
             self.rows[probe] = self.store.trials(event.run_id, probe)
             summary = event.summary.get(probe, {})
-            self._status(f"{probe} run {event.run_id} {event.status}: accuracy "
-                         f"{100 * summary.get('accuracy', 0):.1f} %")
+            hint = ""
             if probe == "needle" and summary:
                 self.last_needle_run = (self.plan, summary["accuracy"])
+                if self.overlay is not None:
+                    self._set_overlay(self.overlay)  # the effect overlay follows the last run
+                elif self._overlay_values("effect") is not None:
+                    hint = "; o colours heads by their effect"
+            self._status(f"{probe} run {event.run_id} {event.status}: accuracy "
+                         f"{100 * summary.get('accuracy', 0):.1f} %{hint}")
             self._refresh_runs()
             self._replot()
 
     @on(ScoresReady)
     def scores_ready(self, message: ScoresReady) -> None:
         self.scores = message.scores
-        self._status(f"scored {len(message.scores)} heads; press o to colour the grid")
-        if self.overlay is None:
-            self.action_overlay()
+        self._set_overlay(self.overlay if self.overlay in SCORE_OVERLAYS else "retrieval")
+        self._status(f"scored {len(message.scores)} heads: grid coloured by {self.overlay} (o switches)")
 
     def on_key(self, event) -> None:
         """Esc in a form field gives the focus back to the grid, so that probe keys are not typed there."""
@@ -433,13 +442,21 @@ class MainScreen(Screen):
         self._start("heads", replace(self.current_preset(), needle=None, mmlu=None, heads=spec))
 
     def action_overlay(self) -> None:
+        """The next overlay that has data, then off; without any data, a note (once per model)."""
         if not self._ready():
             return
-        self.overlay = OVERLAYS[(OVERLAYS.index(self.overlay) + 1) % len(OVERLAYS)]
-        values = self._overlay_values(self.overlay)
-        if self.overlay is not None and values is None:
-            self.notify(f"no data for the {self.overlay} overlay yet (r scores heads; n runs the needle probe)")
-        self.query_one(LayerGrid).set_overlay(values)
+        cycle = [None, *(name for name in OVERLAYS if name and self._overlay_values(name) is not None)]
+        if len(cycle) == 1:
+            self._status(NO_OVERLAY)
+            if not self.overlay_noted:
+                self.notify(NO_OVERLAY)
+                self.overlay_noted = True
+            return
+        self._set_overlay(cycle[(cycle.index(self.overlay) + 1) % len(cycle)] if self.overlay in cycle else cycle[1])
+
+    def _set_overlay(self, name: str | None) -> None:
+        self.overlay = name
+        self.query_one(LayerGrid).set_overlay(self._overlay_values(name))
         self._show_plan()
 
     def ask(self, question: str, then) -> None:
