@@ -661,3 +661,31 @@ async def test_overlay_key_without_data_notes_it_once(tmp_path):
         assert len(notes) == 1 and "r scores heads" in notes[0]
         assert app.screen.overlay is None and app.screen.query_one(LayerGrid).overlay is None
         assert "r scores heads" in str(app.screen.query_one("#status").render())
+
+
+# ---- model notes once per model (issue 15) ---------------------------------------------------------
+async def test_the_o_proj_bias_note_appears_once_per_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAB_DB", str(tmp_path / "data" / "r.sqlite"))  # the data folder remembers the notes seen
+
+    async def notes_at_start(model: str) -> list[str]:
+        spec = ModelSpec(model)
+        app = LabApp(spec, presets.Preset(model=spec), Store(tmp_path / "r.sqlite"))
+        async with app.run_test(size=SIZE) as pilot:
+            await ready(app, pilot)
+            return [n.message for n in app._notifications if "bias" in n.message]
+
+    assert len(await notes_at_start("random:recurrent_gemma")) == 1
+    assert await notes_at_start("random:recurrent_gemma") == []
+    assert len(await notes_at_start("toy-recurrentgemma")) == 1  # another model: its own first time
+
+
+def test_notes_seen_survive_a_damaged_or_unwritable_file(tmp_path):
+    from lab.tui.seen import unseen
+
+    path = tmp_path / "seen.json"
+    path.write_text("{not json")
+    assert unseen("m", ["a", "b"], path) == ["a", "b"]
+    assert unseen("m", ["a", "b", "c"], path) == ["c"]
+    assert unseen("m", ["a"], tmp_path / "missing-folder" / "file" / "seen.json") == ["a"]
+    (tmp_path / "dir.json").mkdir()
+    assert unseen("m", ["a"], tmp_path / "dir.json") == ["a"]  # cannot be written: shown, no error

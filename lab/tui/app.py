@@ -37,6 +37,7 @@ from lab.tui.help import HelpScreen
 from lab.tui.keymap import key_text, read_keymap
 from lab.tui.messages import CellToggled, Failed, ModelLoaded, ProbeEvent, ScoresReady
 from lab.tui.palette import COMMANDS, LabCommands
+from lab.tui.seen import seen_path, unseen
 
 CONSOLE_NEEDLE = needle_probe.NeedleSpec(task="passkey", lengths=(256, 512, 1024, 2048), depths=(0, 25, 50, 75, 100),
                                          max_new_tokens=8)
@@ -277,8 +278,9 @@ class MainScreen(Screen):
         grid.focus()
         self._show_plan()
         self._replot()
-        if anatomy.notes:
-            self.notify("; ".join(anatomy.notes), timeout=6)
+        notes = unseen(self.loaded.spec.name, list(anatomy.notes), seen_path())
+        if notes:
+            self.notify("; ".join(notes), timeout=6)
 
     @on(Failed)
     def failed(self, message: Failed) -> None:
