@@ -689,3 +689,46 @@ def test_notes_seen_survive_a_damaged_or_unwritable_file(tmp_path):
     assert unseen("m", ["a"], tmp_path / "missing-folder" / "file" / "seen.json") == ["a"]
     (tmp_path / "dir.json").mkdir()
     assert unseen("m", ["a"], tmp_path / "dir.json") == ["a"]  # cannot be written: shown, no error
+
+
+# ---- status line and time left (issue 15) ---------------------------------------------------------
+def test_status_text_is_cut_at_a_word_boundary():
+    from lab.tui.status import clip
+
+    assert clip("needle run 12 done: accuracy 87.5 %", 20) == "needle run 12 done…"
+    assert clip("scored 16 heads: grid coloured", 12) == "scored 16…"
+    assert clip("scored 16 heads", 10) == "scored 16…"  # the last word fits exactly: kept
+    assert clip("abcdefghij", 5) == "abcd…"  # one word wider than the line: cut, still marked
+    assert clip("fits", 4) == "fits" and clip("not laid out yet", 0) == "not laid out yet"
+
+
+def test_time_left_is_smoothed_and_errs_long():
+    from lab.tui.status import Rate, time_left
+
+    rate = Rate().update(now=0.0, done=0)
+    assert rate.left(100) is None and time_left(rate.left(100)) == ""
+    rate = rate.update(now=10.0, done=10)  # 1 s a trial
+    assert rate.left(100) == 90.0
+    rate = rate.update(now=40.0, done=20)  # a slower batch (3 s a trial) counts at once
+    assert rate.seconds == 3.0
+    rate = rate.update(now=50.0, done=30)  # a faster one (1 s) lowers the estimate by a share only
+    assert rate.seconds == 0.3 * 1.0 + 0.7 * 3.0
+    assert rate.update(now=60.0, done=30).done == 30  # no new trials: the clock restarts, the rate stays
+    assert time_left(4.2) == ", under 5 s left" and time_left(41) == ", under 45 s left"
+    assert time_left(61) == ", about 2 min left" and time_left(3 * 3600 + 61) == ", about 3 h 2 min left"
+
+
+async def test_status_line_shows_whole_words_at_80_columns(tmp_path):
+    from textual.geometry import Region
+
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        status = app.screen.query_one("#status")
+        app.screen._status("needle run 12 done: accuracy 87.5 % under attention off in 2 of 2 layers, generation only")
+        await pilot.pause()
+        (line,) = status.render_lines(Region(0, 0, status.size.width, 1))
+        shown = line.text.strip()
+        assert shown.endswith("…") and len(shown) <= status.size.width
+        assert "needle run 12 done: accuracy 87.5 % under attention off in 2 of 2 layers".startswith(shown[:-1])
+        assert shown[:-1].split()[-1] in "needle run 12 done: accuracy 87.5 % under attention off".split()

@@ -4,6 +4,7 @@ workers whose results arrive as messages (Harlequin). Probe logic lives in lab.r
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from lab.tui.keymap import key_text, read_keymap
 from lab.tui.messages import CellToggled, Failed, ModelLoaded, ProbeEvent, ScoresReady
 from lab.tui.palette import COMMANDS, LabCommands
 from lab.tui.seen import seen_path, unseen
+from lab.tui.status import Rate, StatusLine, time_left
 
 CONSOLE_NEEDLE = needle_probe.NeedleSpec(task="passkey", lengths=(256, 512, 1024, 2048), depths=(0, 25, 50, 75, 100),
                                          max_new_tokens=8)
@@ -182,6 +184,7 @@ class MainScreen(Screen):
         self.last_needle_run: tuple[Plan, float] | None = None
         self.heatmap_delta = False  # heatmap cells as differences to the base run
         self.overlay_noted = False  # the note that no overlay has data, shown once per model
+        self.rate = Rate()  # of the running job, for its time left
 
     @property
     def active_bindings(self):
@@ -205,7 +208,7 @@ class MainScreen(Screen):
                 yield Static("", id="plan")
                 yield LoadingIndicator(id="loading")
             with Vertical(id="right"):
-                yield Static("no probe running", id="status")
+                yield StatusLine("no probe running", id="status")
                 yield ProgressBar(total=1, id="progress", show_eta=False)
                 with TabbedContent(id="tabs"):
                     with TabPane("Needle", id="tab-needle"):
@@ -308,13 +311,14 @@ class MainScreen(Screen):
                 self.rows[probe] = []
             self.current_run[probe] = (event.run_id, run_label(self.store.run(event.run_id)))
             bar.update(total=event.total, progress=event.skipped)
+            self.rate = Rate().update(time.monotonic(), event.skipped)
             self._status(f"{probe} run {event.run_id}: {event.plan}")
             if event.total and event.skipped == event.total:
                 self.notify(f"already done: run #{event.run_id} (0 new trials)")
         elif isinstance(event, Progress):
             bar.update(progress=event.done)
-            eta = f", about {event.eta_s:.0f} s left" if event.eta_s is not None else ""
-            self._status(f"{probe}: {event.done}/{event.total} trials{eta}")
+            self.rate = self.rate.update(time.monotonic(), event.done)
+            self._status(f"{probe}: {event.done}/{event.total} trials{time_left(self.rate.left(event.total))}")
             if probe in self.rows:
                 self.rows[probe].extend(event.rows)
                 self._replot()
@@ -589,7 +593,7 @@ class MainScreen(Screen):
             f"[b]plan[/b]: {escape(words)}{overlay}\npreset: {escape(name)}{flags}{bias}")
 
     def _status(self, text: str) -> None:
-        self.query_one("#status", Static).update(text)
+        self.query_one(StatusLine).show(text)
 
     @property
     def model_name(self) -> str:
