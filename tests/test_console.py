@@ -727,8 +727,23 @@ async def test_status_line_shows_whole_words_at_80_columns(tmp_path):
         status = app.screen.query_one("#status")
         app.screen._status("needle run 12 done: accuracy 87.5 % under attention off in 2 of 2 layers, generation only")
         await pilot.pause()
-        (line,) = status.render_lines(Region(0, 0, status.size.width, 1))
+        (line,) = status.render_lines(Region(0, 0, status.outer_size.width, 1))
         shown = line.text.strip()
         assert shown.endswith("…") and len(shown) <= status.size.width
         assert "needle run 12 done: accuracy 87.5 % under attention off in 2 of 2 layers".startswith(shown[:-1])
         assert shown[:-1].split()[-1] in "needle run 12 done: accuracy 87.5 % under attention off".split()
+
+
+async def test_a_status_hint_shows_only_where_it_fits_whole(tmp_path):
+    from textual.geometry import Region
+
+    app = make_app(tmp_path)
+    for width, shown in ((80, "needle run 2 done: accuracy 0.0 %"), (160, "needle run 2 done: accuracy 0.0 % · o shows it")):
+        async with app.run_test(size=(width, 24)) as pilot:
+            await ready(app, pilot)
+            status = app.screen.query_one("#status")
+            app.screen._status("needle run 2 done: accuracy 0.0 %", " · o shows it")
+            await pilot.pause()
+            (line,) = status.render_lines(Region(0, 0, status.outer_size.width, 1))
+            assert line.text.strip() == shown
+        app = make_app(tmp_path)

@@ -334,9 +334,9 @@ class MainScreen(Screen):
                 if self.overlay is not None:
                     self._set_overlay(self.overlay)  # the effect overlay follows the last run
                 elif self._overlay_values("effect") is not None:
-                    hint = "; o colours heads by their effect"
+                    hint = " · o colours heads by their effect"
             self._status(f"{probe} run {event.run_id} {event.status}: accuracy "
-                         f"{100 * summary.get('accuracy', 0):.1f} %{hint}")
+                         f"{100 * summary.get('accuracy', 0):.1f} %", hint)
             self._refresh_runs()
             self._replot()
 
@@ -592,8 +592,8 @@ class MainScreen(Screen):
         self.query_one("#plan", Static).update(
             f"[b]plan[/b]: {escape(words)}{overlay}\npreset: {escape(name)}{flags}{bias}")
 
-    def _status(self, text: str) -> None:
-        self.query_one(StatusLine).show(text)
+    def _status(self, text: str, hint: str = "") -> None:
+        self.query_one(StatusLine).show(text, hint)
 
     @property
     def model_name(self) -> str:

@@ -60,13 +60,18 @@ def time_left(seconds: float | None) -> str:
 
 
 class StatusLine(Static):
-    """One line of status as plain text (never markup), cut to the width at a word boundary."""
+    """One line of status as plain text (never markup), cut to the width at a word boundary; a hint
+    appended only where it fits whole."""
 
-    text = ""
+    def __init__(self, text: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.text, self.hint = text, ""
 
-    def show(self, text: str) -> None:
-        self.text = text
-        self.update(Text(clip(text, self.content_size.width), no_wrap=True))
+    def show(self, text: str, hint: str = "") -> None:
+        self.text, self.hint = text, hint
+        width = self.content_size.width
+        whole = text + hint
+        self.update(Text(whole if width <= 0 or cell_len(whole) <= width else clip(text, width), no_wrap=True))
 
     def on_resize(self) -> None:
-        self.show(self.text)
+        self.show(self.text, self.hint)
