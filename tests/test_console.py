@@ -529,7 +529,7 @@ async def palette(pilot, text: str) -> None:
     await pilot.press("ctrl+p")
     await pilot.pause()
     await pilot.press(*("space" if c == " " else c for c in text))
-    await pilot.pause(0.3)  # the palette gathers hits in a task (a pause, not a timed assertion)
+    await ready(pilot.app, pilot)  # the palette gathers its hits in a worker
     await pilot.press("enter")
     await pilot.pause()
 
@@ -560,7 +560,7 @@ async def test_command_palette_lists_every_lab_command_once(tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await ready(app, pilot)
         await pilot.press("ctrl+p")
-        await pilot.pause(0.3)
+        await ready(app, pilot)
         hits = [str(option.prompt).splitlines()[0] for option in app.screen.query_one(CommandList).options]
         assert {c.title for c in COMMANDS} <= set(hits)
         assert hits.count("Quit") == 1  # lab's quit (asks first), not textual's as well
