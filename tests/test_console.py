@@ -612,7 +612,7 @@ async def test_heatmap_key_toggles_absolute_and_delta_to_the_base_run(tmp_path):
         assert heatmap.render().plain.splitlines() == absolute
 
 
-async def test_heatmap_delta_without_a_base_run_says_so(tmp_path):
+async def test_heatmap_delta_without_another_base_run_says_so(tmp_path):
     from lab.tui.charts import Heatmap
 
     app = make_app(tmp_path, lengths=(300,), depths=(50,))
@@ -621,7 +621,10 @@ async def test_heatmap_delta_without_a_base_run_says_so(tmp_path):
         await pilot.press("a", "n")
         await ready(app, pilot)
         await pilot.press("2", "d")
-        assert "no base run" in app.screen.query_one(Heatmap).render().plain
+        assert "no base run of this model" in app.screen.query_one(Heatmap).render().plain
+        await pilot.press("a", "n")  # the base run itself
+        await ready(app, pilot)
+        assert "this run is the base run" in app.screen.query_one(Heatmap).render().plain
 
 
 def test_delta_grid_subtracts_the_base_cell_by_cell():

@@ -318,7 +318,7 @@ class MainScreen(Screen):
         elif isinstance(event, Progress):
             bar.update(progress=event.done)
             self.rate = self.rate.update(time.monotonic(), event.done)
-            self._status(f"{probe}: {event.done}/{event.total} trials{time_left(self.rate.left(event.total))}")
+            self._status(f"{probe} {event.done}/{event.total}{time_left(self.rate.left(event.total))}")
             if probe in self.rows:
                 self.rows[probe].extend(event.rows)
                 self._replot()
@@ -335,8 +335,7 @@ class MainScreen(Screen):
                     self._set_overlay(self.overlay)  # the effect overlay follows the last run
                 elif self._overlay_values("effect") is not None:
                     hint = " · o colours heads by their effect"
-            self._status(f"{probe} run {event.run_id} {event.status}: accuracy "
-                         f"{100 * summary.get('accuracy', 0):.1f} %", hint)
+            self._status(f"{probe} run {event.run_id} {event.status}: {100 * summary.get('accuracy', 0):.1f} %", hint)
             self._refresh_runs()
             self._replot()
 
@@ -652,7 +651,10 @@ class MainScreen(Screen):
         if not self.heatmap_delta:
             self.query_one(Heatmap).show(*cells)
         elif base is None:
-            self.query_one(Heatmap).show([], [], [], empty="Δ: no base run of this model yet (c, then n runs one)")
+            current = self.current_run.get("needle")
+            why = ("this run is the base run: switch something off and run again" if current and is_base(
+                self.store.run(current[0])) else "no base run of this model yet (c, then n runs one)")
+            self.query_one(Heatmap).show([], [], [], empty=f"Δ: {why}")
         else:
             delta = delta_grid(cells, heatmap(self.store.trials(base["id"], "needle")))
             self.query_one(Heatmap).show(cells[0], cells[1], delta, against=run_label(base))
