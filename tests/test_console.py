@@ -750,3 +750,22 @@ async def test_a_status_hint_shows_only_where_it_fits_whole(tmp_path):
             (line,) = status.render_lines(Region(0, 0, status.outer_size.width, 1))
             assert line.text.strip() == shown
         app = make_app(tmp_path)
+
+
+async def test_a_model_that_fails_to_load_after_another_is_reported_as_text_and_another_loads(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        app.screen.query_one(LayerGrid)  # the first model is there
+        await palette(pilot, "pick model")
+        app.screen.query_one("#path").value = "random:[b]x[/b]"
+        await pilot.press("enter")
+        await ready(app, pilot)
+        assert "'[b]x[/b]'" in str(app.screen.query_one("#plan").render())
+        notes = [n for n in app._notifications if "no tiny config" in n.message]
+        assert notes and not notes[0].markup
+        await palette(pilot, "pick model")  # and after a failed load, another model loads
+        app.screen.query_one("#path").value = "random:bamba"
+        await pilot.press("enter")
+        await ready(app, pilot)
+        assert app.screen.loaded.anatomy.architecture == "bamba" and len(app.screen.query(LayerGrid)) == 1

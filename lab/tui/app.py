@@ -287,10 +287,11 @@ class MainScreen(Screen):
 
     @on(Failed)
     def failed(self, message: Failed) -> None:
-        self.notify(message.error, title=f"{message.what} failed", severity="error", timeout=10)
+        self.notify(message.error, title=f"{message.what} failed", severity="error", timeout=10, markup=False)
         if message.what == "load":
-            self.query_one("#loading").display = False
-            self.query_one("#plan", Static).update(f"[b]could not load the model[/b]: {message.error}")
+            self.query("#loading, LayerGrid").remove()  # a grid left is the previous model's, which is gone
+            self.query_one("#plan", Static).update(Text.assemble(("could not load the model", "bold"),
+                                                                 f": {message.error}"))
         self._status(f"{message.what} failed")
 
     @on(CellToggled)
@@ -517,7 +518,8 @@ class MainScreen(Screen):
     def _switch_model(self, spec: ModelSpec) -> None:
         self.spec, self.session = spec, None
         self.query(LayerGrid).set(loading=True)
-        self.query("#loading").set(display=True)  # after a failed load there is no grid yet
+        if not self.query("LayerGrid, #loading"):  # after a failed load
+            self.query_one("#left").mount(LoadingIndicator(id="loading"))
         self.load_model(spec)
 
     def action_save_preset(self) -> None:
