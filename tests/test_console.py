@@ -521,3 +521,251 @@ async def test_needle_attention_keys_cycle_the_modes_and_the_plan_says_so(tmp_pa
         await pilot.press("G", "G")
         assert app.screen.plan.needle_attention.prefill == "only"
         assert "needle: omit in generation, only in prefill" in str(app.screen.query_one("#plan").render())
+
+
+# ---- command palette (issue 15) -----------------------------------------------------------------
+async def palette(pilot, text: str) -> None:
+    """Open the command palette, type `text`, run the best hit."""
+    await pilot.press("ctrl+p")
+    await pilot.pause()
+    await pilot.press(*("space" if c == " " else c for c in text))
+    await ready(pilot.app, pilot)  # the palette gathers its hits in a worker
+    await pilot.press("enter")
+    await pilot.pause()
+
+
+async def test_command_palette_runs_labs_own_commands(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await palette(pilot, "toggle all attention")
+        assert app.screen.plan.off == (BlocksOff("attention"),)
+        grid = app.screen.query_one(LayerGrid)
+        assert "×ATT" in grid_text(grid)[3]  # layer 2's attention block is drawn off
+        await palette(pilot, "toggle all ssm")
+        assert app.screen.plan.off == (BlocksOff("attention"), BlocksOff("ssm"))
+        await palette(pilot, "clear plan")
+        assert app.screen.plan == Plan()
+        await palette(pilot, "run needle")
+        await ready(app, pilot)
+        assert app.screen.store.runs()[0]["status"] == "done"
+
+
+async def test_command_palette_lists_every_lab_command_once(tmp_path):
+    from textual.command import CommandList
+
+    from lab.tui.palette import COMMANDS
+
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("ctrl+p")
+        await ready(app, pilot)
+        hits = [str(option.prompt).splitlines()[0] for option in app.screen.query_one(CommandList).options]
+        assert {c.title for c in COMMANDS} <= set(hits)
+        assert hits.count("Quit") == 1  # lab's quit (asks first), not textual's as well
+
+
+async def test_pick_model_from_the_palette_loads_it_with_an_empty_plan(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await palette(pilot, "pick model")
+        app.screen.query_one("#path").value = "random:bamba"
+        await pilot.press("enter")
+        await ready(app, pilot)
+        assert app.screen.loaded.anatomy.architecture == "bamba" and app.screen.plan == Plan()
+
+
+# ---- heatmap: absolute or delta to the base run (issue 15) --------------------------------------
+def stored_base_run(store, score: float) -> int:
+    """A finished base run of random:jamba (needle, 300 tokens, depth 50) scoring `score`."""
+    run = store.open_run("base", "t · base", "random:jamba", {}, "", {})
+    store.add_trials(run, "needle", [{"key": "a", "length": 300, "depth": 50.0, "correct": score == 1.0,
+                                      "score": score, "exact": True, "contains": True, "fraction": score}])
+    store.finish_run(run, "done")
+    return run
+
+
+async def test_heatmap_key_toggles_absolute_and_delta_to_the_base_run(tmp_path):
+    from lab.summary import heatmap as grid_of
+    from lab.tui.charts import Heatmap
+
+    app = make_app(tmp_path, lengths=(300,), depths=(50,))
+    stored_base_run(app.store, 1.0)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("a", "n")
+        await ready(app, pilot)
+        await pilot.press("2")
+        heatmap = app.screen.query_one(Heatmap)
+        absolute = heatmap.render().plain.splitlines()
+        assert absolute[0].startswith("score %")
+        (score,) = grid_of(app.screen.rows["needle"])[2][0]
+        await pilot.press("d")
+        lines = heatmap.render().plain.splitlines()
+        assert lines[0].startswith("Δ points vs #1 base")
+        assert lines[2].split() == ["50%", f"{100 * (score - 1.0):+.0f}"]
+        assert lines[-1].split() == ["-100", "-50", "0", "+50", "+100"]  # the diverging scale's legend
+        assert max(map(len, lines)) <= heatmap.size.width
+        await pilot.press("d")
+        assert heatmap.render().plain.splitlines() == absolute
+
+
+async def test_heatmap_delta_without_another_base_run_says_so(tmp_path):
+    from lab.tui.charts import Heatmap
+
+    app = make_app(tmp_path, lengths=(300,), depths=(50,))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("a", "n")
+        await ready(app, pilot)
+        await pilot.press("2", "d")
+        assert "no base run of this model" in app.screen.query_one(Heatmap).render().plain
+        await pilot.press("a", "n")  # the base run itself
+        await ready(app, pilot)
+        assert "this run is the base run" in app.screen.query_one(Heatmap).render().plain
+
+
+def test_delta_grid_subtracts_the_base_cell_by_cell():
+    from lab.tui.charts import delta_grid
+
+    current = ([300, 400], [0.0, 50.0], [[1.0, 0.5], [None, 0.0]])
+    base = ([300], [0.0, 50.0, 100.0], [[0.5], [1.0], [1.0]])
+    assert delta_grid(current, base) == [[0.5, None], [None, None]]
+
+
+# ---- overlays (issue 15) -------------------------------------------------------------------------
+async def test_head_scores_belong_to_their_model_and_colour_the_grid_without_a_press_o_hint(tmp_path):
+    app = make_app(tmp_path, lengths=(300,), depths=(50,))
+    other = tmp_path / "other.toml"
+    other.write_text("[model]\nname = 'random:bamba'\n")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("r")
+        await ready(app, pilot)
+        screen = app.screen
+        status = str(screen.query_one("#status").render())
+        assert screen.overlay == "retrieval" and "retrieval" in status and "press o" not in status
+        assert screen.query_one(LayerGrid).overlay
+        screen.open_preset(str(other))
+        await ready(app, pilot)
+        assert screen.loaded.anatomy.architecture == "bamba"
+        assert screen.scores is None and screen.overlay is None and screen.query_one(LayerGrid).overlay is None
+        assert "overlay" not in str(screen.query_one("#plan").render())
+
+
+async def test_overlay_key_without_data_notes_it_once(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("o", "o", "o", "o", "o")
+        notes = [n.message for n in app._notifications if "overlay" in n.message]
+        assert len(notes) == 1 and "r scores heads" in notes[0]
+        assert app.screen.overlay is None and app.screen.query_one(LayerGrid).overlay is None
+        assert "r scores heads" in str(app.screen.query_one("#status").render())
+
+
+# ---- model notes once per model (issue 15) ---------------------------------------------------------
+async def test_the_o_proj_bias_note_appears_once_per_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAB_DB", str(tmp_path / "data" / "r.sqlite"))  # the data folder remembers the notes seen
+
+    async def notes_at_start(model: str) -> list[str]:
+        spec = ModelSpec(model)
+        app = LabApp(spec, presets.Preset(model=spec), Store(tmp_path / "r.sqlite"))
+        async with app.run_test(size=SIZE) as pilot:
+            await ready(app, pilot)
+            return [n.message for n in app._notifications if "bias" in n.message]
+
+    assert len(await notes_at_start("random:recurrent_gemma")) == 1
+    assert await notes_at_start("random:recurrent_gemma") == []
+    assert len(await notes_at_start("toy-recurrentgemma")) == 1  # another model: its own first time
+
+
+def test_notes_seen_survive_a_damaged_or_unwritable_file(tmp_path):
+    from lab.tui.seen import unseen
+
+    path = tmp_path / "seen.json"
+    path.write_text("{not json")
+    assert unseen("m", ["a", "b"], path) == ["a", "b"]
+    assert unseen("m", ["a", "b", "c"], path) == ["c"]
+    assert unseen("m", ["a"], tmp_path / "missing-folder" / "file" / "seen.json") == ["a"]
+    (tmp_path / "dir.json").mkdir()
+    assert unseen("m", ["a"], tmp_path / "dir.json") == ["a"]  # cannot be written: shown, no error
+
+
+# ---- status line and time left (issue 15) ---------------------------------------------------------
+def test_status_text_is_cut_at_a_word_boundary():
+    from lab.tui.status import clip
+
+    assert clip("needle run 12 done: accuracy 87.5 %", 20) == "needle run 12 done…"
+    assert clip("scored 16 heads: grid coloured", 12) == "scored 16…"
+    assert clip("scored 16 heads", 10) == "scored 16…"  # the last word fits exactly: kept
+    assert clip("abcdefghij", 5) == "abcd…"  # one word wider than the line: cut, still marked
+    assert clip("fits", 4) == "fits" and clip("not laid out yet", 0) == "not laid out yet"
+
+
+def test_time_left_is_smoothed_and_errs_long():
+    from lab.tui.status import Rate, time_left
+
+    rate = Rate().update(now=0.0, done=0)
+    assert rate.left(100) is None and time_left(rate.left(100)) == ""
+    rate = rate.update(now=10.0, done=10)  # 1 s a trial
+    assert rate.left(100) == 90.0
+    rate = rate.update(now=40.0, done=20)  # a slower batch (3 s a trial) counts at once
+    assert rate.seconds == 3.0
+    rate = rate.update(now=50.0, done=30)  # a faster one (1 s) lowers the estimate by a share only
+    assert rate.seconds == 0.3 * 1.0 + 0.7 * 3.0
+    assert rate.update(now=60.0, done=30).done == 30  # no new trials: the clock restarts, the rate stays
+    assert time_left(4.2) == ", under 5 s left" and time_left(41) == ", under 45 s left"
+    assert time_left(61) == ", about 2 min left" and time_left(3 * 3600 + 61) == ", about 3 h 2 min left"
+
+
+async def test_status_line_shows_whole_words_at_80_columns(tmp_path):
+    from textual.geometry import Region
+
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        status = app.screen.query_one("#status")
+        app.screen._status("needle run 12 done: accuracy 87.5 % under attention off in 2 of 2 layers, generation only")
+        await pilot.pause()
+        (line,) = status.render_lines(Region(0, 0, status.outer_size.width, 1))
+        shown = line.text.strip()
+        assert shown.endswith("…") and len(shown) <= status.size.width
+        assert "needle run 12 done: accuracy 87.5 % under attention off in 2 of 2 layers".startswith(shown[:-1])
+        assert shown[:-1].split()[-1] in "needle run 12 done: accuracy 87.5 % under attention off".split()
+
+
+async def test_a_status_hint_shows_only_where_it_fits_whole(tmp_path):
+    from textual.geometry import Region
+
+    app = make_app(tmp_path)
+    for width, shown in ((80, "needle run 2 done: accuracy 0.0 %"), (160, "needle run 2 done: accuracy 0.0 % · o shows it")):
+        async with app.run_test(size=(width, 24)) as pilot:
+            await ready(app, pilot)
+            status = app.screen.query_one("#status")
+            app.screen._status("needle run 2 done: accuracy 0.0 %", " · o shows it")
+            await pilot.pause()
+            (line,) = status.render_lines(Region(0, 0, status.outer_size.width, 1))
+            assert line.text.strip() == shown
+        app = make_app(tmp_path)
+
+
+async def test_a_model_that_fails_to_load_after_another_is_reported_as_text_and_another_loads(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        app.screen.query_one(LayerGrid)  # the first model is there
+        await palette(pilot, "pick model")
+        app.screen.query_one("#path").value = "random:[b]x[/b]"
+        await pilot.press("enter")
+        await ready(app, pilot)
+        assert "'[b]x[/b]'" in str(app.screen.query_one("#plan").render())
+        notes = [n for n in app._notifications if "no tiny config" in n.message]
+        assert notes and not notes[0].markup
+        await palette(pilot, "pick model")  # and after a failed load, another model loads
+        app.screen.query_one("#path").value = "random:bamba"
+        await pilot.press("enter")
+        await ready(app, pilot)
+        assert app.screen.loaded.anatomy.architecture == "bamba" and len(app.screen.query(LayerGrid)) == 1

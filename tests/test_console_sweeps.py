@@ -178,6 +178,19 @@ def test_grid_keys_ask_for_sweeps_that_fit_the_cursor():
         grid_sweep("blocks", anatomy, 1, "moe")
 
 
+def test_the_palette_offers_every_axis():
+    """Besides the grid's keys, the palette starts a sweep over any axis (keep-top with a random control)."""
+    from lab.sweeps.axes import AXES
+    from lab.tui.palette import COMMANDS
+
+    anatomy = tiny("jamba").anatomy
+    offered = {c.action for c in COMMANDS if c.action.startswith("sweep(")}
+    assert {f"sweep('{axis}')" for axis in AXES} <= offered
+    assert grid_sweep("experts", anatomy, 0, None) == (Options("experts"), "sweep over experts")
+    assert grid_sweep("keep-top", anatomy, 0, None)[0] == Options("keep-top", controls=1)
+    assert grid_sweep("kv-heads", anatomy, 0, None)[0] == Options("kv-heads")
+
+
 def test_a_pid_file_of_another_process_or_an_ended_one_is_not_running(tmp_path):
     mine = detach.Detached(os.getpid(), "m", "f", "t", str(tmp_path / "sweeps" / "x.toml"), "", 0, socket.gethostname())
     assert not detach.alive(mine)  # this pid runs pytest, whose command line does not name the preset

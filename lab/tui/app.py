@@ -4,6 +4,7 @@ workers whose results arrive as messages (Harlequin). Probe logic lives in lab.r
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,17 +33,22 @@ from lab.session import Busy, Job, Session
 from lab.store import Store, default_path
 from lab.sweeps import conditions as sweep_conditions
 from lab.summary import RUN_COLUMNS, heatmap, is_base, run_cells, run_label, summarize
-from lab.tui.charts import Heatmap, MMLUChart, NeedleChart
+from lab.tui.charts import Heatmap, MMLUChart, NeedleChart, delta_grid
 from lab.tui.effects import effect_map
 from lab.tui.grid import LayerGrid
 from lab.tui.help import HelpScreen
 from lab.tui.keymap import key_text, read_keymap
 from lab.tui.messages import CellToggled, Failed, ModelLoaded, ProbeEvent, ScoresReady
+from lab.tui.palette import COMMANDS, LabCommands
+from lab.tui.seen import seen_path, unseen
+from lab.tui.status import Rate, StatusLine, time_left
 from lab.tui.sweep_view import SweepEnded, SweepUpdated, SweepView, grid_sweep
 
 CONSOLE_NEEDLE = needle_probe.NeedleSpec(task="passkey", lengths=(256, 512, 1024, 2048), depths=(0, 25, 50, 75, 100),
                                          max_new_tokens=8)
-OVERLAYS = (None, "retrieval", "entropy", "needle_mass", "effect")
+SCORE_OVERLAYS = ("retrieval", "entropy", "needle_mass")  # from head scoring
+OVERLAYS = (None, *SCORE_OVERLAYS, "effect")
+NO_OVERLAY = "no overlay data yet: r scores heads; a needle run with heads off shows their effect"
 FOOTER_FIRST = ("app.help", "probe.needle", "probe.mmlu", "probe.cancel", "app.quit")
 TABS = ("tab-needle", "tab-heatmap", "tab-mmlu", "tab-runs", "tab-probe", "tab-sweep")
 KEYMAP = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "lab" / "keymap.toml"
@@ -127,6 +133,7 @@ class ProbeForm(Vertical):
 
 
 class MainScreen(Screen):
+    COMMANDS = {LabCommands}
     BINDINGS = [
         Binding("a", "toggle_kind('attention')", "All attn", tooltip="All attention blocks off/on", id="plan.attention"),
         Binding("s", "toggle_kind('ssm')", "All SSM", tooltip="All SSM/recurrent blocks off/on", id="plan.ssm"),
@@ -153,6 +160,8 @@ class MainScreen(Screen):
         Binding("r", "score_heads", "Scores", show=False, tooltip="Score heads on needle prompts", id="probe.heads"),
         Binding("o", "overlay", "Overlay", tooltip="Colour heads by a score or the last probe's effect",
                 id="view.overlay"),
+        Binding("d", "heatmap_delta", "Delta", show=False, tooltip="Heatmap: scores or the difference to the base run",
+                id="view.delta"),
         Binding("ctrl+o", "open_preset", "Open", tooltip="Open a preset", id="preset.open"),
         Binding("ctrl+s", "save_preset", "Save", tooltip="Save model, plan and probe settings", id="preset.save"),
         Binding("w", "sweep('heads')", "Sweep heads", id="sweep.heads",
@@ -184,6 +193,9 @@ class MainScreen(Screen):
         self.scores: dict | None = None
         self.overlay: str | None = None
         self.last_needle_run: tuple[Plan, float] | None = None
+        self.heatmap_delta = False  # heatmap cells as differences to the base run
+        self.overlay_noted = False  # the note that no overlay has data, shown once per model
+        self.rate = Rate()  # of the running job, for its time left
 
     @property
     def active_bindings(self):
@@ -207,7 +219,7 @@ class MainScreen(Screen):
                 yield Static("", id="plan")
                 yield LoadingIndicator(id="loading")
             with Vertical(id="right"):
-                yield Static("no probe running", id="status")
+                yield StatusLine("no probe running", id="status")
                 yield ProgressBar(total=1, id="progress", show_eta=False)
                 with TabbedContent(id="tabs"):
                     with TabPane("Needle", id="tab-needle"):
@@ -273,7 +285,9 @@ class MainScreen(Screen):
             self.notify(f"preset plan ignored: {error}", severity="error", timeout=10)
             self.plan = Plan()
         self.saved_plan = self.plan
-        self.rows, self.current_run, self.scores = {"needle": [], "mmlu": []}, {}, None  # they were the old model's
+        # runs, head scores and overlays were the old model's
+        self.rows, self.current_run, self.scores, self.last_needle_run = {"needle": [], "mmlu": []}, {}, None, None
+        self.overlay, self.overlay_noted = None, False
         await self.query("#loading, LayerGrid").remove()
         grid = LayerGrid(anatomy, self.plan, id="grid")
         await self.query_one("#left").mount(grid)
@@ -281,15 +295,17 @@ class MainScreen(Screen):
         self._show_plan()
         self._replot()
         self._attach_sweep()
-        if anatomy.notes:
-            self.notify("; ".join(anatomy.notes), timeout=6)
+        notes = unseen(self.loaded.spec.name, list(anatomy.notes), seen_path())
+        if notes:
+            self.notify("; ".join(notes), timeout=6)
 
     @on(Failed)
     def failed(self, message: Failed) -> None:
-        self.notify(message.error, title=f"{message.what} failed", severity="error", timeout=10)
+        self.notify(message.error, title=f"{message.what} failed", severity="error", timeout=10, markup=False)
         if message.what == "load":
-            self.query_one("#loading").display = False
-            self.query_one("#plan", Static).update(f"[b]could not load the model[/b]: {message.error}")
+            self.query("#loading, LayerGrid").remove()  # a grid left is the previous model's, which is gone
+            self.query_one("#plan", Static).update(Text.assemble(("could not load the model", "bold"),
+                                                                 f": {message.error}"))
         self._status(f"{message.what} failed")
 
     @on(CellToggled)
@@ -310,13 +326,14 @@ class MainScreen(Screen):
                 self.rows[probe] = []
             self.current_run[probe] = (event.run_id, run_label(self.store.run(event.run_id)))
             bar.update(total=event.total, progress=event.skipped)
+            self.rate = Rate().update(time.monotonic(), event.skipped)
             self._status(f"{probe} run {event.run_id}: {event.plan}")
             if event.total and event.skipped == event.total:
                 self.notify(f"already done: run #{event.run_id} (0 new trials)")
         elif isinstance(event, Progress):
             bar.update(progress=event.done)
-            eta = f", about {event.eta_s:.0f} s left" if event.eta_s is not None else ""
-            self._status(f"{probe}: {event.done}/{event.total} trials{eta}")
+            self.rate = self.rate.update(time.monotonic(), event.done)
+            self._status(f"{probe} {event.done}/{event.total}{time_left(self.rate.left(event.total))}")
             if probe in self.rows:
                 self.rows[probe].extend(event.rows)
                 self._replot()
@@ -326,19 +343,22 @@ class MainScreen(Screen):
         elif isinstance(event, Finished):
             self.rows[probe] = self.store.trials(event.run_id, probe)
             summary = event.summary.get(probe, {})
-            self._status(f"{probe} run {event.run_id} {event.status}: accuracy "
-                         f"{100 * summary.get('accuracy', 0):.1f} %")
+            hint = ""
             if probe == "needle" and summary:
                 self.last_needle_run = (self.plan, summary["accuracy"])
+                if self.overlay is not None:
+                    self._set_overlay(self.overlay)  # the effect overlay follows the last run
+                elif self._overlay_values("effect") is not None:
+                    hint = " · o colours heads by their effect"
+            self._status(f"{probe} run {event.run_id} {event.status}: {100 * summary.get('accuracy', 0):.1f} %", hint)
             self._refresh_runs()
             self._replot()
 
     @on(ScoresReady)
     def scores_ready(self, message: ScoresReady) -> None:
         self.scores = message.scores
-        self._status(f"scored {len(message.scores)} heads; press o to colour the grid")
-        if self.overlay is None:
-            self.action_overlay()
+        self._set_overlay(self.overlay if self.overlay in SCORE_OVERLAYS else "retrieval")
+        self._status(f"scored {len(message.scores)} heads: grid coloured by {self.overlay} (o switches)")
 
     def on_key(self, event) -> None:
         """Esc in a form field gives the focus back to the grid, so that probe keys are not typed there."""
@@ -415,6 +435,10 @@ class MainScreen(Screen):
             self.notify("MMLU scores one forward pass over the prompt: a generation-only plan changes nothing there",
                         severity="warning", timeout=8)
         self.query_one("#tabs", TabbedContent).active = "tab-needle" if probe == "needle" else "tab-mmlu"
+
+    def action_heatmap_delta(self) -> None:
+        self.heatmap_delta = not self.heatmap_delta
+        self._show_heatmap()
 
     def action_tab(self, index: int) -> None:
         self.query_one("#tabs", TabbedContent).active = TABS[index]
@@ -504,13 +528,21 @@ class MainScreen(Screen):
         self._start("heads", replace(self.current_preset(), needle=None, mmlu=None, heads=spec))
 
     def action_overlay(self) -> None:
+        """The next overlay that has data, then off; without any data, a note (once per model)."""
         if not self._ready():
             return
-        self.overlay = OVERLAYS[(OVERLAYS.index(self.overlay) + 1) % len(OVERLAYS)]
-        values = self._overlay_values(self.overlay)
-        if self.overlay is not None and values is None:
-            self.notify(f"no data for the {self.overlay} overlay yet (r scores heads; n runs the needle probe)")
-        self.query_one(LayerGrid).set_overlay(values)
+        cycle = [None, *(name for name in OVERLAYS if name and self._overlay_values(name) is not None)]
+        if len(cycle) == 1:
+            self._status(NO_OVERLAY)
+            if not self.overlay_noted:
+                self.notify(NO_OVERLAY)
+                self.overlay_noted = True
+            return
+        self._set_overlay(cycle[(cycle.index(self.overlay) + 1) % len(cycle)] if self.overlay in cycle else cycle[1])
+
+    def _set_overlay(self, name: str | None) -> None:
+        self.overlay = name
+        self.query_one(LayerGrid).set_overlay(self._overlay_values(name))
         self._show_plan()
 
     def ask(self, question: str, then) -> None:
@@ -542,6 +574,34 @@ class MainScreen(Screen):
         else:
             self.app.exit()
 
+    def action_pick_model(self) -> None:
+        """Load another model (its name as `lab --model` takes it) with an empty plan."""
+        def picked(name: str | None) -> None:
+            if name and name != self.model_name and not self._busy():
+                self.preset = self.preset.with_model(name).with_plan(Plan())
+                self._switch_model(self.preset.model)
+
+        def choose() -> None:
+            self.app.push_screen(PathDialog("load model (toy-jamba, random:bamba, a hub id)", self.model_name), picked)
+        if self.dirty:
+            self.ask("unsaved plan changes: load another model anyway?", choose)
+        else:
+            choose()
+
+    def _busy(self) -> bool:
+        """Whether a job runs (and a note saying so): the model cannot change under it."""
+        job = self.session.job if self.session is not None else None
+        if job is not None:
+            self.notify(f"{job.name} is running: x cancels it", severity="warning")
+        return job is not None
+
+    def _switch_model(self, spec: ModelSpec) -> None:
+        self.spec, self.session = spec, None
+        self.query(LayerGrid).set(loading=True)
+        if not self.query("LayerGrid, #loading"):  # after a failed load
+            self.query_one("#left").mount(LoadingIndicator(id="loading"))
+        self.load_model(spec)
+
     def action_save_preset(self) -> None:
         def chosen(path: str | None) -> None:
             if path:
@@ -561,17 +621,14 @@ class MainScreen(Screen):
         except LabError as error:
             self.notify(str(error), title="bad preset", severity="error", timeout=10)
             return
-        other_model = preset.model.name != (self.loaded.spec.name if self.loaded else self.spec.name)
-        if other_model and self.session is not None and self.session.job is not None:
-            self.notify(f"{self.session.job.name} is running: x cancels it", severity="warning")
+        other_model = preset.model.name != self.model_name
+        if other_model and self._busy():
             return
         self.preset, self.preset_path = preset, path
         self.query_one(ProbeForm).remove()
         self.query_one("#tab-probe").mount(ProbeForm(preset))
         if other_model:
-            self.spec, self.session = preset.model, None
-            self.query_one(LayerGrid).loading = True
-            self.load_model(preset.model)
+            self._switch_model(preset.model)
             return
         try:
             self._set_plan(preset.plan_for(self.loaded.anatomy))
@@ -616,8 +673,8 @@ class MainScreen(Screen):
         self.query_one("#plan", Static).update(
             f"[b]plan[/b]: {escape(words)}{overlay}\npreset: {escape(name)}{flags}{bias}")
 
-    def _status(self, text: str) -> None:
-        self.query_one("#status", Static).update(text)
+    def _status(self, text: str, hint: str = "") -> None:
+        self.query_one(StatusLine).show(text, hint)
 
     @property
     def model_name(self) -> str:
@@ -663,14 +720,32 @@ class MainScreen(Screen):
         with self.app.batch_update():
             self.query_one(NeedleChart).show(self._series("needle", "by_length"))
             self.query_one(MMLUChart).show(self._series("mmlu", "by_category"))
-            self.query_one(Heatmap).show(*heatmap(self.rows["needle"]))
+            self._show_heatmap()
             self._refresh_runs()
+
+    def _base_run(self, probe: str) -> dict | None:
+        """The run compared as the base (same model, empty plan), if there is one."""
+        return next((r for r in self._compared(probe) if is_base(r)), None)
+
+    def _show_heatmap(self) -> None:
+        cells = heatmap(self.rows["needle"])
+        base = self._base_run("needle") if self.heatmap_delta else None
+        if not self.heatmap_delta:
+            self.query_one(Heatmap).show(*cells)
+        elif base is None:
+            current = self.current_run.get("needle")
+            why = ("this run is the base run: switch something off and run again" if current and is_base(
+                self.store.run(current[0])) else "no base run of this model yet (c, then n runs one)")
+            self.query_one(Heatmap).show([], [], [], empty=f"Δ: {why}")
+        else:
+            delta = delta_grid(cells, heatmap(self.store.trials(base["id"], "needle")))
+            self.query_one(Heatmap).show(cells[0], cells[1], delta, against=run_label(base))
 
     def _overlay_values(self, name: str | None) -> dict | None:
         if name is None:
             return None
         if name == "effect":
-            base = next((r for r in self._compared("needle") if is_base(r)), None)
+            base = self._base_run("needle")
             if self.last_needle_run is None or base is None:
                 return None
             plan, accuracy = self.last_needle_run
@@ -721,6 +796,11 @@ class LabApp(App):
         screen.preset_path = self.preset_path
         self.push_screen(screen)
         self.main = screen
+
+    def get_system_commands(self, screen):
+        """Textual's palette commands, less those lab offers itself (Quit: lab's asks first)."""
+        ours = {command.title for command in COMMANDS}
+        return (command for command in super().get_system_commands(screen) if command.title not in ours)
 
     def get_key_display(self, binding: Binding) -> str:
         """Keys as people write them (F1, ?, -, space); textual's own form for chords (^s)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.color import Color
 from rich.text import Text
 from textual.widgets import Static
 from textual_plotext import PlotextPlot
@@ -57,16 +58,40 @@ class MMLUChart(PlotextPlot):
         self.refresh()
 
 
+def diverging(value: float) -> Color:
+    """-1 -> red (lost), 0 -> grey, +1 -> blue (gained)."""
+    v = max(-1.0, min(1.0, value))
+    r, g, b = (220, 50, 50) if v < 0 else (50, 110, 230)
+    return Color.from_rgb(*(int(90 + (c - 90) * abs(v)) for c in (r, g, b)))
+
+
+Grid = tuple[list[int], list[float], list[list[float | None]]]
+
+
+def delta_grid(current: Grid, base: Grid) -> list[list[float | None]]:
+    """current's cells minus base's (None where either has no trials), on current's lengths and depths."""
+    lengths, depths, grid = current
+    base_cells = {(d, n): v for d, row in zip(base[1], base[2]) for n, v in zip(base[0], row)}
+    return [[None if v is None or base_cells.get((d, n)) is None else v - base_cells[(d, n)]
+             for n, v in zip(lengths, row)] for d, row in zip(depths, grid)]
+
+
 class Heatmap(Static):
     """Needle score by depth (rows) and context length (columns), as in the paper's figures; the cells narrow
-    and the lengths turn into thousands of tokens so that a row fits the widget's width."""
+    and the lengths turn into thousands of tokens so that a row fits the widget's width. In delta mode the
+    cells are differences to another run (points, on a diverging scale with a legend)."""
 
     LABEL = 6  # "100% "
+    LEGEND = (-1.0, -0.5, 0.0, 0.5, 1.0)
 
-    data: tuple = ([], [], [])
+    data: Grid = ([], [], [])
+    against: str | None = None  # delta mode: the run the cells are differences to
+    empty = "no needle trials yet"
 
-    def show(self, lengths: list[int], depths: list[float], grid: list[list[float | None]]) -> None:
-        self.data = (lengths, depths, grid)
+    def show(self, lengths: list[int], depths: list[float], grid: list[list[float | None]],
+             against: str | None = None, empty: str = "no needle trials yet") -> None:
+        """Scores (0..1), or with `against` (a run's label) differences to that run (-1..1)."""
+        self.data, self.against, self.empty = (lengths, depths, grid), against, empty
         self.update(self._draw(self.size.width))
 
     def on_resize(self) -> None:
@@ -75,20 +100,31 @@ class Heatmap(Static):
     def _draw(self, width: int) -> Text | str:
         lengths, depths, grid = self.data
         if not lengths:
-            return "no needle trials yet"
+            return Text(self.empty)
         cell = max(4, min(6, (width - self.LABEL) // len(lengths)))
         thousands = any(len(str(n)) >= cell for n in lengths)
         names = [f"{n / 1000:.1f}" if thousands else str(n) for n in lengths]
-        text = Text(f"score % by depth and length{' (k tokens)' if thousands else ''}\n", style="bold")
+        what = f"Δ points vs {self.against}" if self.against else "score % by depth and length"
+        text = Text(f"{what}{' (k tokens)' if thousands else ''}\n", style="bold")
         text.append("depth".ljust(self.LABEL) + "".join(name.rjust(cell) for name in names) + "\n", style="bold")
         for depth, row in zip(depths, grid):
             text.append(f"{depth:>4g}% ")
             for value in row:
-                text.append(" " * (cell - 3))
-                if value is None:
-                    text.append("  ·")
-                else:
-                    text.append(f"{100 * value:>3.0f}", style=f"black on {heat(value).name}")
+                shown = Text("·") if value is None else self._value(value, cell)
+                text.append(" " * (cell - len(shown)))
+                text.append_text(shown)
             text.append("\n")
+        if self.against:
+            for value in self.LEGEND:
+                text.append(" ")
+                text.append_text(self._value(value, 5))
         text.rstrip()
         return text
+
+    def _value(self, value: float, cell: int) -> Text:
+        """A cell's number on its colour; a difference carries its sign (four characters wide where the cell has
+        room: in cells of 4, only a difference of a whole 100 points fills the cell)."""
+        if not self.against:
+            return Text(f"{100 * value:>3.0f}", style=f"black on {heat(value).name}")
+        number = f"{100 * value:+.0f}" if round(100 * value) else "0"
+        return Text(number.rjust(3 if cell < 5 else 4), style=f"bold white on {diverging(value).name}")

@@ -35,7 +35,8 @@ async def wait_idle(app, pilot) -> None:
 
 
 async def shoot(model: str = "toy-recurrentgemma", out: Path = OUT) -> list[Path]:
-    """grid (a plan), needle and heatmap (attention off compared with the base run), mmlu, runs."""
+    """grid (a plan), needle and heatmap (attention off compared with the base run; the heatmap also as the
+    difference to it), mmlu, runs."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
@@ -55,6 +56,10 @@ async def shoot(model: str = "toy-recurrentgemma", out: Path = OUT) -> list[Path
             await pilot.press("2")
             await pilot.pause()
             save("heatmap.svg")
+            await pilot.press("d")
+            await pilot.pause()
+            save("heatmap-delta.svg")
+            await pilot.press("d")
             await pilot.press("c", "u")
             await wait_idle(app, pilot)
             await pilot.press("a", "u")

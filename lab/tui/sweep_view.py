@@ -21,7 +21,7 @@ from lab.errors import LabError
 from lab.models.anatomy import Anatomy
 from lab.store import Store
 from lab.sweeps import Options, detach, result
-from lab.sweeps.axes import BLOCK_AXES
+from lab.sweeps.axes import AXES, BLOCK_AXES
 from lab.tui.effects import Curve, curve, legend, probe_of, thinned
 
 POLL_S = 1.0  # how often a followed sweep's rows are read
@@ -44,7 +44,10 @@ class SweepEnded(Message):
 
 def grid_sweep(what: str, anatomy: Anatomy, layer: int, kind: str | None) -> tuple[Options, str]:
     """The sweep a grid key asks for at the cursor (layer, cell kind), as options and a title: the heads
-    of an attention layer, k (with one random control per k) or each block of the cursor's kind."""
+    of an attention layer, k (with one random control per k) or each block of the cursor's kind; or, from
+    the palette, a whole axis (keep-top with one random control per percentage)."""
+    if what in AXES and what not in ("heads", "k"):
+        return Options(what, controls=1 if what == "keep-top" else 0), f"sweep over {what}"
     if what == "heads":
         if anatomy.layers[layer].block("attention") is None:
             raise LabError(f"layer {layer} has no attention heads: sweep heads on an attention row")
