@@ -1,7 +1,9 @@
 """One runner for the CLI and the console: drives a preset's probes under its plan, streams events.
 
 Every batch is written to the store before the next starts, so cancel, Ctrl-C or a dropped SSH
-link lose nothing already computed; running the same preset again resumes where it stopped.
+link lose nothing already computed; running the same preset again resumes where it stopped. A cancel
+while a batch decodes stops it at the next decoding step and drops that batch (quitting does not wait
+for a whole batch).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from lab.errors import LabError
 from lab.interventions import Resolved, apply_plan, calibrate, resolve
 from lab.models import Loaded, load
+from lab.models.generation import Stopped, stopping
 from lab.presets import Preset
 from lab import probes
 from lab.probes.haystack import sentences
@@ -150,7 +153,12 @@ def run(preset: Preset, store: Store, loaded: Loaded | None = None,
                         status = "cancelled"
                         break
                     batch = work.items[i:i + size]
-                    rows = run_halving(work.answer, batch, tracker)
+                    try:
+                        with stopping(cancel):
+                            rows = run_halving(work.answer, batch, tracker)
+                    except Stopped:  # cancelled while decoding: this batch is dropped, what came before stays
+                        status = "cancelled"
+                        break
                     store.add_trials(run_id, name, rows)
                     done, fresh = done + len(batch), fresh + len(batch)
                     rate = (time.monotonic() - started) / fresh

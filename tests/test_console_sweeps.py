@@ -323,8 +323,9 @@ async def test_a_sweep_that_cannot_start_is_a_note(tmp_path):
 
 # ---- the real thing: `lab sweep` in a process of its own ------------------------------------------
 async def test_a_real_detached_sweep_charts_live_and_is_cancelled_with_x_keeping_its_trials(tmp_path):
-    app = make_app(tmp_path, NeedleSpec(task="passkey", lengths=(300,), depths=(0, 25, 50, 75, 100), mode="fast",
-                                        max_new_tokens=6, batch_size=1))
+    # 40 trials a condition: the 9 conditions after k = 0 take several seconds, so x comes before the end
+    app = make_app(tmp_path, NeedleSpec(task="passkey", lengths=(300,), depths=tuple(range(0, 100, 10)), trials=4,
+                                        mode="fast", max_new_tokens=6, batch_size=1))
     async with app.run_test(size=SIZE) as pilot:
         await ready(app, pilot)
         view = app.screen.query_one(SweepView)
@@ -337,5 +338,5 @@ async def test_a_real_detached_sweep_charts_live_and_is_cancelled_with_x_keeping
         store = Store(tmp_path / "r.sqlite", readonly=True)
         sweep = store.sweep(view.sweep_id)
         assert sweep["status"] == "cancelled" and len(sweep["runs"]) < 11
-        assert sweep["runs"][0]["status"] == "done" and len(store.trials(sweep["runs"][0]["run_id"])) == 5
+        assert sweep["runs"][0]["status"] == "done" and len(store.trials(sweep["runs"][0]["run_id"])) == 40
         assert any(f"sweep #{view.sweep_id} cancelled" in n for n in notes(app))

@@ -99,3 +99,35 @@ def test_a_claim_during_a_run_is_refused_and_cancel_keeps_finished_trials(tmp_pa
     assert session.job is None and session.claim("next").name == "next"
     assert len(store.trials(rest[-1].run_id)) == 1
     assert same_weights(session.loaded.model, before)
+
+
+@pytest.mark.parametrize("phase", ["both", "generation"])  # lab's fixed-buffer decoder / transformers' generate()
+def test_a_cancel_while_a_batch_decodes_stops_it_at_the_next_step_and_drops_it(tmp_path, phase):
+    """Quitting waited for the whole batch (a GPU batch of 256 prompts: most of a minute). Now decoding stops
+    at its next step, the cut batch is not stored, and the same preset resumes to the full run."""
+    from lab import presets, runner
+    from lab.models import ModelSpec
+    from lab.probes.needle import NeedleSpec
+    from lab.store import Store
+
+    loaded = tiny("recurrent_gemma")
+    preset = presets.Preset(name="cut", model=ModelSpec("random:recurrent_gemma"), plan={"phase": phase},
+                            needle=NeedleSpec(task="passkey", lengths=(300,), depths=(0, 50, 100), trials=2,
+                                              max_new_tokens=24, batch_size=6))
+    store, cancel, steps = Store(tmp_path / "r.sqlite"), threading.Event(), []
+
+    def count_steps(module, args, kwargs):
+        if kwargs["input_ids"].shape[-1] == 1:
+            steps.append(1)
+            if len(steps) == 3:
+                cancel.set()
+
+    handle = loaded.model.register_forward_pre_hook(count_steps, with_kwargs=True)
+    try:
+        cut = list(runner.run(preset, store, loaded, cancel))
+    finally:
+        handle.remove()
+    assert cut[-1].status == "cancelled" and store.trials(cut[-1].run_id) == []
+    assert len(steps) <= 4  # not the 23 decoding steps of the batch (one generate() call per prompt length)
+    done = list(runner.run(preset, store, loaded))[-1]
+    assert done.status == "done" and done.run_id == cut[-1].run_id and len(store.trials(done.run_id)) == 6

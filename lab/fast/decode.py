@@ -11,6 +11,9 @@ in one graph. On a CPU the same loop runs eagerly (tests).
 
 from __future__ import annotations
 
+import threading
+from contextvars import ContextVar
+
 import torch
 from transformers import DynamicCache
 
@@ -133,6 +136,15 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
     return run_steps(step, tokens, logits, step_logits, max_new_tokens, eos_id, return_logits)
 
 
+STOP: ContextVar[threading.Event | None] = ContextVar("lab_decoding_stop", default=None)  # the job's cancel
+
+
+def stop_requested() -> bool:
+    """Whether the job decoding in this thread was cancelled (lab.models.generation.stopping sets STOP)."""
+    event = STOP.get()
+    return event is not None and event.is_set()
+
+
 def run_steps(step, tokens: torch.Tensor, first_logits: torch.Tensor, step_logits: torch.Tensor,
               max_new_tokens: int, eos_id: int | None, return_logits: bool, graph: bool = True):
     """Replay `step` (which writes the next `tokens` (B, 1) and `step_logits` (B, V) in place) until
@@ -143,6 +155,8 @@ def run_steps(step, tokens: torch.Tensor, first_logits: torch.Tensor, step_logit
     if max_new_tokens > 1:
         replay = _graph(step) if graph and tokens.device.type == "cuda" else step
         for n in range(1, max_new_tokens):
+            if stop_requested():  # the caller drops the batch
+                break
             replay()
             outputs.append(tokens.clone())
             if return_logits:

@@ -2,7 +2,39 @@
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from lab.fast import decode
+
+
+class Stopped(Exception):
+    """The job was cancelled while its batch decoded: the batch is dropped, not stored."""
+
+
+@contextmanager
+def stopping(cancel: threading.Event | None) -> Iterator[None]:
+    """Decoding in this thread stops at its next step once `cancel` is set (greedy and teacher_forced raise
+    Stopped), so a cancel or quit does not wait for a whole batch."""
+    token = decode.STOP.set(cancel)
+    try:
+        yield
+    finally:
+        decode.STOP.reset(token)
+
+
+class _StopWhenCancelled(StoppingCriteria):
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), decode.stop_requested(), dtype=torch.bool, device=input_ids.device)
+
+
+def _check_stop() -> None:
+    if decode.stop_requested():
+        raise Stopped()
 
 
 def pad_id(tok) -> int:
@@ -25,7 +57,7 @@ def greedy(loaded, prompts: list[list[int]], max_new_tokens: int, static: bool =
     Prompts of one length run as one unpadded group. static: decode with lab.fast.decode where it
     supports the model, else lab.fast.jamba_decode where it does (fixed buffers, all groups in one CUDA graph
     on a GPU); needs a plan without phase tracking, whose hooks read positions on the host."""
-    from lab.fast import decode, jamba_decode
+    from lab.fast import jamba_decode
 
     tok, model = loaded.tokenizer, loaded.model
     groups = _by_length(prompts)
@@ -36,9 +68,12 @@ def greedy(loaded, prompts: list[list[int]], max_new_tokens: int, static: bool =
     else:
         rows = []
         for prompt in tensors:
+            _check_stop()
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad_id(tok), eos_token_id=tok.eos_token_id)
+                                 do_sample=False, pad_token_id=pad_id(tok), eos_token_id=tok.eos_token_id,
+                                 stopping_criteria=StoppingCriteriaList([_StopWhenCancelled()]))
             rows += out[:, prompt.shape[1]:].tolist()
+    _check_stop()
     answers = [[] for _ in prompts]
     for i, row in zip((i for group in groups for i in group), rows):
         answers[i] = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
@@ -51,6 +86,7 @@ def teacher_forced(loaded, prompts: list[list[int]], answers: list[list[int]], t
     pad = pad_id(loaded.tokenizer)
     preds: list[list[int]] = [[] for _ in prompts]
     for group in _by_length(prompts):
+        _check_stop()
         width = max(len(answers[i]) for i in group)
         full = torch.tensor([prompts[i] + answers[i] + [pad] * (width - len(answers[i])) for i in group],
                             device=loaded.device)
