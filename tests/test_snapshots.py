@@ -40,7 +40,7 @@ class SixteenColourApp(LabApp):
         return [*super().get_line_filters(), SixteenColours()]
 
 
-def make_app(tmp_path, monkeypatch, colour: str = "truecolor") -> LabApp:
+def make_app(tmp_path, monkeypatch, colour: str = "truecolor", lengths=(300, 400)) -> LabApp:
     """The console on a tiny random model; colour as `lab --color` sets it (16: TEXTUAL_COLOR_SYSTEM=standard,
     read by textual at import; mono: NO_COLOR as well)."""
     monkeypatch.setattr("lab.summary.age", lambda seconds: "1m ago")  # run ages would differ from run to run
@@ -50,7 +50,7 @@ def make_app(tmp_path, monkeypatch, colour: str = "truecolor") -> LabApp:
     if colour == "mono":
         monkeypatch.setenv("NO_COLOR", "1")
     spec = ModelSpec("random:recurrent_gemma")
-    preset = presets.Preset(name="snapshot", model=spec, needle=NeedleSpec(task="passkey", lengths=(300, 400),
+    preset = presets.Preset(name="snapshot", model=spec, needle=NeedleSpec(task="passkey", lengths=lengths,
                                                                             depths=(50,), mode="fast"))
     return (SixteenColourApp if colour == "16" else LabApp)(spec, preset, Store(tmp_path / "r.sqlite"))
 
@@ -125,5 +125,19 @@ def test_runs_tab(snap_compare, app, size):
         await pilot.press("a", "n")
         await settle(pilot)
         await pilot.press("4")
+        await settle(pilot)
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size, lengths", [((80, 24), 4), ((120, 40), 10)], ids=["80x24-4", "120x40-10"])
+def test_heatmap_fits_its_lengths(snap_compare, tmp_path, monkeypatch, size, lengths):
+    """The depth x length heatmap without wrapping: 4 lengths at 80x24, the paper's 10 at 120x40."""
+    app = make_app(tmp_path, monkeypatch, lengths=tuple(range(300, 300 + 40 * lengths, 40)))
+
+    async def run_before(pilot):
+        await settle(pilot)
+        await pilot.press("n")
+        await settle(pilot)
+        await pilot.press("2")
         await settle(pilot)
     assert snap_compare(app, terminal_size=size, run_before=run_before)

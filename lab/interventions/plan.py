@@ -196,7 +196,9 @@ class Plan:
             parts.append(f"{len(self.experts_off)}/{total} experts off "
                          f"({'rerouted' if self.expert_mode == 'reroute' else 'zero'})")
         if self.sparsify:
-            parts.append(f"sparsify k={self.sparsify.k} by {self.sparsify.metric}"
+            sizes = {block.heads for _, block in anatomy.blocks("attention")}
+            of = f" of {sizes.pop()}" if len(sizes) == 1 else ""
+            parts.append(f"sparsify: k={self.sparsify.k}{of} heads by {self.sparsify.metric}"
                          + (" (scores in the model's dtype)" if self.sparsify.score_dtype == "model" else ""))
         needle = [self.needle_attention.describe()] if self.needle_attention else []
         if not parts:
