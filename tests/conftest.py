@@ -42,3 +42,19 @@ def hybrid(request):
 def ids(batch=2, length=20, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (batch, length), generator=g)
+
+
+DEMO_PRESET = """
+name = "demo"
+[model]
+name = "random:jamba"
+[needle]
+task = "passkey"
+lengths = [300, 400]
+depths = [0, 50, 100]
+max_new_tokens = 6
+batch_size = 2
+[mmlu]
+limit = 2
+shots = 1
+"""  # a small needle + MMLU preset on a tiny random Jamba

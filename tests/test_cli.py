@@ -15,20 +15,9 @@ from lab import presets, report
 from lab.cli import build_parser, main
 from lab.store import Store
 
-PRESET = """
-name = "demo"
-[model]
-name = "random:jamba"
-[needle]
-task = "passkey"
-lengths = [300, 400]
-depths = [0, 50, 100]
-max_new_tokens = 6
-batch_size = 2
-[mmlu]
-limit = 2
-shots = 1
-"""
+from conftest import DEMO_PRESET
+
+PRESET = DEMO_PRESET
 
 
 def rendered(*renderables, width: int = 80) -> str:

@@ -10,25 +10,9 @@ from lab.interventions import BlocksOff, Plan, Sparsify
 from lab.runner import Finished, Progress, Started, run
 from lab.store import Store
 
-from conftest import tiny
+from conftest import DEMO_PRESET, tiny
 
-PRESET = """
-name = "demo"
-[model]
-name = "random:jamba"
-[plan]
-off = [{kind = "attention"}]
-phase = "generation"
-[needle]
-task = "passkey"
-lengths = [300, 400]
-depths = [0, 50, 100]
-max_new_tokens = 6
-batch_size = 2
-[mmlu]
-limit = 2
-shots = 1
-"""
+PRESET = DEMO_PRESET.replace("[needle]", '[plan]\noff = [{kind = "attention"}]\nphase = "generation"\n[needle]')
 
 
 def test_plan_roundtrips_through_toml():

@@ -21,24 +21,11 @@ from lab.cli import main
 from lab.errors import LabError
 from lab.store import SCHEMA_VERSION, Store
 
-from conftest import tiny
+from conftest import DEMO_PRESET, tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PRESET = """
-name = "demo"
-[model]
-name = "random:jamba"
-[needle]
-task = "passkey"
-lengths = [300, 400]
-depths = [0, 50, 100]
-max_new_tokens = 6
-batch_size = 2
-[mmlu]
-limit = 2
-shots = 1
-"""
+PRESET = DEMO_PRESET
 
 # the tables as lab wrote them before the schema was versioned (user_version 0)
 VERSION_0 = """

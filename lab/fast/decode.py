@@ -29,7 +29,22 @@ def supports(model) -> bool:
             and not getattr(model, "hf_device_map", None))
 
 
-class RingCache:
+class SlotWriter:
+    """A fixed-buffer cache's write of a one-token step: each row's key and value into its slot (self.slot,
+    (B, 1)) of self.keys / self.values[layer] (B, kv heads, slots, head dim)."""
+
+    slot: torch.Tensor
+    keys: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        index = self.slot[:, None, :, None].expand(-1, key_states.shape[1], 1, key_states.shape[-1])
+        self.keys[layer_idx].scatter_(2, index, key_states)
+        self.values[layer_idx].scatter_(2, index, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class RingCache(SlotWriter):
     """Sliding-window keys and values in fixed buffers: the part of a transformers cache that
     RecurrentGemma's attention uses while decoding."""
 
@@ -59,12 +74,6 @@ class RingCache:
         self.slot_position.scatter_(1, self.slot, positions)
         seen = (self.slot_position >= 0) & (self.slot_position > positions - self.window)
         mask.copy_(torch.where(seen, 0.0, torch.finfo(mask.dtype).min)[:, None, None, :])
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        index = self.slot[:, None, :, None].expand(-1, key_states.shape[1], 1, key_states.shape[-1])
-        self.keys[layer_idx].scatter_(2, index, key_states)
-        self.values[layer_idx].scatter_(2, index, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
 
 
 class RecurrentState:

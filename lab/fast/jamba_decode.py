@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from lab.fast.decode import run_steps
+from lab.fast.decode import SlotWriter, run_steps
 from lab.fast.state import enabled
 
 
@@ -28,7 +28,7 @@ def supports(model) -> bool:
             and not getattr(model, "hf_device_map", None))
 
 
-class FixedCache:
+class FixedCache(SlotWriter):
     """The cache a one-token Jamba step reads and writes: keys and values (B, kv heads, length, head dim) per
     attention layer, conv and SSM states per Mamba layer, all in tensors allocated once."""
 
@@ -66,13 +66,7 @@ class FixedCache:
         seen = self.slot_position <= positions
         mask.copy_(torch.where(seen, 0.0, torch.finfo(mask.dtype).min)[:, None, None, :])
 
-    # what Jamba's attention and Mamba mixer ask of a cache during a one-token step
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        index = self.slot[:, None, :, None].expand(-1, key_states.shape[1], 1, key_states.shape[-1])
-        self.keys[layer_idx].scatter_(2, index, key_states)
-        self.values[layer_idx].scatter_(2, index, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
-
+    # what Jamba's Mamba mixer asks of a cache during a one-token step (attention: SlotWriter.update)
     def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor:
         return self.conv[layer_idx]
 
