@@ -769,3 +769,26 @@ async def test_a_model_that_fails_to_load_after_another_is_reported_as_text_and_
         await pilot.press("enter")
         await ready(app, pilot)
         assert app.screen.loaded.anatomy.architecture == "bamba" and len(app.screen.query(LayerGrid)) == 1
+
+
+def test_mmlu_bars_carry_their_values_above_the_legend():
+    """Each bar's accuracy is written over it, at plotext's bar centres, and the y range leaves room above
+    100 % so the legend covers no bar."""
+    from lab.tui.charts import bar_tops
+
+    assert bar_tops([[40.0, 90.0]]) == [(1.0, 40.0), (2.0, 90.0)]
+    assert bar_tops([[10.0], [20.0]]) == [(0.75, 10.0), (1.25, 20.0)]
+
+
+async def test_mmlu_chart_shows_each_bars_value(tmp_path):
+    from lab.tui.charts import MMLUChart
+
+    app = make_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        chart = app.screen.query_one(MMLUChart)
+        chart.show([("#1 base", {"stem": 0.42, "humanities": 0.87}), ("#2 attn off", {"stem": 0.13, "humanities": 0.31})])
+        await pilot.pause()
+        drawn = chart.plt.build()
+        assert all(value in drawn for value in ("42", "87", "13", "31"))

@@ -54,8 +54,18 @@ class MMLUChart(PlotextPlot):
             labels = [c.replace("social_sciences", "social").replace("humanities", "human.") for c in categories]
             values = [[100 * s.get(c, 0.0) for c in categories] for _, s in series]
             plt.multiple_bar(labels, values, labels=[n[:30] for n, _ in series])
-            plt.ylim(0, 100)
+            for x, y in bar_tops(values):  # each bar carries its value
+                plt.text(f"{y:.0f}", x=x, y=y + 4, alignment="center")
+            plt.ylim(0, 130)  # room above 100 %, so the legend covers no bar
+            plt.yticks([0, 25, 50, 75, 100])
         self.refresh()
+
+
+def bar_tops(values: list[list[float]]) -> list[tuple[float, float]]:
+    """(x, height) of every bar of plotext's multiple_bar: category i (from 1) of series s of n sits at
+    i + (s + 1/2) / n - 1/2."""
+    n = len(values)
+    return [(i + 1 + (s + 0.5) / n - 0.5, v) for s, row in enumerate(values) for i, v in enumerate(row)]
 
 
 def diverging(value: float) -> Color:
