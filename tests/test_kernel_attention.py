@@ -161,3 +161,31 @@ def test_the_kernel_route_equals_the_eager_route(model, monkeypatch):
     monkeypatch.setattr(attention, "window_parts", lambda *a, **kw: calls.append(1) or parts(*a, **kw))
     test_ops_in_the_attention_entry_equal_the_eager_route_and_leave_nothing_behind(model, monkeypatch)
     assert calls  # the kernel did run
+
+
+@kernel
+def test_jambas_causal_convolution_in_labs_kernel_matches_transformers(monkeypatch):
+    """Jamba's conv over the in-projection's (batch, time, 2 x channels) memory seen as (batch, channels, time),
+    with the fused silu, against transformers' causal_conv1d_fn."""
+    from lab import fast
+    from lab.fast import mamba, triton_griffin
+
+    fast.install()
+    if not ON_GPU:  # Triton's interpreter on the CPU
+        monkeypatch.setattr(mamba, "triton_applies", lambda *tensors: True)
+    calls = []
+    conv = triton_griffin.causal_conv
+    monkeypatch.setattr(triton_griffin, "causal_conv", lambda *a, **k: calls.append(1) or conv(*a, **k))
+
+    g = torch.Generator().manual_seed(0)
+    projected = torch.randn(2, 37, 2 * 48, generator=g).to(DEVICE, DTYPE).transpose(1, 2)  # (B, 2D, T) view
+    x, _ = projected.chunk(2, dim=1)
+    weight, bias = torch.randn(48, 4, generator=g).to(DEVICE, DTYPE), torch.randn(48, generator=g).to(DEVICE, DTYPE)
+    expected = mamba._originals["conv"](x, weight, bias, activation="silu").float()
+    token = mamba._mixer_fast.set(True)
+    try:
+        got = mamba.causal_conv1d_fn(x, weight, bias, activation="silu")
+    finally:
+        mamba._mixer_fast.reset(token)
+    assert calls and got.shape == expected.shape  # lab's kernel ran
+    assert torch.allclose(got.float(), expected, atol=2e-2 if ON_GPU else 1e-5)

@@ -1,4 +1,5 @@
-"""A parallel selective scan for Mamba-1 blocks (Jamba) when the mamba-ssm kernels are missing.
+"""A parallel selective scan and a fused causal convolution for Mamba-1 blocks (Jamba) when the mamba-ssm and
+causal-conv1d kernels are missing.
 
 transformers' fallback loops over time in Python. On a GPU without gradients, lab.fast.triton_mamba's
 fused kernel scans in registers; otherwise this discretises the whole sequence at once and runs the
@@ -61,9 +62,27 @@ def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, 
     return out
 
 
+def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+    """transformers' Jamba causal_conv1d_fn (inputs (batch, channels, time)): on a GPU, for mixers lab.fast acts
+    on, lab's causal-convolution kernel with the silu fused, reading the projection's (batch, time, channels)
+    memory as it lies (the reference convolves a transposed copy); its output is that layout, seen transposed."""
+    x = hidden_states.transpose(1, 2)  # (b, t, d): the in-projection's own layout, channels contiguous
+    if not (_mixer_fast.get() and not _has_causal_conv1d() and bias is not None and activation in (None, "silu") and x.stride(-1) == 1
+            and weight.is_contiguous() and triton_applies(x, weight, bias)):
+        return _originals["conv"](hidden_states, weight, bias, activation=activation, **kwargs)
+    from lab.fast import triton_griffin
+
+    return triton_griffin.causal_conv(x, weight, bias, silu=activation == "silu").transpose(1, 2)
+
+
 @functools.cache
 def _has_mamba_ssm() -> bool:
     return importlib.util.find_spec("mamba_ssm") is not None
+
+
+@functools.cache
+def _has_causal_conv1d() -> bool:
+    return importlib.util.find_spec("causal_conv1d") is not None
 
 
 def _mixer_forward(self, *args, **kwargs):
@@ -76,10 +95,13 @@ def _mixer_forward(self, *args, **kwargs):
 
 
 def install() -> None:
-    """Route Jamba's mixer forward and its module's mamba_selective_scan through the functions above (once)."""
+    """Route Jamba's mixer forward and its module's mamba_selective_scan and causal_conv1d_fn through the
+    functions above (once)."""
     from transformers.models.jamba import modeling_jamba as jamba
 
     if _originals:
         return
     _originals["mixer"], _originals["scan"] = jamba.JambaMambaMixer.forward, jamba.mamba_selective_scan
+    _originals["conv"] = jamba.causal_conv1d_fn
     jamba.JambaMambaMixer.forward, jamba.mamba_selective_scan = _mixer_forward, selective_scan
+    jamba.causal_conv1d_fn = causal_conv1d_fn

@@ -48,32 +48,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit(do_not_specialize=["steps", "width"])
-def _causal_conv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, steps, width,
-                        TAPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _causal_conv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, steps, width, sx_b, sx_t,
+                        TAPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SILU: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     times = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_width = cols < width
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32) + tl.load(b_ptr + cols, mask=in_width, other=0.0)[None, :]
-    base = row * steps * width
     for tap in tl.static_range(TAPS):
         source = times - (TAPS - 1) + tap
         ok = ((source >= 0) & (source < steps))[:, None] & in_width[None, :]
-        x = tl.load(x_ptr + base + source[:, None].to(tl.int64) * width + cols[None, :], mask=ok, other=0.0)
+        x = tl.load(x_ptr + row * sx_b + source[:, None].to(tl.int64) * sx_t + cols[None, :], mask=ok, other=0.0)
         w = tl.load(w_ptr + cols * TAPS + tap, mask=in_width, other=0.0)
         acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
     inside = (times < steps)[:, None] & in_width[None, :]
-    tl.store(out_ptr + base + times[:, None].to(tl.int64) * width + cols[None, :],
+    tl.store(out_ptr + row * steps * width + times[:, None].to(tl.int64) * width + cols[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Depthwise causal convolution over time of (B, T, D) x with a Conv1d's (D, 1, taps) weight."""
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """Depthwise causal convolution over time of (B, T, D) x (channels contiguous, rows of any stride) with a
+    Conv1d's (D, 1, taps) or (D, taps) weight, then silu if asked; returns a contiguous (B, T, D)."""
     batch, steps, width = x.shape
     taps = weight.shape[-1]
-    out = torch.empty_like(x)
+    out = torch.empty((batch, steps, width), dtype=x.dtype, device=x.device)
     grid = (batch, triton.cdiv(steps, 64), triton.cdiv(width, 64))
-    _causal_conv_kernel[grid](x, weight, bias, out, steps, width, TAPS=taps, BLOCK_T=64, BLOCK_D=64)
+    _causal_conv_kernel[grid](x, weight, bias, out, steps, width, x.stride(0), x.stride(1), TAPS=taps, BLOCK_T=64,
+                              BLOCK_D=64, SILU=silu)
     return out
 
 
