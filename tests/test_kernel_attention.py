@@ -188,4 +188,5 @@ def test_jambas_causal_convolution_in_labs_kernel_matches_transformers(monkeypat
     finally:
         mamba._mixer_fast.reset(token)
     assert calls and got.shape == expected.shape  # lab's kernel ran
-    assert torch.allclose(got.float(), expected, atol=2e-2 if ON_GPU else 1e-5)
+    # bf16: transformers rounds the convolution before its silu, lab once after it (a bf16 step apart at most)
+    assert torch.allclose(got.float(), expected, rtol=2e-2 if ON_GPU else 1e-5, atol=2e-2 if ON_GPU else 1e-5)
