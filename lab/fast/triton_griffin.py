@@ -259,17 +259,19 @@ def window_attention_parts(query: torch.Tensor, key: torch.Tensor, value: torch.
         padded[..., :steps] = mask
         mask = padded
     parts = WindowParts(torch.empty((batch, steps, heads, dim), dtype=query.dtype, device=query.device))
-    lse = torch.empty((batch, heads, steps), dtype=torch.float32, device=query.device)
+    out = parts.out  # also the kernel's stand-in for pointers its flags leave unused
+    per_head = (batch, heads, steps)
+    lse = None if needle is None else torch.empty(per_head, dtype=torch.float32, device=query.device)
     if metric is not None:
-        parts.score = torch.empty_like(lse)
-    out = parts.out
+        parts.score = torch.empty(per_head, dtype=torch.float32, device=query.device)
+    needle_bytes = None if needle is None else needle.to(torch.uint8).contiguous()
     grid = (triton.cdiv(steps, ATTENTION_CONFIG["BLOCK_M"]), batch * heads)
     _window_attention_kernel[grid](
         query, key, value, mask.view(torch.uint8), out, steps, window, scale, heads, heads // key.shape[1],
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
         mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2), out.stride(0), out.stride(2), out.stride(1),
-        out if needle is None else needle.to(torch.uint8).contiguous(), 0 if needle is None else needle.stride(0),
-        lse, lse if parts.score is None else parts.score,
+        out if needle is None else needle_bytes, 0 if needle is None else needle_bytes.stride(0),
+        out if lse is None else lse, out if parts.score is None else parts.score,
         HEAD_DIM=dim, NEEDLE=needle is not None, METRIC=METRICS[metric], **ATTENTION_CONFIG)
     if needle is not None:
         _weigh_needle(parts, query, key, value, mask[..., :steps], window, scale, needle, lse)

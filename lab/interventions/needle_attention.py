@@ -218,16 +218,22 @@ class NeedleOp:
         def changed(mode: str) -> torch.Tensor:
             return _changed(mode, probs, needle, lambda: self._visible(mask, keys), heads)
 
-        if gen_mode == pre_mode:
-            new = changed(gen_mode)
-        else:
-            generation = (self.query_pos >= self.rows[1]).expand(batch, steps)[:, None, :, None]
-            new = probs
-            for mode, rows in ((pre_mode, ~generation), (gen_mode, generation)):
-                if mode != "keep":
-                    new = torch.where(rows, changed(mode), new)
+        new = self._by_phase(probs, changed, lambda generation: generation.expand(batch, steps)[:, None, :, None])
         values = value.repeat_interleave(probs.shape[1] // value.shape[1], dim=1)
         return torch.matmul(new, values).transpose(1, 2).contiguous(), new
+
+    def _by_phase(self, unchanged: torch.Tensor, changed: Callable[[str], torch.Tensor], shaped: Callable):
+        """`unchanged` with the rows of each phase replaced by changed(that phase's mode) (keep: as they are);
+        shaped(generation) lays the (B|1, T) generation-phase rows out as `unchanged` is laid out."""
+        gen_mode, pre_mode = self.modes["generation"], self.modes["prefill"]
+        if gen_mode == pre_mode:
+            return unchanged if gen_mode == "keep" else changed(gen_mode)
+        generation = shaped(self.query_pos >= self.rows[1])
+        new = unchanged
+        for mode, rows in ((pre_mode, ~generation), (gen_mode, generation)):
+            if mode != "keep":
+                new = torch.where(rows, changed(mode), new)
+        return new
 
     def sdpa(self, layer: int, heads: Heads, module, query, key, value, attention_mask, *args, **kwargs):
         """The op inside lab's attention entry (lab.fast.attention): a whole prompt through lab's window kernel,
@@ -243,14 +249,8 @@ class NeedleOp:
             return self.attend(layer, heads, out, probs, value, attention_mask)
         self.reached.add(layer)
         kept = parts.out + parts.needle_out
-        phased = self.modes["generation"] != self.modes["prefill"]
-        generation = (self.query_pos >= self.rows[1]).expand(query.shape[0], -1)[:, :, None, None] if phased else None
-        new = kept
-        for phase, mode in self.modes.items():
-            if mode != "keep":
-                changed = _changed_output(mode, parts, heads)
-                rows = None if not phased else (generation if phase == "generation" else ~generation)
-                new = changed if rows is None else torch.where(rows, changed, new)
+        new = self._by_phase(kept, lambda mode: _changed_output(mode, parts, heads),
+                             lambda generation: generation.expand(query.shape[0], -1)[:, :, None, None])
         mask = heads.mask(query.device)
         return (new if mask is None else torch.where(mask.transpose(1, 2), new, kept)), None
 
