@@ -114,7 +114,9 @@ def run_halving(fn, items: list, tracker) -> list[dict]:
         return run_halving(fn, items[:half], tracker) + run_halving(fn, items[half:], tracker)
 
 
-def _means(loaded: Loaded, plan: Resolved):
+def calibrated_means(loaded: Loaded, plan: Resolved):
+    """The values a mean-ablating plan puts in place of what it removes (None for zero ablation), calibrated
+    on fixed text: the runner and the sweep workers use the same."""
     if plan.mode != "mean" or plan.is_empty:
         return None
     stream = sentences(seed=12345)
@@ -140,7 +142,7 @@ def run(preset: Preset, store: Store, loaded: Loaded | None = None,
     done_keys = {name: store.done_keys(run_id, name) for name in prepared}
     done = sum(len(k) for k in done_keys.values())
     yield Started(run_id, total, done, words, {name: (len(done_keys[name]), p.trials) for name, p in prepared.items()})
-    means = _means(loaded, sites)
+    means = calibrated_means(loaded, sites)
     status = "failed"
     started, fresh = time.monotonic(), 0
     try:

@@ -169,7 +169,7 @@ class Replica:
         loaded, preset = self.loaded, runs.presets[task.job]
         if self._current is None or self._current[0] is not runs or self._current[1] != task.job:
             sites = resolve(preset.plan_for(loaded.anatomy), loaded.anatomy)
-            self._current = (runs, task.job, sites, runner._means(loaded, sites), {})
+            self._current = (runs, task.job, sites, runner.calibrated_means(loaded, sites), {})
         _, _, sites, means, works = self._current
         with apply_plan(loaded.model, loaded.anatomy, sites, means) as tracker:
             if task.probe not in works:
