@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from rich.color import Color
 from rich.text import Text
 from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
+from lab.tui.effects import effect_colour
 from lab.tui.grid import heat
 
 
@@ -66,13 +66,6 @@ def bar_tops(values: list[list[float]]) -> list[tuple[float, float]]:
     i + (s + 1/2) / n - 1/2."""
     n = len(values)
     return [(i + 1 + (s + 0.5) / n - 0.5, v) for s, row in enumerate(values) for i, v in enumerate(row)]
-
-
-def diverging(value: float) -> Color:
-    """-1 -> red (lost), 0 -> grey, +1 -> blue (gained)."""
-    v = max(-1.0, min(1.0, value))
-    r, g, b = (220, 50, 50) if v < 0 else (50, 110, 230)
-    return Color.from_rgb(*(int(90 + (c - 90) * abs(v)) for c in (r, g, b)))
 
 
 Grid = tuple[list[int], list[float], list[list[float | None]]]
@@ -137,4 +130,4 @@ class Heatmap(Static):
         if not self.against:
             return Text(f"{100 * value:>3.0f}", style=f"black on {heat(value).name}")
         number = f"{100 * value:+.0f}" if round(100 * value) else "0"
-        return Text(number.rjust(3 if cell < 5 else 4), style=f"bold white on {diverging(value).name}")
+        return Text(number.rjust(3 if cell < 5 else 4), style=f"bold white on {effect_colour(value).name}")
