@@ -422,8 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--over", required=True, metavar="AXIS",
                    help="attention-layers, ssm-layers, mlp-layers, heads, kv-heads, experts, k or keep-top")
     p.add_argument("--layers", help="only these layers, e.g. 2,5 (block axes, heads, kv-heads, experts)")
-    p.add_argument("--expert-mode", metavar="MODE", help="experts: zero (its output dropped, routing kept) or "
-                                                         "reroute (top-k picks others); default: the preset's, else zero")
+    p.add_argument("--expert-mode", metavar="MODE",
+                   help="experts: zero (its output dropped, routing kept) or reroute (top-k picks others); "
+                        "default: the preset's, else zero")
     p.add_argument("--values", help="k: e.g. 0,1,8 (default 0..heads); keep-top: percentages (default 5,10,15,25)")
     p.add_argument("--metric", help="k: entropy or l2 (default: the preset's, else entropy)")
     p.add_argument("--score", help="keep-top: retrieval, entropy or needle_mass (default retrieval)")

@@ -67,7 +67,8 @@ def eager(module, query, key, value, attention_mask, *args, **kwargs):
     kwargs.pop("is_causal", None)
     if attention_mask is None:  # causal: the last query sees the last key
         queries, keys = query.shape[-2], key.shape[-2]
-        offset = torch.arange(keys, device=query.device)[None] - torch.arange(keys - queries, keys, device=query.device)[:, None]
+        positions = torch.arange(keys, device=query.device)
+        offset = positions[None] - positions[keys - queries:, None]  # key position - query position
         attention_mask = (offset <= 0) & (offset > -window if isinstance(window, int) else True)
     if attention_mask.dtype == torch.bool:
         attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
@@ -83,7 +84,8 @@ def windowed_sdpa(module, query, key, value, attention_mask, *args, sliding_wind
             and _whole_prompt(module, query, key, attention_mask, args, kwargs)):
         return original(module, query, key, value, attention_mask, *args, sliding_window=sliding_window, **kwargs)
     if _kernel_applies(query, key):
-        return window_parts(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs).out, None
+        parts = window_parts(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
+        return parts.out, None
     if steps <= QUERY_CHUNK:
         return original(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
     outputs = []

@@ -67,8 +67,8 @@ def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs
     on, lab's causal-convolution kernel with the silu fused, reading the projection's (batch, time, channels)
     memory as it lies (the reference convolves a transposed copy); its output is that layout, seen transposed."""
     x = hidden_states.transpose(1, 2)  # (b, t, d): the in-projection's own layout, channels contiguous
-    if not (_mixer_fast.get() and not _has_causal_conv1d() and bias is not None and activation in (None, "silu") and x.stride(-1) == 1
-            and weight.is_contiguous() and triton_applies(x, weight, bias)):
+    if not (_mixer_fast.get() and not _has_causal_conv1d() and bias is not None and activation in (None, "silu")
+            and x.stride(-1) == 1 and weight.is_contiguous() and triton_applies(x, weight, bias)):
         return _originals["conv"](hidden_states, weight, bias, activation=activation, **kwargs)
     from lab.fast import triton_griffin
 

@@ -182,7 +182,7 @@ def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, wind
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    moment = tl.zeros([BLOCK_M], dtype=tl.float32)  # entropy: sum of e^(s - best) (s - best); L2: sum of e^(2 (s - best))
+    moment = tl.zeros([BLOCK_M], dtype=tl.float32)  # entropy: sum e^(s - best) (s - best); L2: sum e^(2 (s - best))
     low = tl.maximum(block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
     high = tl.minimum((block + 1) * BLOCK_M, steps)
     for start in tl.range(low, high, BLOCK_N):

@@ -281,18 +281,19 @@ def _installed(model, anatomy: Anatomy, plan: Resolved, means: Means, prompt_len
             previous_impl = model.config._attn_implementation
             model.set_attn_implementation("eager")
         if plan.needle is not None:
-            undos.append(needle_attention.install(model, anatomy, plan, tracker, base_module(model, anatomy), in_kernel))
+            base = base_module(model, anatomy)
+            undos.append(needle_attention.install(model, anatomy, plan, tracker, base, in_kernel))
         if plan.sparsify is not None:
             for layer, block in anatomy.blocks("attention"):
                 if plan.sparsify.k >= block.heads:
                     continue
-                proj, attention = model.get_submodule(block.out_proj), model.get_submodule(block.path)
+                proj, module = model.get_submodule(block.out_proj), model.get_submodule(block.path)
                 sparsifier = _Sparsifier(tracker, proj, block.heads, plan.sparsify, means.get(("heads", layer)))
                 handles.append(proj.register_forward_pre_hook(sparsifier.pre))
-                handles.append(attention.register_forward_hook(sparsifier.post))
+                handles.append(module.register_forward_hook(sparsifier.post))
                 if in_kernel:
-                    fast_state.set_attention_op(attention, sparsifier.sdpa)
-                    undos.append(functools.partial(fast_state.set_attention_op, attention))
+                    fast_state.set_attention_op(module, sparsifier.sdpa)
+                    undos.append(functools.partial(fast_state.set_attention_op, module))
         for site in sorted(plan.blocks):
             block = anatomy.layers[site.layer].block(site.kind)
             hook = _block_hook(tracker, means.get(("block", site.layer, site.kind)))
