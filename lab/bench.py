@@ -20,6 +20,7 @@ from lab.errors import LabError
 from lab.interventions import Plan, Sparsify, apply_plan
 from lab.interventions.plan import NeedleAttention
 from lab.models import Loaded, ModelSpec, load
+from lab.models.generation import decode_row_bytes
 from lab.probes import mmlu as mmlu_probe
 from lab.probes import needle as needle_probe
 from lab.runner import auto_batch_size
@@ -58,7 +59,8 @@ def _reference_generate(loaded: Loaded, trial, new_tokens: int) -> None:
 def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int) -> dict:
     """Grid time for lab's needle probe versus one-prompt-at-a-time generate() on the reference recurrences."""
     spec, trials = _needle_trials(loaded, lengths, depths)
-    batch_size = auto_batch_size(spec.batch_size, loaded, max(spec.lengths) + spec.max_new_tokens)  # as the runner
+    tokens = max(spec.lengths) + spec.max_new_tokens
+    batch_size = auto_batch_size(spec.batch_size, loaded, tokens, decode_row_bytes(loaded.model, tokens))  # as the runner
     was = fast.enabled(loaded.model)
     try:
         fast.apply(loaded.model, True)

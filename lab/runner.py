@@ -68,17 +68,21 @@ def versions() -> dict:
 OOM_HINT = "use shorter lengths, --dtype bfloat16 or --device device_map"
 
 
-def auto_batch_size(requested: int, loaded: Loaded, tokens: int) -> int:
+def auto_batch_size(requested: int, loaded: Loaded, tokens: int, row_bytes: int = 0) -> int:
     """0 means automatic: on a GPU as many prompts of `tokens` as 80 % of the free memory holds, from one
-    measured forward under the active plan (a batch that still runs out is halved); 8 on a CPU."""
+    measured forward under the active plan (a batch that still runs out is halved); 8 on a CPU.
+    row_bytes: the probe prefills a batch a length at a time (halving where that runs out) and then holds only
+    row_bytes per prompt (lab's fixed-buffer decoders), so it gets as many as half the free memory holds for
+    those, when that is more."""
     if requested:
         return requested
     if loaded.device.type != "cuda":
         return 8
     try:
-        return prompts_that_fit(*_free_and_peak(loaded, tokens))
+        free, peak = _free_and_peak(loaded, tokens)
     except torch.OutOfMemoryError:
         raise LabError(f"out of memory on a single prompt of {tokens} tokens; {OOM_HINT}") from None
+    return max(prompts_that_fit(free, peak), prompts_that_fit(free // 2, row_bytes) if row_bytes else 1)
 
 
 def prompts_that_fit(free_bytes: int, prompt_bytes: int, most: int = 256) -> int:
@@ -149,7 +153,7 @@ def run(preset: Preset, store: Store, loaded: Loaded | None = None,
         for name, probe in prepared.items():
             with apply_plan(loaded.model, loaded.anatomy, sites, means) as tracker:
                 work = probe.work(done_keys[name])
-                size = auto_batch_size(work.batch_size, loaded, work.tokens) if work.items else 1
+                size = auto_batch_size(work.batch_size, loaded, work.tokens, work.row_bytes) if work.items else 1
                 for i in range(0, len(work.items), size):
                     if cancel is not None and cancel.is_set():
                         status = "cancelled"

@@ -258,3 +258,34 @@ def test_static_decoder_decodes_prompts_of_several_lengths_together(device):
         alone = [decode.greedy(model, [group], 10, return_logits=True) for group in groups]
     assert torch.allclose(logits, torch.cat([l for _, l in alone]), atol=1e-4 if device == "cpu" else 1e-3)
     assert torch.equal(tokens, torch.cat([t for t, _ in alone]))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+@pytest.mark.parametrize("arch", ["recurrent_gemma", "jamba"])
+@pytest.mark.parametrize("plan", [Plan(sparsify=Sparsify(1), phase="generation"),
+                                  Plan(off=(BlocksOff("attention"),), phase="prefill")], ids=["generation", "prefill"])
+def test_a_plan_of_one_phase_decodes_in_one_graph(plan, arch, device, monkeypatch):
+    """The needle probe decodes every length together under a plan that acts in one phase (the paper's
+    generation-only sparsification, its last-prompt-token boundary): on a CPU its answers are generate()'s; on
+    a GPU the step is captured once and replays what the same step run eagerly gives."""
+    from lab.fast import decode
+    from lab.probes import needle
+
+    loaded = load(ModelSpec(f"random:{arch}", device=device, dtype="bfloat16" if device == "cuda" else "float32"))
+    spec = needle.NeedleSpec(task="passkey", lengths=(256, 300), depths=(0, 50), max_new_tokens=8,
+                             phase_boundary="last-prompt-token")
+    trials = [needle.PromptBuilder(loaded.tokenizer, spec).build(*cell) for cell in spec.cells()]
+    captured, graph = [], decode._graph
+
+    def answers() -> list[str]:
+        with apply_plan(loaded.model, loaded.anatomy, plan) as tracker:
+            return [r["output"] for r in needle.run_batch(loaded, spec, trials, tracker)]
+
+    monkeypatch.setattr(decode, "_graph", lambda step: captured.append(1) or graph(step))
+    first = answers()
+    if device == "cuda":
+        monkeypatch.setattr(decode, "_graph", lambda step: step)
+    else:
+        fast.apply(loaded.model, False)  # generate(), one length at a time
+    assert captured == ([1] if device == "cuda" else [])
+    assert any(first) and first == answers()

@@ -98,14 +98,17 @@ def test_jamba_without_experts_decodes_on_any_experts_implementation():
 
 NEEDLE_PLANS = {"base": Plan(), "sparsify": Plan(sparsify=Sparsify(2)),
                 "needle omitted in generation": Plan(needle_attention=NeedleAttention(generation="omit")),
-                "attention off in generation": Plan(off=(BlocksOff("attention"),), phase="generation")}
+                "attention off in generation": Plan(off=(BlocksOff("attention"),), phase="generation"),
+                "sparsify in generation": Plan(sparsify=Sparsify(1), phase="generation"),
+                "attention off in prefill": Plan(off=(BlocksOff("attention"),), phase="prefill")}
 
 
+@pytest.mark.parametrize("boundary", ["prompt", "last-prompt-token"])
 @pytest.mark.parametrize("plan", NEEDLE_PLANS.values(), ids=NEEDLE_PLANS.keys())
-def test_needle_probe_answers_the_same_with_the_jamba_decoder(plan, monkeypatch):
+def test_needle_probe_answers_the_same_with_the_jamba_decoder(plan, boundary, monkeypatch):
     """toy-jamba's needle answers per trial, with the fixed-buffer decoder (fast paths on) and with generate()
-    (off); a plan acting in one phase leaves the decoder to generate()."""
-    spec = NeedleSpec(task="passkey", lengths=(256, 300), depths=(50,), max_new_tokens=8)
+    (off), whatever the plan's phase and the phase boundary: every length is decoded together."""
+    spec = NeedleSpec(task="passkey", lengths=(256, 300), depths=(50,), max_new_tokens=8, phase_boundary=boundary)
     calls = []
     real = jamba_decode.greedy
     monkeypatch.setattr(jamba_decode, "greedy", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
@@ -115,7 +118,7 @@ def test_needle_probe_answers_the_same_with_the_jamba_decoder(plan, monkeypatch)
         trials = [PromptBuilder(loaded.tokenizer, spec).build(*cell) for cell in spec.cells()]
         with apply_plan(loaded.model, loaded.anatomy, plan) as tracker:
             rows[fast] = needle.run_batch(loaded, spec, trials, tracker)
-    assert len(calls) == (plan.phase == "both")  # once, in one batch, for the model on the fast paths
+    assert len(calls) == 1  # once, in one batch, for the model on the fast paths
     assert [r["output"] for r in rows[True]] == [r["output"] for r in rows[False]]
     assert any(r["output"] for r in rows[True])
 

@@ -1,5 +1,7 @@
 import json
 import threading
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
@@ -187,6 +189,52 @@ def test_automatic_batch_size_fits_free_memory():
     assert auto_batch_size(5, loaded, 4096) == 5  # asked for
     if loaded.device.type == "cpu":
         assert auto_batch_size(0, loaded, 4096) == 8
+
+
+def test_fixed_buffer_decoding_gets_batches_by_what_it_holds_per_prompt(monkeypatch):
+    """A probe that prefills a length at a time and then holds row_bytes per prompt gets as many prompts as half
+    the free memory holds for those (the needle grid decodes in one batch), never fewer than one forward fits."""
+    import torch
+
+    from lab import runner
+    from lab.models.generation import decode_row_bytes
+    from lab.probes import needle
+
+    on_gpu = SimpleNamespace(device=torch.device("cuda"))
+    monkeypatch.setattr(runner, "_free_and_peak", lambda loaded, tokens: (100_000, 10_000))
+    assert runner.auto_batch_size(0, on_gpu, 4096) == 8  # 80 % of the memory / a forward's peak
+    assert runner.auto_batch_size(0, on_gpu, 4096, row_bytes=1_000) == 40  # 80 % of half / what decoding holds
+    assert runner.auto_batch_size(0, on_gpu, 4096, row_bytes=100_000) == 8
+    loaded = tiny("jamba")
+    spec = needle.NeedleSpec(task="passkey", lengths=(256, 300), depths=(0, 50))
+    work = needle.NeedleProbe().prepare(loaded, spec).work(set())
+    assert work.row_bytes == decode_row_bytes(loaded.model, 300 + spec.max_new_tokens) > 0
+    assert needle.NeedleProbe().prepare(loaded, replace(spec, mode="fast")).work(set()).row_bytes == 0
+
+
+def test_a_length_that_runs_out_of_memory_is_prefilled_in_halves(monkeypatch):
+    """lab's fixed-buffer decoder splits a prompt length's rows where their prefill runs out of memory: the same
+    answers as in one piece."""
+    import torch
+
+    from lab.fast import decode
+
+    loaded = tiny("recurrent_gemma")
+    prompts = torch.randint(0, 200, (5, 40), generator=torch.Generator().manual_seed(0)).tolist()
+    whole = decode.greedy(loaded.model, [torch.tensor(prompts)], 6, return_logits=True)
+    forward, sizes = type(loaded.model).forward, []
+
+    def tight(self, input_ids=None, **kwargs):
+        if input_ids.shape[1] > 1:
+            sizes.append(input_ids.shape[0])
+            if input_ids.shape[0] > 2:
+                raise torch.OutOfMemoryError("tight")
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(loaded.model), "forward", tight)
+    parts = decode.greedy(loaded.model, [torch.tensor(prompts)], 6, return_logits=True)
+    assert sizes == [5, 2, 3, 1, 2]
+    assert torch.equal(whole[0], parts[0]) and torch.allclose(whole[1], parts[1], atol=1e-5)
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")

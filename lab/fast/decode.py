@@ -29,6 +29,32 @@ def supports(model) -> bool:
             and not getattr(model, "hf_device_map", None))
 
 
+def row_bytes(model, length: int) -> int:
+    """Memory `greedy` holds per prompt: window keys and values, recurrent and conv states, logits."""
+    config, size = model.config, model.dtype.itemsize
+    attention = sum(kind == "sliding_attention" for kind in config.layer_types)
+    window = config.attention_window_size
+    keys = 2 * attention * config.num_key_value_heads * window * config.head_dim * size + 8 * window
+    states = (len(config.layer_types) - attention) * config.lru_width * ((config.conv1d_width - 1) * size + 4)
+    return keys + states + LOGIT_COPIES * config.vocab_size * 4
+
+
+LOGIT_COPIES = 4  # the prefill's last logits, the step's, their argmax inputs: a bound on the (B, V) tensors alive
+
+
+def prefill_in_parts(group: torch.Tensor, start: int, prefill) -> list[torch.Tensor]:
+    """prefill(part, rows) over the prompts `group` (B, T), rows numbered from `start`: the whole group at once or,
+    where that runs out of memory, in halves. Returns what each call returned, in row order."""
+    try:
+        return [prefill(group, slice(start, start + group.shape[0]))]
+    except torch.OutOfMemoryError:
+        if group.shape[0] == 1:
+            raise
+    torch.cuda.empty_cache()  # outside the except block: the failed call's tensors are gone by now
+    half = group.shape[0] // 2
+    return prefill_in_parts(group[:half], start, prefill) + prefill_in_parts(group[half:], start + half, prefill)
+
+
 class SlotWriter:
     """A fixed-buffer cache's write of a one-token step: each row's key and value into its slot (self.slot,
     (B, 1)) of self.keys / self.values[layer] (B, kv heads, slots, head dim)."""
@@ -116,17 +142,20 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
     ring = RingCache(model, batch, device, model.dtype)
     state = RecurrentState(model)
     positions = torch.empty((batch, 1), device=device, dtype=torch.long)
-    first, start = [], 0
-    for group in prompts:
-        rows = slice(start, start + group.shape[0])
+
+    def prefill(group: torch.Tensor, rows: slice) -> torch.Tensor:
         prefilled = DynamicCache(config=model.config)
         model._setup_cache(model.config, group.shape[0], device, model.dtype)
-        first.append(model(input_ids=group, cache=prefilled, use_cache=True, logits_to_keep=1).logits[:, -1])
+        logits = model(input_ids=group, cache=prefilled, use_cache=True, logits_to_keep=1).logits[:, -1]
         ring.fill(prefilled, group.shape[1], rows)
         state.take()
         positions[rows] = group.shape[1]
-        start = rows.stop
-    del prefilled
+        return logits
+
+    first, start = [], 0
+    for group in prompts:
+        first += prefill_in_parts(group, start, prefill)
+        start += group.shape[0]
     state.join()
     logits = torch.cat(first)
     tokens = logits.argmax(-1, keepdim=True)

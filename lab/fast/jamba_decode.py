@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from lab.fast.decode import SlotWriter, run_steps
+from lab.fast.decode import LOGIT_COPIES, SlotWriter, prefill_in_parts, run_steps
 from lab.fast.state import enabled
 
 
@@ -26,6 +26,17 @@ def supports(model) -> bool:
     return (enabled(model) and config.model_type == "jamba" and config._attn_implementation in ("sdpa", "eager")
             and (config.num_experts == 1 or config._experts_implementation == "grouped_mm")
             and not getattr(model, "hf_device_map", None))
+
+
+def row_bytes(model, length: int) -> int:
+    """Memory `greedy` holds per prompt of `length` tokens (new ones included): keys and values, Mamba states,
+    logits."""
+    config, size = model.config, model.dtype.itemsize
+    mamba = sum(kind == "linear_attention" for kind in config.layer_types)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    keys = 2 * (len(config.layer_types) - mamba) * config.num_key_value_heads * length * head_dim * size
+    states = mamba * config.mamba_expand * config.hidden_size * (config.mamba_d_conv + config.mamba_d_state) * size
+    return keys + states + LOGIT_COPIES * config.vocab_size * 4
 
 
 class FixedCache(SlotWriter):
@@ -87,15 +98,18 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
     length = max(group.shape[1] for group in prompts) + max_new_tokens
     cache = FixedCache(model, batch, length, device, model.dtype)
     positions = torch.empty((batch, 1), device=device, dtype=torch.long)
-    first, start = [], 0
-    for group in prompts:
-        rows = slice(start, start + group.shape[0])
+
+    def prefill(group: torch.Tensor, rows: slice) -> torch.Tensor:
         prefilled = DynamicCache(config=model.config)
-        first.append(model(input_ids=group, cache=prefilled, use_cache=True, logits_to_keep=1).logits[:, -1])
+        logits = model(input_ids=group, cache=prefilled, use_cache=True, logits_to_keep=1).logits[:, -1]
         cache.fill(prefilled, rows)
         positions[rows] = group.shape[1]
-        start = rows.stop
-    del prefilled
+        return logits
+
+    first, start = [], 0
+    for group in prompts:
+        first += prefill_in_parts(group, start, prefill)
+        start += group.shape[0]
     logits = torch.cat(first)
     tokens = logits.argmax(-1, keepdim=True)
     mask = torch.empty((batch, 1, 1, length), device=device, dtype=model.dtype)

@@ -41,14 +41,29 @@ class PhaseTracker:
     def __init__(self, phase: str, prompt_len: int | None = None):
         self.phase = phase
         self.prompt_len = prompt_len  # set by callers that run a teacher-forced forward
+        self.early = 0  # with prompt_len None: the prompt's last `early` tokens count as generation (paper sampler)
         self.needles: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # prompt ids -> needle spans (needle probe)
         self._auto_len: int | None = None
         self._mask: torch.Tensor | None = None
+        self._step_mask: torch.Tensor | None | bool = False  # while decoding(): the mask of every one-token step
+
+    @contextmanager
+    def decoding(self, device) -> Iterator[None]:
+        """One-token forwards inside are generation steps, known without reading positions on the host (a
+        fixed-buffer decoder replays them as a CUDA graph); longer forwards are prompts, as always."""
+        self._step_mask = None if self.phase != "prefill" else torch.zeros((1, 1), dtype=torch.bool, device=device)
+        try:
+            yield
+        finally:
+            self._step_mask = False
 
     def pre_hook(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs["inputs_embeds"][..., 0]
+        if self._step_mask is not False and ids.shape[-1] == 1:
+            self._mask = self._step_mask
+            return
         positions = kwargs.get("position_ids")
         if positions is None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -58,7 +73,8 @@ class PhaseTracker:
             positions = positions[0]
         if int(positions[0, 0]) == 0:
             self._auto_len = ids.shape[-1]
-        prompt_len = self.prompt_len if self.prompt_len is not None else self._auto_len
+        prompt_len = self.prompt_len if self.prompt_len is not None else \
+            None if self._auto_len is None else self._auto_len - self.early
         generation = positions >= (prompt_len if prompt_len is not None else 0)
         self._mask = generation if self.phase == "generation" else ~generation  # once per forward call
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
@@ -50,21 +50,35 @@ def _by_length(prompts: list[list[int]]) -> list[list[int]]:
     return list(groups.values())
 
 
-@torch.inference_mode()
-def greedy(loaded, prompts: list[list[int]], max_new_tokens: int, static: bool = False) -> list[list[int]]:
-    """Greedy continuations with cache (under whatever plan is active), each cut at eos.
-
-    Prompts of one length run as one unpadded group. static: decode with lab.fast.decode where it
-    supports the model, else lab.fast.jamba_decode where it does (fixed buffers, all groups in one CUDA graph
-    on a GPU); needs a plan without phase tracking, whose hooks read positions on the host."""
+def fixed_decoder(model):
+    """lab's fixed-buffer decoder for this model (lab.fast.decode or lab.fast.jamba_decode), or None."""
     from lab.fast import jamba_decode
 
+    return next((d for d in (decode, jamba_decode) if d.supports(model)), None)  # none with fast=False
+
+
+def decode_row_bytes(model, length: int) -> int:
+    """Memory one more prompt of `length` tokens (new tokens included) holds while lab's fixed-buffer decoder
+    decodes it (its prefill runs a length at a time); 0 where the model decodes with generate()."""
+    decoder = fixed_decoder(model)
+    return decoder.row_bytes(model, length) if decoder is not None else 0
+
+
+@torch.inference_mode()
+def greedy(loaded, prompts: list[list[int]], max_new_tokens: int, static: bool = False,
+           tracker=None) -> list[list[int]]:
+    """Greedy continuations with cache (under whatever plan is active), each cut at eos.
+
+    Prompts of one length run as one unpadded group. static: decode with lab's fixed-buffer decoder where one
+    supports the model (all groups in one CUDA graph on a GPU); the plan's `tracker` then learns that its
+    one-token steps are generation steps without reading positions on the host."""
     tok, model = loaded.tokenizer, loaded.model
     groups = _by_length(prompts)
     tensors = [torch.tensor([prompts[i] for i in group], device=loaded.device) for group in groups]
-    decoder = next((d for d in (decode, jamba_decode) if d.supports(model)), None)  # none with fast=False
+    decoder = fixed_decoder(model)
     if static and decoder is not None:
-        rows = decoder.greedy(model, tensors, max_new_tokens, tok.eos_token_id).tolist()
+        with tracker.decoding(loaded.device) if tracker is not None else nullcontext():
+            rows = decoder.greedy(model, tensors, max_new_tokens, tok.eos_token_id).tolist()
     else:
         rows = []
         for prompt in tensors:

@@ -22,6 +22,7 @@ class Work:
     tokens: int  # the longest prompt plus its new tokens: sizes the automatic batch
     batch_size: int  # as asked for; 0 is automatic
     answer: Answer
+    row_bytes: int = 0  # > 0: answer prefills a length at a time and then holds this much per item (automatic size)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lab.errors import LabError
-from lab.models.generation import greedy, teacher_forced
+from lab.models.generation import decode_row_bytes, greedy, teacher_forced
 from lab.probes import scoring
 from lab.probes.base import Prepared, Work, mean, mean_by
 from lab.probes.haystack import sentence_stream
@@ -372,19 +372,14 @@ def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[di
 
 
 def _generate(loaded, spec: NeedleSpec, prompts: list[list[int]], tracker) -> list[list[int]]:
-    """Greedy answers; with the paper's phase boundary each prompt length runs apart, its last token in generation
-    (a plan acting in both phases has no boundary to move)."""
-    if spec.phase_boundary == "prompt" or tracker.phase == "both":
-        tracker.prompt_len = None  # the prefill call defines the prompt
-        return greedy(loaded, prompts, spec.max_new_tokens, static=tracker.phase == "both")
-    answers: list[list[int]] = [[] for _ in prompts]
-    for n in sorted({len(p) for p in prompts}):
-        rows = [i for i, p in enumerate(prompts) if len(p) == n]
-        tracker.prompt_len = n - 1
-        for i, row in zip(rows, greedy(loaded, [prompts[i] for i in rows], spec.max_new_tokens)):
-            answers[i] = row
-    tracker.prompt_len = None
-    return answers
+    """Greedy answers, every prompt length decoded together where lab's fixed-buffer decoder takes the model; with
+    the paper's phase boundary each prompt's last token counts as a generation step."""
+    tracker.prompt_len = None  # each length's prefill call defines its prompt
+    tracker.early = int(spec.phase_boundary == "last-prompt-token")
+    try:
+        return greedy(loaded, prompts, spec.max_new_tokens, static=True, tracker=tracker)
+    finally:
+        tracker.early = 0
 
 
 class _EarlyBoundary:
@@ -409,10 +404,11 @@ def summary(rows: list[dict]) -> dict:
             "by_depth": mean_by(rows, "depth", "exact")}
 
 
-def prepared(loaded, spec: NeedleSpec, answer_trials) -> Prepared:
+def prepared(loaded, spec: NeedleSpec, answer_trials, fixed_buffers: bool = False) -> Prepared:
     """The needle grid checked against the model up front (prompts buildable, positions enough), its trials in
     length order, each batch answered by answer_trials(loaded, spec, trials, tracker): the needle probe's and
-    head scoring's work."""
+    head scoring's work. fixed_buffers: answer_trials decodes with lab's fixed-buffer decoder where one takes the
+    model (bigger automatic batches)."""
     builder = PromptBuilder(loaded.tokenizer, spec)
     builder.build(min(spec.lengths), 0, 0)  # a length too short for the prompt fails here, up front
     longest = len(builder.build(max(spec.lengths), 0, 0).ids)
@@ -426,8 +422,9 @@ def prepared(loaded, spec: NeedleSpec, answer_trials) -> Prepared:
         todo = sorted((c for c in cells if trial_key(spec.task, *c) not in done), key=lambda cell: cell[0])
         # a batch may span lengths: run_batch prefills each length apart
         extra = longest - max(spec.lengths)  # a prompt's tokens beyond its length (paper-form JRT, buffers)
-        return Work(todo, max((n + extra for n, _, _ in todo), default=0) + spec.max_new_tokens, spec.batch_size,
-                    answer)
+        tokens = max((n + extra for n, _, _ in todo), default=0) + spec.max_new_tokens
+        row_bytes = decode_row_bytes(loaded.model, tokens) if fixed_buffers else 0
+        return Work(todo, tokens, spec.batch_size, answer, row_bytes)
 
     return Prepared(len(cells), work)
 
@@ -437,4 +434,4 @@ class NeedleProbe:
     summary = staticmethod(summary)
 
     def prepare(self, loaded, spec: NeedleSpec) -> Prepared:
-        return prepared(loaded, spec, run_batch)
+        return prepared(loaded, spec, run_batch, fixed_buffers=spec.mode == "generate")

@@ -174,7 +174,7 @@ class Replica:
         with apply_plan(loaded.model, loaded.anatomy, sites, means) as tracker:
             if task.probe not in works:
                 work = self.prepared(task.probe, preset.probes[task.probe]).work(runs.done[task.job][task.probe])
-                works[task.probe] = work, runner.auto_batch_size(work.batch_size, loaded, work.tokens)
+                works[task.probe] = work, runner.auto_batch_size(work.batch_size, loaded, work.tokens, work.row_bytes)
             work, size = works[task.probe]
             items = work.items[task.start:task.stop]
             return [row for i in range(0, len(items), size)
