@@ -21,6 +21,7 @@ from lab.fast.state import acts_on, enabled, triton_applies
 
 _originals: dict = {}
 _mixer_fast = contextvars.ContextVar("lab_fast_mamba_mixer", default=None)  # set while a mixer runs
+_initial = contextvars.ContextVar("lab_fast_mamba_initial", default=None)  # the cached state a prompt continues
 PARALLEL_DEVICES = {"cuda"}  # on a CPU the reference loop over time is cheaper (measured 5x)
 
 
@@ -28,9 +29,9 @@ def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, 
                    return_last_state=False, use_mambapy=False, use_associative_scan=False, **kwargs):
     """Same contract as transformers' jamba mamba_selective_scan: inputs (batch, channels, time). The reference
     runs where lab.fast does not act on the calling mixer, mamba-ssm is installed, or on a CPU."""
-    fast = _mixer_fast.get()
-    if (not (enabled() if fast is None else fast) or _has_mamba_ssm() or use_mambapy
-            or hidden_states.device.type not in PARALLEL_DEVICES):
+    fast, initial = _mixer_fast.get(), _initial.get()
+    if initial is None and (not (enabled() if fast is None else fast) or _has_mamba_ssm() or use_mambapy
+                            or hidden_states.device.type not in PARALLEL_DEVICES):
         return _originals["scan"](hidden_states, dt, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                   delta_softplus=delta_softplus, return_last_state=return_last_state,
                                   use_mambapy=use_mambapy, use_associative_scan=use_associative_scan, **kwargs)
@@ -40,7 +41,7 @@ def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, 
     if triton_applies(hidden_states, dt, B, C, z) and state & (state - 1) == 0:  # tl.arange: a power of 2
         from lab.fast import triton_mamba
 
-        out, last = triton_mamba.selective_scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus)
+        out, last = triton_mamba.selective_scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, initial)
         return (out, last.to(input_dtype)) if return_last_state else out
     if delta_bias is not None:
         dt = dt + delta_bias.to(dt.dtype)[..., None]
@@ -49,7 +50,8 @@ def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, 
     dt = dt.float().transpose(1, 2)  # (b, t, d)
     decay = torch.exp(A.float()[None, None] * dt[..., None])  # (b, t, d, n)
     inputs = (dt * hidden_states.float().transpose(1, 2))[..., None] * B.float().transpose(1, 2)[:, :, None, :]
-    states, _ = linear_scan(decay.reshape(batch, steps, -1), inputs.reshape(batch, steps, -1))
+    start = None if initial is None else initial.float().reshape(batch, -1)
+    states, _ = linear_scan(decay.reshape(batch, steps, -1), inputs.reshape(batch, steps, -1), start)
     states = states.view(batch, steps, channels, state)
     out = torch.einsum("btdn,btn->bdt", states, C.float().transpose(1, 2))
     if D is not None:
@@ -85,13 +87,21 @@ def _has_causal_conv1d() -> bool:
     return importlib.util.find_spec("causal_conv1d") is not None
 
 
-def _mixer_forward(self, *args, **kwargs):
-    """JambaMambaMixer.forward, telling selective_scan whether lab.fast acts on this mixer."""
-    token = _mixer_fast.set(acts_on(self))
+def _mixer_forward(self, hidden_states, *args, **kwargs):
+    """JambaMambaMixer.forward, telling selective_scan whether lab.fast acts on this mixer and, for a prompt that
+    continues a cached one (lab.models.prefix), the state to start from: transformers' own prefill starts
+    every prompt from zeros."""
+    fast = acts_on(self)
+    cache = kwargs.get("cache", args[0] if args else None)
+    initial = None
+    if fast and cache is not None and hidden_states.shape[1] > 1:
+        initial = cache.get_recurrent_state(self.layer_idx)
+    tokens = _mixer_fast.set(fast), _initial.set(initial)
     try:
-        return _originals["mixer"](self, *args, **kwargs)
+        return _originals["mixer"](self, hidden_states, *args, **kwargs)
     finally:
-        _mixer_fast.reset(token)
+        _mixer_fast.reset(tokens[0])
+        _initial.reset(tokens[1])
 
 
 def install() -> None:

@@ -17,10 +17,11 @@ from lab.fast.triton_scan import combine
 
 
 @triton.jit(do_not_specialize=["steps"])  # strides keep their alignment hints (unhinted loads cost 4.6x in griffin)
-def _selective_scan_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, out_ptr, last_ptr,
+def _selective_scan_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, init_ptr, out_ptr, last_ptr,
                            steps, channels, sx_b, sx_d, sx_t, sdt_b, sdt_d, sdt_t, sb_b, sb_n, sb_t,
                            sc_b, sc_n, sc_t, sz_b, sz_d, sz_t,
                            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                           HAS_INIT: tl.constexpr,
                            STATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -31,7 +32,11 @@ def _selective_scan_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bia
         bias = tl.load(bias_ptr + chans, mask=in_channels, other=0.0).to(tl.float32)
     if HAS_D:
         skip = tl.load(d_ptr + chans, mask=in_channels, other=0.0).to(tl.float32)
-    h = tl.zeros([BLOCK_D, STATE], dtype=tl.float32)
+    if HAS_INIT:  # a prompt continued from a cached state (B, D, N), contiguous
+        h = tl.load(init_ptr + row * channels * STATE + chans[:, None] * STATE + states[None, :],
+                    mask=in_channels[:, None], other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BLOCK_D, STATE], dtype=tl.float32)
     times = tl.arange(0, BLOCK_T)
     for start in tl.range(0, steps, BLOCK_T):
         t = (start + times).to(tl.int64)
@@ -69,10 +74,10 @@ def _selective_scan_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bia
 SCAN_CONFIG = dict(BLOCK_T=8, BLOCK_D=32, num_warps=4)
 
 
-def selective_scan(x, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def selective_scan(x, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial=None):
     """transformers' mamba_selective_scan contract, inputs (batch, channels, time), B and C (batch, state,
-    time): returns the output (batch, channels, time) in x's dtype and the float32 last state
-    (batch, channels, state)."""
+    time), from the state `initial` (batch, channels, state) or zeros: returns the output (batch, channels, time)
+    in x's dtype and the float32 last state (batch, channels, state)."""
     batch, channels, steps = x.shape
     state = A.shape[-1]
     out = torch.empty((batch, channels, steps), dtype=x.dtype, device=x.device)
@@ -80,8 +85,9 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
     grid = (batch, triton.cdiv(channels, SCAN_CONFIG["BLOCK_D"]))
     _selective_scan_kernel[grid](
         x, dt, A.float().contiguous(), B, C, D if D is not None else x, z if z is not None else x,
-        delta_bias if delta_bias is not None else x, out, last, steps, channels,
+        delta_bias if delta_bias is not None else x, initial.contiguous() if initial is not None else x, out, last,
+        steps, channels,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *(z.stride() if z is not None else x.stride()),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        STATE=state, **SCAN_CONFIG)
+        HAS_INIT=initial is not None, STATE=state, **SCAN_CONFIG)
     return out, last

@@ -16,6 +16,7 @@ import torch
 
 from lab.errors import LabError
 from lab.probes.files import read_utf8
+from lab.models import prefix
 from lab.models.generation import pad_id
 from lab.probes.base import Prepared, Work, mean, mean_by
 
@@ -248,19 +249,23 @@ class Scorer:
         return self._encode(self._context(q, dev).rstrip()) + self.choice_ids[0]
 
 
+EVERY_POSITION = 1 << 62  # a prompt length past any position: a plan's generation phase does nothing in MMLU
+
+
 @torch.inference_mode()
 def run_batch(loaded, scorer: Scorer, batch: list[tuple[Question, list[int]]], tracker) -> list[dict]:
-    """Score a batch (right-padded, one forward); return one result row per question."""
-    tok = loaded.tokenizer
-    pad = pad_id(tok)
-    width = max(len(ids) for _, ids in batch)
-    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for _, ids in batch], device=loaded.device)
-    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for _, ids in batch], device=loaded.device)
-    tracker.prompt_len = None  # every position is prompt: a plan's generation phase does nothing here
-    last = torch.tensor([[len(ids) - 1] for _, ids in batch], device=loaded.device)
-    # logits only at each row's last position: a 256k vocabulary over every position would not fit
-    logits = loaded.model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=last).logits
-    rows = logits[:, 0].float().log_softmax(-1)
+    """Score a batch; return one result row per question. The questions of one subject share their shots: where
+    the model can continue a cached prompt (lab.models.prefix), those run once per subject."""
+    tracker.prompt_len = EVERY_POSITION
+    share = prefix.supports(loaded.model)
+    subjects: dict[str, list[int]] = {}
+    for i, (q, _) in enumerate(batch):
+        subjects.setdefault(q.subject if share else "", []).append(i)
+    logits: list[torch.Tensor | None] = [None] * len(batch)
+    for members in subjects.values():
+        for i, row in zip(members, _last_logits(loaded, [batch[i][1] for i in members], share)):
+            logits[i] = row
+    rows = torch.stack(logits).float().log_softmax(-1)
     choice = rows[:, scorer.choice_ids[1]]  # (B, 4) log-likelihoods
     out = []
     for (q, ids), lls in zip(batch, choice.tolist()):
@@ -269,6 +274,20 @@ def run_batch(loaded, scorer: Scorer, batch: list[tuple[Question, list[int]]], t
                     "answer": LETTERS[q.answer], "prediction": LETTERS[pred], "correct": float(pred == q.answer),
                     "loglik": [round(v, 4) for v in lls]})
     return out
+
+
+def _last_logits(loaded, rows: list[list[int]], share: bool) -> torch.Tensor:
+    """(B, V) logits at each row's last token: the shared prefix once where `share` and it is long enough, else
+    one right-padded forward."""
+    pad = pad_id(loaded.tokenizer)
+    if share and len(rows) > 1 and prefix.shared_length(rows) >= prefix.MIN_SHARED:
+        return prefix.last_logits(loaded.model, rows, pad, loaded.device)
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in rows], device=loaded.device)
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows], device=loaded.device)
+    last = torch.tensor([[len(ids) - 1] for ids in rows], device=loaded.device)
+    # logits only at each row's last position: a 256k vocabulary over every position would not fit
+    return loaded.model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=last).logits[:, 0]
 
 
 def summary(rows: list[dict]) -> dict:
@@ -283,13 +302,15 @@ class MMLUProbe:
     def prepare(self, loaded, spec: MMLUSpec) -> Prepared:
         questions, dev = load_questions(spec)
         scorer = Scorer(loaded.tokenizer, spec.shots, spec.chat, spec.bos)
+        share = prefix.supports(loaded.model)
 
         def answer(batch, tracker):
             return run_batch(loaded, scorer, batch, tracker)
 
         def work(done: set[str]) -> Work:
             items = [(q, scorer.ids(q, dev[q.subject])) for q in questions if q.key not in done]
-            items.sort(key=lambda item: -len(item[1]))  # longest first: out-of-memory shows up at once
+            # longest first: out-of-memory shows up at once; by subject where their shots run once per batch
+            items.sort(key=lambda item: (item[0].subject if share else "", -len(item[1])))
             return Work(items, len(items[0][1]) if items else 0, spec.batch_size, answer)
 
         return Prepared(len(questions), work)
