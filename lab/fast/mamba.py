@@ -89,7 +89,7 @@ def _has_causal_conv1d() -> bool:
 
 def _mixer_forward(self, hidden_states, *args, **kwargs):
     """JambaMambaMixer.forward, telling selective_scan whether lab.fast acts on this mixer and, for a prompt that
-    continues a cached one (lab.models.prefix), the state to start from: transformers' own prefill starts
+    continues a cached one (lab.fast.prefix), the state to start from: transformers' own prefill starts
     every prompt from zeros."""
     fast = acts_on(self)
     cache = kwargs.get("cache", args[0] if args else None)

@@ -16,7 +16,8 @@ import torch
 
 from lab.errors import LabError
 from lab.probes.files import read_utf8
-from lab.models import prefix
+from lab.fast import prefix
+from lab.interventions.hooks import EVERY_POSITION
 from lab.models.generation import pad_id
 from lab.probes.base import Prepared, Work, mean, mean_by
 
@@ -249,14 +250,11 @@ class Scorer:
         return self._encode(self._context(q, dev).rstrip()) + self.choice_ids[0]
 
 
-EVERY_POSITION = 1 << 62  # a prompt length past any position: a plan's generation phase does nothing in MMLU
-
-
 @torch.inference_mode()
 def run_batch(loaded, scorer: Scorer, batch: list[tuple[Question, list[int]]], tracker) -> list[dict]:
     """Score a batch; return one result row per question. The questions of one subject share their shots: where
-    the model can continue a cached prompt (lab.models.prefix), those run once per subject."""
-    tracker.prompt_len = EVERY_POSITION
+    the model can continue a cached prompt (lab.fast.prefix), those run once per subject."""
+    tracker.prompt_len = EVERY_POSITION  # every position is prompt: a plan's generation phase does nothing here
     share = prefix.supports(loaded.model)
     subjects: dict[str, list[int]] = {}
     for i, (q, _) in enumerate(batch):

@@ -25,11 +25,12 @@ JRT_FORMS = ("split", "repeat")  # split: the copies share the length (lab); rep
 LENGTH_COUNTS = ("prompt", "context")  # what length - buffer counts: the whole prompt (lab), haystack + needles (paper)
 NEEDLE_WRAPS = {"space": " {}", "newline": "\n{}\n"}  # how a needle sits in the haystack; newline: the paper's
 PHASE_BOUNDARIES = ("prompt", "last-prompt-token")  # last-prompt-token: the paper's RecurrentGemma sampler
+HAYSTACK_DRAWS = ("cell", "trial")  # a generated haystack per (length, depth, trial), or one per trial (the paper's)
 FORMATS = ("lab", "ruler")  # ruler: RULER's niah templates, needles at random depths, new tokens inside the length
 RULER_DEPTHS = tuple(round(100 * i / 39) for i in range(40))  # RULER's np.round(np.linspace(0, 100, 40))
 # options added after stored runs' fingerprints were pinned: at their default they stay out of the fingerprint
 LATER_OPTIONS = ("jrt_form", "length_counts", "buffer", "needle_wrap", "instruction", "answer_line", "phase_boundary",
-                 "format")
+                 "format", "haystack_per")
 PAPER_LENGTHS = (250, 677, 1105, 1532, 1959, 2387, 2814, 3241, 3669, 4096)
 PAPER_DEPTHS = (0, 11, 22, 33, 44, 56, 67, 78, 89, 100)
 PAPER_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -75,11 +76,13 @@ class NeedleSpec:
     answer_line: bool = True  # end with the answer line (chat: pre-filled after the generation prompt)
     phase_boundary: str = "prompt"  # last-prompt-token: the last prompt token is the first generation step (paper)
     format: str = "lab"  # ruler: RULER's niah prompts exactly (RULER tasks only; the depth axis only seeds the draw)
+    haystack_per: str = "cell"  # generated text drawn per cell, or per trial: one text cut to every length and depth
 
     def validate(self) -> NeedleSpec:
         for name, allowed in (("task", TASKS), ("mode", MODES), ("jrt_form", JRT_FORMS),
                               ("length_counts", LENGTH_COUNTS), ("needle_wrap", tuple(NEEDLE_WRAPS)),
-                              ("phase_boundary", PHASE_BOUNDARIES), ("format", FORMATS)):
+                              ("phase_boundary", PHASE_BOUNDARIES), ("format", FORMATS),
+                              ("haystack_per", HAYSTACK_DRAWS)):
             if getattr(self, name) not in allowed:
                 raise LabError(f"needle.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.buffer < 0:
@@ -259,7 +262,7 @@ class PromptBuilder:
         if budget < 0:
             raise LabError(f"needle: context length {length} is too short for task {spec.task} "
                            f"(needs at least {length - room + shares * needle_tokens} tokens)")
-        hay, bounds = self._haystack(budget + spare, rng)
+        hay, bounds = self._haystack(budget + spare, rng, index)
         context = self._insert(hay[:budget], [b for b in bounds if b <= budget], needles, depth, rng)
         ids, spans, contexts = list(self.bos), [], []
         for piece in pieces:
@@ -282,8 +285,10 @@ class PromptBuilder:
         return Trial(trial_key(spec.task, length, depth, index), length, depth, index, ids, answer, values, spans,
                      contexts)
 
-    def _haystack(self, budget: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    def _haystack(self, budget: int, rng: random.Random, index: int) -> tuple[list[int], list[int]]:
         ids, bounds = [], [0]
+        if self.spec.haystack_per == "trial":  # one text for the trial's every length and depth, as the paper's essays
+            rng = random.Random(f"{self.spec.seed}/{self.spec.task}/haystack/{index}")
         stream = sentence_stream(self.spec.haystack, rng.randint(0, 2**31))
         ruler = self.spec.format == "ruler"
         while len(ids) < budget:

@@ -10,12 +10,17 @@ position by position, as on one.
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import torch
 from transformers import DynamicCache
 
 from lab.fast.state import enabled
 
 MIN_SHARED = 32  # tokens: below this one padded forward is as quick
+CHECKPOINT = 256  # tokens: prompts leave a shared trunk at multiples of this (fewer, longer trunk forwards)
+MAX_TRUNKS = 16  # rows tried as the trunk
 
 
 def supports(model) -> bool:
@@ -32,15 +37,42 @@ def shared_length(rows: list[list[int]]) -> int:
     return n
 
 
-def _repeat(cache: DynamicCache, batch: int) -> None:
-    """Make a batch-1 cache hold the same prefix for `batch` prompts."""
+def fork(cache: DynamicCache, batch: int) -> DynamicCache:
+    """A copy of a batch-1 cache for `batch` prompts that continue it; the original can go on by itself."""
+    twin = copy.copy(cache)
+    twin.layers = []
     for layer in cache.layers:
+        own = copy.copy(layer)
+        for name, value in vars(layer).items():
+            if isinstance(value, dict):  # states and their flags, updated in place
+                setattr(own, name, dict(value))
         if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel():
-            layer.keys, layer.values = layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1)
-        for states in (getattr(layer, "conv_states", {}), getattr(layer, "recurrent_states", {})):
+            own.keys, own.values = layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1)
+        for states in (getattr(own, "conv_states", {}), getattr(own, "recurrent_states", {})):
             for i, state in states.items():
                 if state is not None:
                     states[i] = state.repeat(batch, *([1] * (state.dim() - 1)))
+        twin.layers.append(own)
+    return twin
+
+
+def forks(rows: list[list[int]], early: int = 0) -> tuple[int, list[int]]:
+    """(trunk, fork points): among the longest rows, the one sharing most tokens with all rows is the trunk; each
+    row leaves it where they differ, rounded down to a multiple of CHECKPOINT, keeping its last 1 + early tokens
+    of its own (0: the row shares nothing worth it)."""
+    width = max(len(row) for row in rows)
+    table = np.full((len(rows), width), -1, dtype=np.int64)
+    for i, row in enumerate(rows):
+        table[i, :len(row)] = row
+    candidates = [i for i, row in enumerate(rows) if len(row) == width][:MAX_TRUNKS]
+    best, shared = candidates[0], None
+    for i in candidates:
+        same = table == table[i]
+        common = np.where(same.all(1), width, same.argmin(1))
+        if shared is None or common.sum() > shared.sum():
+            best, shared = i, common
+    points = [min(int(n), len(row) - 1 - early) // CHECKPOINT * CHECKPOINT for n, row in zip(shared, rows)]
+    return best, [max(point, 0) for point in points]
 
 
 @torch.inference_mode()
@@ -49,7 +81,7 @@ def last_logits(model, rows: list[list[int]], pad: int, device) -> torch.Tensor:
     shared = shared_length(rows)
     cache = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([rows[0][:shared]], device=device), cache=cache, use_cache=True, logits_to_keep=1)
-    _repeat(cache, len(rows))
+    cache = fork(cache, len(rows))
     rest = [row[shared:] for row in rows]
     width = max(len(r) for r in rest)
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rest], device=device)
