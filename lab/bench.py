@@ -44,9 +44,8 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-def _needle_trials(loaded: Loaded, lengths, depths, haystack_per: str = "cell"):
-    spec = needle_probe.NeedleSpec(task="passkey", lengths=tuple(lengths), depths=tuple(depths), max_new_tokens=40,
-                                   haystack_per=haystack_per)
+def _needle_trials(loaded: Loaded, lengths, depths):
+    spec = needle_probe.NeedleSpec(task="passkey", lengths=tuple(lengths), depths=tuple(depths), max_new_tokens=40)
     builder = needle_probe.PromptBuilder(loaded.tokenizer, spec)
     return spec, [builder.build(*cell) for cell in spec.cells()]
 
@@ -58,10 +57,8 @@ def _reference_generate(loaded: Loaded, trial, new_tokens: int) -> None:
 
 
 def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int) -> dict:
-    """Grid time for lab's needle probe versus one-prompt-at-a-time generate() on the reference recurrences; lab's
-    also over one haystack text (haystack_per = trial, as the paper's essays), whose prompts share prefixes."""
+    """Grid time for lab's needle probe versus one-prompt-at-a-time generate() on the reference recurrences."""
     spec, trials = _needle_trials(loaded, lengths, depths)
-    one_spec, one_text = _needle_trials(loaded, lengths, depths, "trial")
     tokens = max(spec.lengths) + spec.max_new_tokens
     batch_size = auto_batch_size(spec.batch_size, loaded, tokens, decode_row_bytes(loaded.model, tokens))  # as the runner
     was = fast.enabled(loaded.model)
@@ -69,8 +66,9 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int) -> dict
         fast.apply(loaded.model, True)
         with apply_plan(loaded.model, loaded.anatomy, Plan()) as tracker:
             needle_probe.run_batch(loaded, spec, trials[:2], tracker)  # warm-up
-            lab_time, one_text_time = (_grid_seconds(loaded, s, t, batch_size, tracker)
-                                       for s, t in ((spec, trials), (one_spec, one_text)))
+            with Timer(loaded.device) as lab_time:  # batches as the runner makes them: by length, spanning lengths
+                for i in range(0, len(trials), batch_size):
+                    needle_probe.run_batch(loaded, spec, trials[i:i + batch_size], tracker)
         fast.apply(loaded.model, False)
         _reference_generate(loaded, trials[0], 2)  # warm-up
         step = max(1, len(trials) // reference_sample)
@@ -81,17 +79,9 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int) -> dict
     finally:
         fast.apply(loaded.model, was)
     reference = ref_time.seconds * len(trials) / len(sample)
-    return {"prompts": len(trials), "new_tokens": spec.max_new_tokens, "lab_s": round(lab_time, 3),
-            "lab_one_haystack_s": round(one_text_time, 3), "reference_s": round(reference, 3),
-            "reference_measured_prompts": len(sample), "speedup": round(reference / lab_time, 2)}
-
-
-def _grid_seconds(loaded: Loaded, spec, trials, batch_size: int, tracker) -> float:
-    """The grid in batches as the runner makes them: by length, spanning lengths."""
-    with Timer(loaded.device) as timer:
-        for i in range(0, len(trials), batch_size):
-            needle_probe.run_batch(loaded, spec, trials[i:i + batch_size], tracker)
-    return timer.seconds
+    return {"prompts": len(trials), "new_tokens": spec.max_new_tokens, "lab_s": round(lab_time.seconds, 3),
+            "reference_s": round(reference, 3), "reference_measured_prompts": len(sample),
+            "speedup": round(reference / lab_time.seconds, 2)}
 
 
 @torch.inference_mode()

@@ -164,8 +164,6 @@ def _speed_table(results: dict) -> Table:
     if n is not None and not _skipped(table, "needle grid", n):
         _row(table, f"needle, {n['prompts']} prompts x {n['new_tokens']} tokens", f"{n['lab_s']:.2f} s",
              f"{n['reference_s']:.2f} s", f"{n['speedup']:.1f}x")
-        _row(table, "  over one haystack text", f"{n['lab_one_haystack_s']:.2f} s", "",
-             f"{n['reference_s'] / n['lab_one_haystack_s']:.1f}x")
         notes.append(f"needle reference: generate(), one prompt at a time ({n['reference_measured_prompts']} "
                      "timed, scaled to the grid)")
     m = results.get("mmlu")

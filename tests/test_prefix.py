@@ -5,7 +5,6 @@ import torch
 
 from lab import fast
 from lab.interventions import BlocksOff, Plan, Sparsify, apply_plan
-from lab.interventions.hooks import EVERY_POSITION
 from lab.fast import prefix
 from lab.models import ModelSpec, load
 from lab.probes import mmlu
@@ -36,7 +35,7 @@ def test_continued_prompts_give_the_logits_of_whole_ones(plan):
     rows = _rows(70, (9, 3, 14, 1))
     assert prefix.supports(loaded.model) and prefix.shared_length(rows) == 70
     with apply_plan(loaded.model, loaded.anatomy, plan) as tracker:
-        tracker.prompt_len = EVERY_POSITION
+        tracker.prompt_len = mmlu.EVERY_POSITION
         shared = prefix.last_logits(loaded.model, rows, 0, "cpu")
         alone = _plain(loaded.model, rows)
     torch.testing.assert_close(shared, alone, atol=1e-4, rtol=1e-4)
@@ -83,45 +82,13 @@ def test_continued_prompts_on_the_gpu(dtype):
     loaded = load(ModelSpec("random:jamba", device="cuda", dtype=dtype))
     rows = _rows(300, (9, 3, 140, 1))
     with apply_plan(loaded.model, loaded.anatomy, Plan()) as tracker:
-        tracker.prompt_len = EVERY_POSITION
+        tracker.prompt_len = mmlu.EVERY_POSITION
         shared = prefix.last_logits(loaded.model, rows, 0, "cuda").float()
         with torch.inference_mode():
             alone = torch.stack([loaded.model(input_ids=torch.tensor([row], device="cuda")).logits[0, -1]
                                  for row in rows]).float()
     error = ((shared - alone).norm() / alone.norm()).item()
     assert error < (1e-4 if dtype == "float32" else 3e-2)
-
-
-class _Phases:
-    """What the decoders ask of a plan's PhaseTracker: where prompts end, and whether they may share."""
-
-    def __init__(self, early: int = 0, shares: bool = True):
-        self.early, self.shares_prefixes, self.ends = early, shares, []
-
-    def prompt_ends(self, end):
-        self.ends.append(end)
-
-
-@pytest.mark.parametrize("early", [0, 1])
-def test_jamba_decodes_prompts_that_leave_a_shared_trunk(early, monkeypatch):
-    """Needle prompts over one haystack (haystack_per = trial) leave a trunk computed once, at checkpoints; the
-    tokens and logits are those of each prompt prefilled whole, rows in the caller's order."""
-    from lab.fast import jamba_decode
-    from lab.probes import needle
-
-    monkeypatch.setattr(prefix, "CHECKPOINT", 32)
-    loaded = load(ModelSpec("random:jamba", device="cpu"))
-    spec = needle.NeedleSpec(task="passkey", lengths=(300, 380), depths=(0, 40, 90), haystack_per="trial")
-    builder = needle.PromptBuilder(loaded.tokenizer, spec)
-    groups = [torch.tensor([builder.build(n, d, 0).ids for d in spec.depths]) for n in spec.lengths]
-    trunk, points = prefix.forks([row for g in groups for row in g.tolist()], early)
-    assert len({p for p in points if p}) >= 3  # forks at three or more checkpoints
-    shared, alone = _Phases(early), _Phases(early, shares=False)
-    tokens, logits = jamba_decode.greedy(loaded.model, groups, 5, return_logits=True, phases=shared)
-    whole = jamba_decode.greedy(loaded.model, groups, 5, return_logits=True, phases=alone)
-    assert None in shared.ends and None not in alone.ends  # the trunk ran, as a prefix of longer prompts
-    assert torch.equal(tokens, whole[0])
-    torch.testing.assert_close(logits, whole[1], atol=1e-4, rtol=1e-4)
 
 
 def test_haystack_per_trial_is_one_text_for_every_length_and_depth():

@@ -134,10 +134,9 @@ class RecurrentState:
 
 @torch.inference_mode()
 def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int | None = None,
-           return_logits: bool = False, phases=None):
+           return_logits: bool = False):
     """Greedy tokens (sum B, new) after the prompt groups [(B_i, T_i), ...], rows in group order; with
-    return_logits also the (sum B, new, V) logits. phases (a plan's PhaseTracker) is told where the prompts of
-    each prefill forward end (phases.prompt_ends)."""
+    return_logits also the (sum B, new, V) logits."""
     batch = sum(group.shape[0] for group in prompts)
     device = prompts[0].device
     ring = RingCache(model, batch, device, model.dtype)
@@ -145,8 +144,6 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
     positions = torch.empty((batch, 1), device=device, dtype=torch.long)
 
     def prefill(group: torch.Tensor, rows: slice) -> torch.Tensor:
-        if phases is not None:
-            phases.prompt_ends(group.shape[1])
         prefilled = DynamicCache(config=model.config)
         model._setup_cache(model.config, group.shape[0], device, model.dtype)
         logits = model(input_ids=group, cache=prefilled, use_cache=True, logits_to_keep=1).logits[:, -1]

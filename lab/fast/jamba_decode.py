@@ -12,12 +12,9 @@ eagerly (tests).
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from transformers import DynamicCache
 
-from lab.fast import prefix
 from lab.fast.decode import LOGIT_COPIES, SlotWriter, prefill_in_parts, run_steps
 from lab.fast.state import enabled
 
@@ -93,48 +90,26 @@ class FixedCache(SlotWriter):
 
 @torch.inference_mode()
 def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int | None = None,
-           return_logits: bool = False, phases=None):
+           return_logits: bool = False):
     """Greedy tokens (sum B, new) after the prompt groups [(B_i, T_i), ...], rows in group order; with
-    return_logits also the (sum B, new, V) logits. phases (a plan's PhaseTracker) is told before each prefill
-    forward where its prompts end (phases.prompt_ends; None: a trunk several prompts share); given one that
-    allows it, prompts that share a prefix leave a trunk computed once (lab.fast.prefix), each keeping its last
-    1 + phases.early tokens of its own."""
+    return_logits also the (sum B, new, V) logits."""
     batch = sum(group.shape[0] for group in prompts)
     device = prompts[0].device
     length = max(group.shape[1] for group in prompts) + max_new_tokens
     cache = FixedCache(model, batch, length, device, model.dtype)
     positions = torch.empty((batch, 1), device=device, dtype=torch.long)
-    tell = phases.prompt_ends if phases is not None else (lambda end: None)
 
-    def prefill(group: torch.Tensor, rows: slice, prefilled: DynamicCache | None = None, at: int = 0) -> torch.Tensor:
-        tell(group.shape[1])
-        prefilled = DynamicCache(config=model.config) if prefilled is None else prefilled
-        steps = torch.arange(at, group.shape[1], device=device)[None].expand(group.shape[0], -1)
-        logits = model(input_ids=group[:, at:], position_ids=steps, cache=prefilled, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]
+    def prefill(group: torch.Tensor, rows: slice) -> torch.Tensor:
+        prefilled = DynamicCache(config=model.config)
+        logits = model(input_ids=group, cache=prefilled, use_cache=True, logits_to_keep=1).logits[:, -1]
         cache.fill(prefilled, rows)
         positions[rows] = group.shape[1]
         return logits
 
-    rows = [row for group in prompts for row in group.tolist()]
-    share = phases is not None and phases.shares_prefixes and prefix.supports(model)
-    trunk, points = prefix.forks(rows, phases.early) if share else (0, [0])
-    order = sorted(range(batch), key=lambda i: (points[i], len(rows[i]))) if any(points) else range(batch)
-    shared, done, first, start = DynamicCache(config=model.config), 0, [], 0
-    for (point, _), members in itertools.groupby(order, key=lambda i: (points[i] if any(points) else 0, len(rows[i]))):
-        group = torch.tensor([rows[i] for i in members], device=device)
-        if point == 0:
-            first += prefill_in_parts(group, start, prefill)
-        else:
-            if point > done:  # the trunk goes on to this fork
-                tell(None)
-                model(input_ids=torch.tensor([rows[trunk][done:point]], device=device), cache=shared, use_cache=True,
-                      position_ids=torch.arange(done, point, device=device)[None], logits_to_keep=1)
-                done = point
-            first.append(prefill(group, slice(start, start + group.shape[0]), prefix.fork(shared, group.shape[0]),
-                                 point))
+    first, start = [], 0
+    for group in prompts:
+        first += prefill_in_parts(group, start, prefill)
         start += group.shape[0]
-    del shared
     logits = torch.cat(first)
     tokens = logits.argmax(-1, keepdim=True)
     mask = torch.empty((batch, 1, 1, length), device=device, dtype=model.dtype)
@@ -151,8 +126,4 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
 
     # torch's grouped product copies to the host outside bf16, which a CUDA graph cannot hold: eager steps then
     graph = model.config.num_experts == 1 or model.dtype == torch.bfloat16
-    out = run_steps(step, tokens, logits, step_logits, max_new_tokens, eos_id, return_logits, graph)
-    if not any(points):
-        return out
-    back = torch.argsort(torch.tensor(order, device=device))  # rows in the caller's order again
-    return (out[0][back], out[1][back]) if return_logits else out[back]
+    return run_steps(step, tokens, logits, step_logits, max_new_tokens, eos_id, return_logits, graph)

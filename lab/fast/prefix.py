@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 from transformers import DynamicCache
 
 from lab.fast.state import enabled
 
 MIN_SHARED = 32  # tokens: below this one padded forward is as quick
-CHECKPOINT = 256  # tokens: prompts leave a shared trunk at multiples of this (fewer, longer trunk forwards)
-MAX_TRUNKS = 16  # rows tried as the trunk
 
 
 def supports(model) -> bool:
@@ -54,25 +51,6 @@ def fork(cache: DynamicCache, batch: int) -> DynamicCache:
                     states[i] = state.repeat(batch, *([1] * (state.dim() - 1)))
         twin.layers.append(own)
     return twin
-
-
-def forks(rows: list[list[int]], early: int = 0) -> tuple[int, list[int]]:
-    """(trunk, fork points): among the longest rows, the one sharing most tokens with all rows is the trunk; each
-    row leaves it where they differ, rounded down to a multiple of CHECKPOINT, keeping its last 1 + early tokens
-    of its own (0: the row shares nothing worth it)."""
-    width = max(len(row) for row in rows)
-    table = np.full((len(rows), width), -1, dtype=np.int64)
-    for i, row in enumerate(rows):
-        table[i, :len(row)] = row
-    candidates = [i for i, row in enumerate(rows) if len(row) == width][:MAX_TRUNKS]
-    best, shared = candidates[0], None
-    for i in candidates:
-        same = table == table[i]
-        common = np.where(same.all(1), width, same.argmin(1))
-        if shared is None or common.sum() > shared.sum():
-            best, shared = i, common
-    points = [min(int(n), len(row) - 1 - early) // CHECKPOINT * CHECKPOINT for n, row in zip(shared, rows)]
-    return best, [max(point, 0) for point in points]
 
 
 @torch.inference_mode()

@@ -35,13 +35,8 @@ from lab.models.anatomy import ADAPTERS, Anatomy
 Means = dict[tuple, torch.Tensor]
 
 
-EVERY_POSITION = 1 << 62  # a prompt length past any position: every position is prompt
-
-
 class PhaseTracker:
     """Knows the absolute positions of the current forward call and which are in the plan's phase."""
-
-    shares_prefixes = True  # prompts may continue a cached prefix (not where needle attention finds needles by ids)
 
     def __init__(self, phase: str, prompt_len: int | None = None):
         self.phase = phase
@@ -51,10 +46,6 @@ class PhaseTracker:
         self._auto_len: int | None = None
         self._mask: torch.Tensor | None = None
         self._step_mask: torch.Tensor | None | bool = False  # while decoding(): the mask of every one-token step
-
-    def prompt_ends(self, end: int | None) -> None:
-        """The next prefill forwards compute prompts that end at `end` (None: a prefix that longer prompts share)."""
-        self.prompt_len = EVERY_POSITION if end is None else end - self.early
 
     @contextmanager
     def decoding(self, device) -> Iterator[None]:
@@ -306,7 +297,6 @@ def _installed(model, anatomy: Anatomy, plan: Resolved, means: Means, prompt_len
             previous_impl = model.config._attn_implementation
             model.set_attn_implementation("eager")
         if plan.needle is not None:
-            tracker.shares_prefixes = False  # it finds each prompt's needles by the prompt's ids
             base = base_module(model, anatomy)
             undos.append(needle_attention.install(model, anatomy, plan, tracker, base, in_kernel))
         if plan.sparsify is not None:

@@ -70,21 +70,15 @@ def greedy(loaded, prompts: list[list[int]], max_new_tokens: int, static: bool =
     """Greedy continuations with cache (under whatever plan is active), each cut at eos.
 
     Prompts of one length run as one unpadded group. static: decode with lab's fixed-buffer decoder where one
-    supports the model (all groups in one CUDA graph on a GPU); the plan's `tracker` then learns where each
-    prefill's prompts end (prompts may share a prefix computed once) and that the one-token steps are generation
-    steps, without reading positions on the host."""
+    supports the model (all groups in one CUDA graph on a GPU); the plan's `tracker` then learns that its
+    one-token steps are generation steps without reading positions on the host."""
     tok, model = loaded.tokenizer, loaded.model
     groups = _by_length(prompts)
     tensors = [torch.tensor([prompts[i] for i in group], device=loaded.device) for group in groups]
     decoder = fixed_decoder(model)
     if static and decoder is not None:
-        prompt_len = tracker.prompt_len if tracker is not None else None
-        try:
-            with tracker.decoding(loaded.device) if tracker is not None else nullcontext():
-                rows = decoder.greedy(model, tensors, max_new_tokens, tok.eos_token_id, phases=tracker).tolist()
-        finally:
-            if tracker is not None:
-                tracker.prompt_len = prompt_len
+        with tracker.decoding(loaded.device) if tracker is not None else nullcontext():
+            rows = decoder.greedy(model, tensors, max_new_tokens, tok.eos_token_id).tolist()
     else:
         rows = []
         for prompt in tensors:

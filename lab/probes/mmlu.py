@@ -17,7 +17,6 @@ import torch
 from lab.errors import LabError
 from lab.probes.files import read_utf8
 from lab.fast import prefix
-from lab.interventions.hooks import EVERY_POSITION
 from lab.models.generation import pad_id
 from lab.probes.base import Prepared, Work, mean, mean_by
 
@@ -241,20 +240,23 @@ class Scorer:
                 raise LabError("this tokenizer merges the prompt's end with the choice letter; MMLU scoring needs "
                                "them apart")
             conts.append(whole[len(ctx):])
-        prefix = conts[0][:-1]
-        if any(c[:-1] != prefix for c in conts):
+        shared = conts[0][:-1]
+        if any(c[:-1] != shared for c in conts):
             raise LabError("the choice letters do not differ only in their last token")
-        return prefix, [c[-1] for c in conts]
+        return shared, [c[-1] for c in conts]
 
     def ids(self, q: Question, dev: list[Question]) -> list[int]:
         return self._encode(self._context(q, dev).rstrip()) + self.choice_ids[0]
+
+
+EVERY_POSITION = 1 << 62  # a prompt length past any position: a plan's generation phase does nothing in MMLU
 
 
 @torch.inference_mode()
 def run_batch(loaded, scorer: Scorer, batch: list[tuple[Question, list[int]]], tracker) -> list[dict]:
     """Score a batch; return one result row per question. The questions of one subject share their shots: where
     the model can continue a cached prompt (lab.fast.prefix), those run once per subject."""
-    tracker.prompt_len = EVERY_POSITION  # every position is prompt: a plan's generation phase does nothing here
+    tracker.prompt_len = EVERY_POSITION
     share = prefix.supports(loaded.model)
     subjects: dict[str, list[int]] = {}
     for i, (q, _) in enumerate(batch):
