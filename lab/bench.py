@@ -65,7 +65,7 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int) -> dict
     try:
         fast.apply(loaded.model, True)
         with apply_plan(loaded.model, loaded.anatomy, Plan()) as tracker:
-            needle_probe.run_batch(loaded, spec, trials[:2], tracker)  # warm-up
+            needle_probe.run_batch(loaded, spec, trials[:len(spec.depths)], tracker)  # warm-up: a length's batch
             with Timer(loaded.device) as lab_time:  # batches as the runner makes them: by length, spanning lengths
                 for i in range(0, len(trials), batch_size):
                     needle_probe.run_batch(loaded, spec, trials[i:i + batch_size], tracker)
@@ -91,7 +91,7 @@ def bench_mmlu(loaded: Loaded, questions: int, batch_size: int) -> dict:
     scorer = mmlu_probe.Scorer(loaded.tokenizer, 5)
     items = sorted(((q, scorer.ids(q, dev[q.subject])) for q in qs), key=lambda item: -len(item[1]))
     with apply_plan(loaded.model, loaded.anatomy, Plan()) as tracker:
-        mmlu_probe.run_batch(loaded, scorer, items[-2:], tracker)  # warm-up (compiles lab's kernels)
+        mmlu_probe.run_batch(loaded, scorer, items[:batch_size], tracker)  # warm-up: compiles the kernels it times
         with Timer(loaded.device) as lab_time:
             for i in range(0, len(items), batch_size):
                 mmlu_probe.run_batch(loaded, scorer, items[i:i + batch_size], tracker)
