@@ -69,6 +69,10 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int) -> dict
             with Timer(loaded.device) as lab_time:  # batches as the runner makes them: by length, spanning lengths
                 for i in range(0, len(trials), batch_size):
                     needle_probe.run_batch(loaded, spec, trials[i:i + batch_size], tracker)
+        out = {"prompts": len(trials), "new_tokens": spec.max_new_tokens, "lab_s": round(lab_time.seconds, 3),
+               "reference_s": None, "reference_measured_prompts": 0, "speedup": None}
+        if not reference_sample:
+            return out
         fast.apply(loaded.model, False)
         _reference_generate(loaded, trials[0], 2)  # warm-up
         step = max(1, len(trials) // reference_sample)
@@ -79,13 +83,12 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int) -> dict
     finally:
         fast.apply(loaded.model, was)
     reference = ref_time.seconds * len(trials) / len(sample)
-    return {"prompts": len(trials), "new_tokens": spec.max_new_tokens, "lab_s": round(lab_time.seconds, 3),
-            "reference_s": round(reference, 3), "reference_measured_prompts": len(sample),
+    return {**out, "reference_s": round(reference, 3), "reference_measured_prompts": len(sample),
             "speedup": round(reference / lab_time.seconds, 2)}
 
 
 @torch.inference_mode()
-def bench_mmlu(loaded: Loaded, questions: int, batch_size: int) -> dict:
+def bench_mmlu(loaded: Loaded, questions: int, batch_size: int, reference: bool = True) -> dict:
     qs, dev = mmlu_probe.load_questions(mmlu_probe.MMLUSpec(shots=5))
     qs = qs[:questions]
     scorer = mmlu_probe.Scorer(loaded.tokenizer, 5)
@@ -95,12 +98,14 @@ def bench_mmlu(loaded: Loaded, questions: int, batch_size: int) -> dict:
         with Timer(loaded.device) as lab_time:
             for i in range(0, len(items), batch_size):
                 mmlu_probe.run_batch(loaded, scorer, items[i:i + batch_size], tracker)
+    lab_qps = round(len(items) / lab_time.seconds, 2)
+    if not reference:
+        return {"questions": len(items), "lab_qps": lab_qps, "per_choice_qps": None, "speedup": None}
     with Timer(loaded.device) as per_choice:
         for q, ids in items:
             for letter_id in scorer.choice_ids[1]:
                 loaded.model(input_ids=torch.tensor([ids + [letter_id]], device=loaded.device), use_cache=False)
-    return {"questions": len(items), "lab_qps": round(len(items) / lab_time.seconds, 2),
-            "per_choice_qps": round(len(items) / per_choice.seconds, 2),
+    return {"questions": len(items), "lab_qps": lab_qps, "per_choice_qps": round(len(items) / per_choice.seconds, 2),
             "speedup": round(per_choice.seconds / lab_time.seconds, 2)}
 
 
@@ -210,22 +215,25 @@ def parse_rows(text: str | None) -> tuple[str, ...]:
     return rows
 
 
-def run_bench(loaded: Loaded, quick: bool, rows: tuple[str, ...] = ROWS, progress=None) -> dict:
-    """Every measure of `rows`, each on its own (see _measured); progress(label) before each."""
+def run_bench(loaded: Loaded, quick: bool, rows: tuple[str, ...] = ROWS, progress=None,
+              reference: int | None = None) -> dict:
+    """Every measure of `rows`, each on its own (see _measured); progress(label) before each. reference: needle
+    prompts the reference path times (None: 10 on a GPU, 4 on a CPU; 0: no reference path, MMLU's neither)."""
     if loaded.device.type == "meta":
         raise LabError("a model on the meta device has no weights to time: use it with lab inspect only")
     on_gpu = loaded.device.type == "cuda"
     lengths = needle_probe.PAPER_LENGTHS if on_gpu and not quick else (256, 512, 768, 1024)
     depths = needle_probe.PAPER_DEPTHS if on_gpu and not quick else (0, 50, 100)
     length = 4096 if on_gpu else 1024
+    sample = (10 if on_gpu else 4) if reference is None else reference
     measures = []  # (key, label, shape, measure)
     if "needle" in rows:
         measures.append(("needle_grid", "needle grid", f"{len(lengths) * len(depths)} prompts",
-                         lambda: bench_needle(loaded, lengths, depths, reference_sample=10 if on_gpu else 4)))
+                         lambda: bench_needle(loaded, lengths, depths, reference_sample=sample)))
     if "mmlu" in rows:
         questions, batch = (128, 64) if on_gpu else (16, 8)
         measures.append(("mmlu", "MMLU", f"{questions} questions, batch {batch}",
-                         lambda: bench_mmlu(loaded, questions=questions, batch_size=batch)))
+                         lambda: bench_mmlu(loaded, questions=questions, batch_size=batch, reference=sample > 0)))
     if "plans" in rows:
         # one prompt (on a GPU bound by launching kernels from Python, so hook code counts) and a probe-sized batch
         for batch in (1, 8) if on_gpu else (1,):

@@ -298,6 +298,8 @@ def cmd_bench(args) -> int:
     from lab.report import bench_tables
 
     rows = parse_rows(args.rows)
+    if args.reference is not None and args.reference < 0:
+        raise LabError(f"--reference {args.reference}: give a number of prompts >= 0 (0: lab's paths only)")
     loaded = load_for_bench(args.model, args.device, args.dtype)
     status = None
     if not args.json and sys.stderr.isatty():
@@ -306,7 +308,7 @@ def cmd_bench(args) -> int:
         status = Console(stderr=True).status("measuring")
         status.start()
     try:
-        results = run_bench(loaded, quick=args.quick, rows=rows,
+        results = run_bench(loaded, quick=args.quick, rows=rows, reference=args.reference,
                             progress=None if status is None else lambda label: status.update(f"measuring {label}"))
     finally:
         if status is not None:
@@ -474,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--quick", action="store_true", help="a small needle grid even on a GPU")
     p.add_argument("--rows", help="measure only these rows, comma-separated: needle, mmlu, plans, prefill")
+    p.add_argument("--reference", type=int, metavar="N",
+                   help="needle prompts the reference path times (default 10 on a GPU, 4 on a CPU); "
+                        "0: lab's paths only")
     p.add_argument("--json", action="store_true", help="print the measures as JSON")
     p.set_defaults(func=cmd_bench)
     for choice in sub._choices_actions:  # each command's --help opens with what the command list says of it

@@ -162,15 +162,19 @@ def _speed_table(results: dict) -> Table:
     notes = []
     n = results.get("needle_grid")
     if n is not None and not _skipped(table, "needle grid", n):
+        timed = n["reference_s"] is not None
         _row(table, f"needle, {n['prompts']} prompts x {n['new_tokens']} tokens", f"{n['lab_s']:.2f} s",
-             f"{n['reference_s']:.2f} s", f"{n['speedup']:.1f}x")
-        notes.append(f"needle reference: generate(), one prompt at a time ({n['reference_measured_prompts']} "
-                     "timed, scaled to the grid)")
+             f"{n['reference_s']:.2f} s" if timed else "not timed", f"{n['speedup']:.1f}x" if timed else "")
+        if timed:
+            notes.append(f"needle reference: generate(), one prompt at a time ({n['reference_measured_prompts']} "
+                         "timed, scaled to the grid)")
     m = results.get("mmlu")
     if m is not None and not _skipped(table, "MMLU 5-shot", m):
+        timed = m["per_choice_qps"] is not None
         _row(table, f"MMLU 5-shot, {m['questions']} questions", f"{m['lab_qps']:.1f} q/s",
-             f"{m['per_choice_qps']:.1f} q/s", f"{m['speedup']:.1f}x")
-        notes.append("MMLU reference: one forward per choice")
+             f"{m['per_choice_qps']:.1f} q/s" if timed else "not timed", f"{m['speedup']:.1f}x" if timed else "")
+        if timed:
+            notes.append("MMLU reference: one forward per choice")
     table.caption = text("; ".join(["speedup: reference time / lab time", *notes]))
     table.caption_justify = "left"
     return table

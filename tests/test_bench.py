@@ -108,3 +108,22 @@ def test_eager_attention_out_of_memory_leaves_the_other_plan_figures(monkeypatch
     console = Console(width=120, record=True)
     console.print(_plan_table({**row, "batch": 1, "length": 64}))
     assert "eager out of memory" in console.export_text()
+
+
+def test_bench_without_the_reference_paths(capsys, monkeypatch):
+    """--reference 0 times lab's paths only (the reference of a 9B model takes minutes a prompt); the table says
+    what was not timed; a negative count fails before any model loads."""
+    from lab import bench
+
+    monkeypatch.setattr(bench, "_reference_generate", lambda *a: pytest.fail("ran the reference"))
+    assert main(["bench", "random:jamba", "--device", "cpu", "--rows", "needle,mmlu", "--reference", "0",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["needle_grid"]["lab_s"] > 0 and data["needle_grid"]["reference_s"] is None
+    assert data["mmlu"]["lab_qps"] > 0 and data["mmlu"]["per_choice_qps"] is None
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["bench", "random:jamba", "--device", "cpu", "--rows", "mmlu", "--reference", "0"]) == 0
+    assert "not timed" in capsys.readouterr().out
+    monkeypatch.setattr("lab.bench.load_for_bench", lambda *a: pytest.fail("loaded a model"))
+    assert main(["bench", "random:jamba", "--reference", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "lab: --reference -1: give a number of prompts >= 0 (0: lab's paths only)"
