@@ -91,19 +91,23 @@ STEPPED_PROGRAMS = 1024  # programs of one warp from which stepping through time
 
 def scan_tiles(x, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial=None):
     """selective_scan's tiled kernel: output (batch, channels, time) memory."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return out, _launch(_scan_tiles_kernel, SCAN_CONFIG, out, x, dt, A, B, C, D, z, delta_bias, delta_softplus,
+                        initial)
+
+
+def _launch(kernel, config: dict, out, x, dt, A, B, C, D, z, delta_bias, delta_softplus, initial) -> torch.Tensor:
+    """Run a scan kernel over (batch, blocks of channels) into `out`; returns the float32 last state."""
     batch, channels, steps = x.shape
-    state = A.shape[-1]
-    out = torch.empty((batch, channels, steps), dtype=x.dtype, device=x.device)
-    last = torch.empty((batch, channels, state), dtype=torch.float32, device=x.device)
-    grid = (batch, triton.cdiv(channels, SCAN_CONFIG["BLOCK_D"]))
-    _scan_tiles_kernel[grid](
+    last = torch.empty((batch, channels, A.shape[-1]), dtype=torch.float32, device=x.device)
+    kernel[(batch, triton.cdiv(channels, config["BLOCK_D"]))](
         x, dt, A.float().contiguous(), B, C, D if D is not None else x, z if z is not None else x,
         delta_bias if delta_bias is not None else x, initial.contiguous() if initial is not None else x, out, last,
         steps, channels,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *(z.stride() if z is not None else x.stride()),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_INIT=initial is not None, STATE=state, **SCAN_CONFIG)
-    return out, last
+        HAS_INIT=initial is not None, STATE=A.shape[-1], **config)
+    return last
 
 
 @triton.jit(do_not_specialize=["steps"])
@@ -154,16 +158,6 @@ STEPS_CONFIG = dict(BLOCK_D=32, num_warps=1)
 def scan_steps(x, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial=None):
     """selective_scan one time step after another: the output is a (batch, channels, time) view of
     (batch, time, channels) memory, the layout the out-projection reads."""
-    batch, channels, steps = x.shape
-    state = A.shape[-1]
-    out = torch.empty((batch, steps, channels), dtype=x.dtype, device=x.device)
-    last = torch.empty((batch, channels, state), dtype=torch.float32, device=x.device)
-    grid = (batch, triton.cdiv(channels, STEPS_CONFIG["BLOCK_D"]))
-    _scan_steps_kernel[grid](
-        x, dt, A.float().contiguous(), B, C, D if D is not None else x, z if z is not None else x,
-        delta_bias if delta_bias is not None else x, initial.contiguous() if initial is not None else x, out, last,
-        steps, channels,
-        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *(z.stride() if z is not None else x.stride()),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_INIT=initial is not None, STATE=state, **STEPS_CONFIG)
+    out = torch.empty((x.shape[0], x.shape[2], x.shape[1]), dtype=x.dtype, device=x.device)
+    last = _launch(_scan_steps_kernel, STEPS_CONFIG, out, x, dt, A, B, C, D, z, delta_bias, delta_softplus, initial)
     return out.transpose(1, 2), last
