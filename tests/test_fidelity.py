@@ -321,6 +321,7 @@ def test_paper_needle_presets_use_the_papers_protocol(name):
     preset = presets.load(name)
     spec = preset.needle
     assert (spec.length_counts, spec.buffer, spec.needle_wrap) == ("context", 200, "newline")
+    assert spec.haystack_per == "trial"  # one haystack text for every length and depth, as the paper's essays
     assert spec.jrt == spec.jrt_form.startswith("repeat") == name.endswith("-jrt")
     if name.startswith("jamba"):
         assert (spec.chat, spec.instruction, spec.answer_line, spec.phase_boundary) == \
