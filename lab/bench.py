@@ -208,7 +208,7 @@ def _measured(measure, shape: str) -> dict:
 
 def parse_rows(text: str | None) -> tuple[str, ...]:
     """The rows named in `text`, comma-separated (None: every row); checked before any model loads."""
-    rows = tuple(r.strip() for r in (text or ",".join(ROWS)).split(",") if r.strip())
+    rows = tuple(r.strip() for r in (",".join(ROWS) if text is None else text).split(",") if r.strip())
     unknown = [r for r in rows if r not in ROWS]
     if unknown or not rows:
         raise LabError(f"unknown bench row {unknown[0] if unknown else text!r}; rows: {', '.join(ROWS)}")

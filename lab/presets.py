@@ -17,6 +17,7 @@ import tomli_w
 from lab.errors import LabError
 from lab.interventions.plan import Plan
 from lab.models.spec import ModelSpec
+from lab.probes import haystack
 from lab.probes.heads import HeadsSpec
 from lab.probes.mmlu import MMLUSpec
 from lab.probes.needle import NeedleSpec
@@ -83,6 +84,8 @@ class Preset:
                 data[key].pop("batch_size", None)
                 for name in getattr(getattr(self, key), "unhashed", list)():  # options newer than the stored runs
                     data[key].pop(name)
+                if data[key].get("haystack", "generated") != "generated":  # a user's text: what it says now
+                    data[key]["haystack_text"] = haystack.text_digest(data[key]["haystack"])
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

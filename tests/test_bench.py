@@ -77,6 +77,8 @@ def test_bench_bad_rows_fail_before_loading(capsys, monkeypatch):
     monkeypatch.setattr("lab.bench.load_for_bench", lambda *a: pytest.fail("loaded a model"))
     assert main(["bench", "random:jamba", "--rows", "needle,speed"]) == 2
     assert capsys.readouterr().err.strip() == "lab: unknown bench row 'speed'; rows: needle, mmlu, plans, prefill"
+    assert main(["bench", "random:jamba", "--rows", ""]) == 2  # not every row
+    assert capsys.readouterr().err.strip() == "lab: unknown bench row ''; rows: needle, mmlu, plans, prefill"
 
 
 def test_flops_count_the_experts_a_token_uses():

@@ -262,3 +262,24 @@ def test_cli_run_prints_a_heads_table_and_markup_paths_as_text(tmp_path, capsys)
     out = capsys.readouterr().out
     assert str(db) in out.replace("\n", "")
     assert "heads by retrieval" in out and "trials recalled the needle" in out
+
+
+def test_an_edited_haystack_file_is_another_experiment(tmp_path, capsys):
+    """A run's identity holds what a user's haystack file says: the same file resumes its run, an edited one
+    starts another (it used to hand back the old text's results); a generated haystack is unaffected."""
+    hay = tmp_path / "hay.txt"
+    hay.write_text("The river was calm that morning. " * 300)
+    path = tmp_path / "p.toml"
+    path.write_text(f'[model]\nname = "toy-recurrentgemma"\n[needle]\ntask = "passkey"\nlengths = [300]\n'
+                    f'depths = [50]\nmax_new_tokens = 4\nhaystack = "{hay}"\n')
+    db = tmp_path / "r.sqlite"
+
+    def run_id() -> int:
+        assert main(["run", str(path), "--db", str(db), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["run"]
+
+    first = run_id()
+    assert run_id() == first
+    hay.write_text("A different text about the harbour. " * 300)
+    assert run_id() != first
+    assert "haystack_text" not in json.dumps(presets.load("toy-recurrentgemma-base").to_dict())

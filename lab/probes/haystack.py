@@ -8,6 +8,7 @@ any sentence boundary.
 from __future__ import annotations
 
 import functools
+import hashlib
 import random
 import re
 from pathlib import Path
@@ -71,6 +72,22 @@ def _file_parts(path: Path, versions: tuple) -> tuple[str, ...]:
     if not any(p.strip() for p in parts):
         raise LabError(f"haystack {path} has no sentences")
     return parts
+
+
+def text_digest(source: str) -> str:
+    """A digest of a user's haystack as its files are now (run identity: an edited text is another
+    experiment); "unreadable" where they cannot be read (the probe says why when it runs)."""
+    path = Path(source).expanduser()
+    try:
+        files = sorted(f for f in path.glob("**/*.txt") if f.is_file()) if path.is_dir() else [path]
+        return _digest(path, tuple((f, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    except (OSError, LabError):
+        return "unreadable"
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: Path, versions: tuple) -> str:
+    return hashlib.sha256(read_text(path, [file for file, _, _ in versions]).encode()).hexdigest()[:16]
 
 
 def read_text(path: Path, files: list[Path]) -> str:
