@@ -54,14 +54,19 @@ def file_sentences(path: str | Path):
     """The text of a file or of every .txt file in a folder in pieces that end at a ".", each with the
     whitespace before it, cycled forever: joined, the pieces give the text as written."""
     path = Path(path).expanduser()
+    parts = _file_parts(path, _versions(path))
+    while True:
+        yield from parts
+
+
+def _versions(path: Path) -> tuple:
+    """(file, mtime, size) of the haystack's files as they are now: what its text is cached and known by."""
     files = sorted(f for f in path.glob("**/*.txt") if f.is_file()) if path.is_dir() else [path]
     if path.exists() and not path.is_dir() and not path.is_file():
         raise LabError(f"haystack {path} is not a regular file (a FIFO or device would block or never end)")
     if not path.exists() or not files:
         raise LabError(f"haystack {path} not found (give a .txt file or a folder of .txt files)")
-    parts = _file_parts(path, tuple((f, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
-    while True:
-        yield from parts
+    return tuple((f, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
 
 
 @functools.lru_cache(maxsize=4)
@@ -79,8 +84,7 @@ def text_digest(source: str) -> str:
     experiment); "unreadable" where they cannot be read (the probe says why when it runs)."""
     path = Path(source).expanduser()
     try:
-        files = sorted(f for f in path.glob("**/*.txt") if f.is_file()) if path.is_dir() else [path]
-        return _digest(path, tuple((f, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+        return _digest(path, _versions(path))
     except (OSError, LabError):
         return "unreadable"
 
