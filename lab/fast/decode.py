@@ -42,9 +42,18 @@ def row_bytes(model, length: int) -> int:
 LOGIT_COPIES = 4  # the prefill's last logits, the step's, their argmax inputs: a bound on the (B, V) tensors alive
 
 
-def prefill_in_parts(group: torch.Tensor, start: int, prefill) -> list[torch.Tensor]:
-    """prefill(part, rows) over the prompts `group` (B, T), rows numbered from `start`: the whole group at once or,
-    where that runs out of memory, in halves. Returns what each call returned, in row order."""
+def prefill_groups(prompts: list[torch.Tensor], prefill) -> torch.Tensor:
+    """prefill(part, rows) over every prompt group (B_i, T_i), rows numbered across the groups in order; returns
+    the (sum B, V) logits it gave, in row order."""
+    first, start = [], 0
+    for group in prompts:
+        first += _in_parts(group, start, prefill)
+        start += group.shape[0]
+    return torch.cat(first)
+
+
+def _in_parts(group: torch.Tensor, start: int, prefill) -> list[torch.Tensor]:
+    """prefill over one group: whole or, where that runs out of memory, in halves."""
     try:
         return [prefill(group, slice(start, start + group.shape[0]))]
     except torch.OutOfMemoryError:
@@ -52,7 +61,7 @@ def prefill_in_parts(group: torch.Tensor, start: int, prefill) -> list[torch.Ten
             raise
     torch.cuda.empty_cache()  # outside the except block: the failed call's tensors are gone by now
     half = group.shape[0] // 2
-    return prefill_in_parts(group[:half], start, prefill) + prefill_in_parts(group[half:], start + half, prefill)
+    return _in_parts(group[:half], start, prefill) + _in_parts(group[half:], start + half, prefill)
 
 
 class SlotWriter:
@@ -152,12 +161,8 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
         positions[rows] = group.shape[1]
         return logits
 
-    first, start = [], 0
-    for group in prompts:
-        first += prefill_in_parts(group, start, prefill)
-        start += group.shape[0]
+    logits = prefill_groups(prompts, prefill)
     state.join()
-    logits = torch.cat(first)
     tokens = logits.argmax(-1, keepdim=True)
     mask = torch.empty((batch, 1, 1, ring.window), device=device, dtype=model.dtype)
     step_logits = torch.empty_like(logits)

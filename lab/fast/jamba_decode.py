@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from lab.fast.decode import LOGIT_COPIES, SlotWriter, prefill_in_parts, run_steps
+from lab.fast.decode import LOGIT_COPIES, SlotWriter, prefill_groups, run_steps
 from lab.fast.state import enabled
 
 
@@ -106,11 +106,7 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
         positions[rows] = group.shape[1]
         return logits
 
-    first, start = [], 0
-    for group in prompts:
-        first += prefill_in_parts(group, start, prefill)
-        start += group.shape[0]
-    logits = torch.cat(first)
+    logits = prefill_groups(prompts, prefill)
     tokens = logits.argmax(-1, keepdim=True)
     mask = torch.empty((batch, 1, 1, length), device=device, dtype=model.dtype)
     masks = {"full_attention": mask, "linear_attention": None}
