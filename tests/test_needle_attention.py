@@ -259,3 +259,38 @@ def test_on_the_toys_keep_is_the_base_model_and_omit_removes_retrieval(tmp_path,
     assert [row["output"] for row in keep.values()] == [base[key]["output"] for key in keep]
     assert sum(row["exact"] for row in base.values()) == len(base) == 3 * len(lengths)
     assert sum(row["exact"] for row in omit.values()) == 0
+
+
+def test_the_papers_boundary_moves_the_needle_ops_phase_as_the_hooks():
+    """With the paper's last-prompt-token boundary and a plan acting in one phase, the needle op takes the last
+    prompt token as a generation step, as the plan's hooks do (and as it did when such plans were decoded one
+    length at a time with the prompt length set one token short). Jamba: its global attention lets the last
+    prompt token see the needle (the toy RecurrentGemma's window of 32 does not)."""
+    from lab.models.generation import greedy
+    from lab.probes import needle
+
+    loaded = tiny("jamba")
+    plan = replace(_plan(generation="omit"), phase="generation")
+    spec = needle.NeedleSpec(task="passkey", max_new_tokens=2, phase_boundary="last-prompt-token")
+    trial = needle.PromptBuilder(loaded.tokenizer, spec).build(300, 50, 0)
+
+    def first_logits(answer) -> torch.Tensor:
+        seen = []
+        handle = loaded.model.register_forward_hook(
+            lambda module, args, out: None if seen else seen.append(out.logits[0, -1].float()))
+        try:
+            with apply_plan(loaded.model, loaded.anatomy, plan) as tracker:
+                answer(tracker)
+        finally:
+            handle.remove()
+        return seen[0]
+
+    def one_short(end: int):
+        def answer(tracker):
+            tracker.needles, tracker.prompt_len = {tuple(trial.ids): trial.needle_spans}, end
+            greedy(loaded, [trial.ids], 2)
+        return answer
+
+    lab = first_logits(lambda tracker: needle.run_batch(loaded, spec, [trial], tracker))
+    torch.testing.assert_close(lab, first_logits(one_short(len(trial.ids) - 1)), atol=1e-4, rtol=0)
+    assert (lab - first_logits(one_short(len(trial.ids)))).abs().max() > 1e-3  # the boundary matters here

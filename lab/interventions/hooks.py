@@ -41,7 +41,8 @@ class PhaseTracker:
     def __init__(self, phase: str, prompt_len: int | None = None):
         self.phase = phase
         self.prompt_len = prompt_len  # set by callers that run a teacher-forced forward
-        self.early = 0  # with prompt_len None: the prompt's last `early` tokens count as generation (paper sampler)
+        self.early = 0  # with prompt_len None: the prompt's last `early` tokens count as generation (paper sampler;
+        # the needle-attention op reads it too)
         self.needles: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # prompt ids -> needle spans (needle probe)
         self._auto_len: int | None = None
         self._mask: torch.Tensor | None = None

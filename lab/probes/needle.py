@@ -378,9 +378,10 @@ def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[di
 
 def _generate(loaded, spec: NeedleSpec, prompts: list[list[int]], tracker) -> list[list[int]]:
     """Greedy answers, every prompt length decoded together where lab's fixed-buffer decoder takes the model; with
-    the paper's phase boundary each prompt's last token counts as a generation step."""
+    the paper's phase boundary each prompt's last token counts as a generation step (a plan acting in both phases
+    has no boundary to move)."""
     tracker.prompt_len = None  # each length's prefill call defines its prompt
-    tracker.early = int(spec.phase_boundary == "last-prompt-token")
+    tracker.early = int(spec.phase_boundary == "last-prompt-token" and tracker.phase != "both")
     try:
         return greedy(loaded, prompts, spec.max_new_tokens, static=True, tracker=tracker)
     finally:
