@@ -28,7 +28,8 @@ PARALLEL_DEVICES = {"cuda"}  # on a CPU the reference loop over time is cheaper 
 def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, use_mambapy=False, use_associative_scan=False, **kwargs):
     """Same contract as transformers' jamba mamba_selective_scan: inputs (batch, channels, time). The reference
-    runs where lab.fast does not act on the calling mixer, mamba-ssm is installed, or on a CPU."""
+    runs where lab.fast does not act on the calling mixer, mamba-ssm is installed, or on a CPU, except for a
+    prompt that continues a cached state (_initial), which only lab's scans start from."""
     fast, initial = _mixer_fast.get(), _initial.get()
     if initial is None and (not (enabled() if fast is None else fast) or _has_mamba_ssm() or use_mambapy
                             or hidden_states.device.type not in PARALLEL_DEVICES):
