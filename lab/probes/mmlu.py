@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from lab.errors import LabError
-from lab.probes.files import read_utf8
 from lab.fast import prefix
 from lab.models.generation import pad_id
 from lab.probes.base import Prepared, Work, mean, mean_by
+from lab.probes.files import read_utf8
 
 LETTERS = ("A", "B", "C", "D")
 MAX_CSV_BYTES = 64 << 20  # one subject's file; the largest of MMLU's is under 1 MiB
