@@ -261,23 +261,27 @@ def test_on_the_toys_keep_is_the_base_model_and_omit_removes_retrieval(tmp_path,
     assert sum(row["exact"] for row in omit.values()) == 0
 
 
-def test_the_papers_boundary_moves_the_needle_ops_phase_as_the_hooks():
-    """With the paper's last-prompt-token boundary and a plan acting in one phase, the needle op takes the last
-    prompt token as a generation step, as the plan's hooks do (and as it did when such plans were decoded one
-    length at a time with the prompt length set one token short). Jamba: its global attention lets the last
-    prompt token see the needle (the toy RecurrentGemma's window of 32 does not)."""
+@pytest.mark.parametrize("phase", ["generation", "both"])
+@pytest.mark.parametrize("mode", ["generate", "fast"])
+def test_the_papers_boundary_moves_the_needle_ops_phase_as_the_hooks(mode, phase):
+    """With the paper's last-prompt-token boundary the needle op takes the last prompt token as a generation step,
+    as the paper's sampler feeds it (and as the plan's hooks do): for a plan acting in one phase and for the
+    needle presets' plans, which act in both phases (their prefill and generation modes differ); decoded and
+    teacher-forced alike. Jamba: its global attention lets the last prompt token see the needle (the toy
+    RecurrentGemma's window of 32 does not)."""
     from lab.models.generation import greedy
     from lab.probes import needle
 
     loaded = tiny("jamba")
-    plan = replace(_plan(generation="omit"), phase="generation")
-    spec = needle.NeedleSpec(task="passkey", max_new_tokens=2, phase_boundary="last-prompt-token")
+    plan = replace(_plan(generation="omit"), phase=phase)
+    spec = needle.NeedleSpec(task="passkey", mode=mode, max_new_tokens=2, phase_boundary="last-prompt-token")
     trial = needle.PromptBuilder(loaded.tokenizer, spec).build(300, 50, 0)
+    at = -1 if mode == "generate" else 0  # teacher forcing keeps the logits from the last prompt token on
 
     def first_logits(answer) -> torch.Tensor:
         seen = []
         handle = loaded.model.register_forward_hook(
-            lambda module, args, out: None if seen else seen.append(out.logits[0, -1].float()))
+            lambda module, args, out: None if seen else seen.append(out.logits[0, at].float()))
         try:
             with apply_plan(loaded.model, loaded.anatomy, plan) as tracker:
                 answer(tracker)
@@ -291,6 +295,30 @@ def test_the_papers_boundary_moves_the_needle_ops_phase_as_the_hooks():
             greedy(loaded, [trial.ids], 2)
         return answer
 
+    if mode == "fast":
+        def one_short(end: int):
+            def answer(tracker):
+                tracker.needles, tracker.prompt_len = {tuple(trial.ids): trial.needle_spans}, end
+                answer_ids = loaded.tokenizer(trial.answer, add_special_tokens=False)["input_ids"]
+                loaded.model(input_ids=torch.tensor([trial.ids + answer_ids]), use_cache=False,
+                             logits_to_keep=len(answer_ids) + 1)
+            return answer
+
     lab = first_logits(lambda tracker: needle.run_batch(loaded, spec, [trial], tracker))
     torch.testing.assert_close(lab, first_logits(one_short(len(trial.ids) - 1)), atol=1e-4, rtol=0)
     assert (lab - first_logits(one_short(len(trial.ids)))).abs().max() > 1e-3  # the boundary matters here
+
+
+def test_mmlu_under_a_needle_plan_scores_as_the_base_model():
+    """MMLU prompts hold no needle, so omitting it changes nothing (it crashed: the op sized its needle table by
+    MMLU's prompt length past every position)."""
+    from lab.probes import mmlu
+
+    loaded = tiny("jamba")
+    work = mmlu.MMLUProbe().prepare(loaded, mmlu.MMLUSpec(limit=2)).work(set())
+
+    def scored(plan) -> torch.Tensor:
+        with apply_plan(loaded.model, loaded.anatomy, plan) as tracker:
+            return torch.tensor([r["loglik"] for r in sorted(work.answer(work.items, tracker), key=lambda r: r["key"])])
+
+    torch.testing.assert_close(scored(_plan(generation="omit", prefill="omit")), scored(Plan()), atol=1e-4, rtol=0)

@@ -41,8 +41,8 @@ class PhaseTracker:
     def __init__(self, phase: str, prompt_len: int | None = None):
         self.phase = phase
         self.prompt_len = prompt_len  # set by callers that run a teacher-forced forward
-        self.early = 0  # with prompt_len None: the prompt's last `early` tokens count as generation (paper sampler;
-        # the needle-attention op reads it too)
+        self.early = 0  # the prompt's last `early` tokens count as generation (the paper's sampler; the
+        # needle-attention op reads it too)
         self.needles: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # prompt ids -> needle spans (needle probe)
         self._auto_len: int | None = None
         self._mask: torch.Tensor | None = None
@@ -74,9 +74,8 @@ class PhaseTracker:
             positions = positions[0]
         if int(positions[0, 0]) == 0:
             self._auto_len = ids.shape[-1]
-        prompt_len = self.prompt_len if self.prompt_len is not None else \
-            None if self._auto_len is None else self._auto_len - self.early
-        generation = positions >= (prompt_len if prompt_len is not None else 0)
+        prompt_len = self.prompt_len if self.prompt_len is not None else self._auto_len
+        generation = positions >= (prompt_len - self.early if prompt_len is not None else 0)
         self._mask = generation if self.phase == "generation" else ~generation  # once per forward call
 
     def mask(self) -> torch.Tensor | None:

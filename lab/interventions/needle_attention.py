@@ -172,7 +172,7 @@ class NeedleOp:
         prefill leaves the last prompt tokens to decoding steps). Without needles from the probe (MMLU, a
         memory measurement) a prompt has no needle tokens: omit changes nothing, only and balanced leave
         no attention."""
-        length = self.tracker.prompt_len or ids.shape[-1] - self.tracker.early
+        length = min(self.tracker.prompt_len or ids.shape[-1], ids.shape[-1]) - self.tracker.early
         table = torch.zeros((ids.shape[0], length), dtype=torch.bool)
         needles = self.tracker.needles
         for row, tokens in enumerate(ids[:, :length].tolist() if needles else ()):

@@ -353,20 +353,26 @@ def score(trial: Trial, output: str, task: str) -> dict:
 
 @torch.inference_mode()
 def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[dict]:
-    """Answer a batch of trials (of any lengths) under the active plan; return one result row each."""
+    """Answer a batch of trials (of any lengths) under the active plan; return one result row each. With the
+    paper's phase boundary each prompt's last token counts as a generation step, for the plan's hooks and its
+    needle op alike, as the paper's sampler feeds it."""
     tok = loaded.tokenizer
-    early = spec.phase_boundary == "last-prompt-token"
     tracker.needles = {tuple(t.ids): t.needle_spans for t in trials}  # where a plan's needle-attention op acts
-    if spec.mode == "generate":
-        answers = _generate(loaded, spec, [t.ids for t in trials], tracker)
-        outputs = [tok.decode(ids, skip_special_tokens=True) for ids in answers]
-    else:
-        answers = [tok(t.answer, add_special_tokens=False)["input_ids"] for t in trials]
-        preds = teacher_forced(loaded, [t.ids for t in trials], answers, _EarlyBoundary(tracker) if early else tracker)
-        outputs = [tok.decode(p[:len(a)], skip_special_tokens=True) for p, a in zip(preds, answers)]
-        # Teacher forcing shows the model the answer, so text containment would reward copying the input:
-        # a trial passes only if every answer token is the greedy choice.
-        matched = [sum(x == y for x, y in zip(p, a)) / len(a) for p, a in zip(preds, answers)]
+    tracker.early = int(spec.phase_boundary == "last-prompt-token")
+    try:
+        if spec.mode == "generate":
+            tracker.prompt_len = None  # each length's prefill call defines its prompt
+            answers = greedy(loaded, [t.ids for t in trials], spec.max_new_tokens, static=True, tracker=tracker)
+            outputs = [tok.decode(ids, skip_special_tokens=True) for ids in answers]
+        else:
+            answers = [tok(t.answer, add_special_tokens=False)["input_ids"] for t in trials]
+            preds = teacher_forced(loaded, [t.ids for t in trials], answers, tracker)
+            outputs = [tok.decode(p[:len(a)], skip_special_tokens=True) for p, a in zip(preds, answers)]
+            # Teacher forcing shows the model the answer, so text containment would reward copying the input:
+            # a trial passes only if every answer token is the greedy choice.
+            matched = [sum(x == y for x, y in zip(p, a)) / len(a) for p, a in zip(preds, answers)]
+    finally:
+        tracker.early = 0
     rows = []
     for i, (trial, output) in enumerate(zip(trials, outputs)):
         scores = score(trial, output, spec.task) if spec.mode == "generate" else \
@@ -374,34 +380,6 @@ def run_batch(loaded, spec: NeedleSpec, trials: list[Trial], tracker) -> list[di
         rows.append({"key": trial.key, "length": trial.length, "depth": trial.depth, "trial": trial.index,
                      "output": output, "answer": trial.answer.strip(), **scores})
     return rows
-
-
-def _generate(loaded, spec: NeedleSpec, prompts: list[list[int]], tracker) -> list[list[int]]:
-    """Greedy answers, every prompt length decoded together where lab's fixed-buffer decoder takes the model; with
-    the paper's phase boundary each prompt's last token counts as a generation step (a plan acting in both phases
-    has no boundary to move)."""
-    tracker.prompt_len = None  # each length's prefill call defines its prompt
-    tracker.early = int(spec.phase_boundary == "last-prompt-token" and tracker.phase != "both")
-    try:
-        return greedy(loaded, prompts, spec.max_new_tokens, static=True, tracker=tracker)
-    finally:
-        tracker.early = 0
-
-
-class _EarlyBoundary:
-    """A phase tracker as the paper's RecurrentGemma sampler sees it: prefill ends one token before the prompt
-    does, so the step that predicts the first answer token is a generation step."""
-
-    def __init__(self, tracker):
-        self._tracker = tracker
-
-    @property
-    def prompt_len(self) -> int | None:
-        return self._tracker.prompt_len
-
-    @prompt_len.setter
-    def prompt_len(self, n: int | None) -> None:
-        self._tracker.prompt_len = None if n is None else n - 1
 
 
 def summary(rows: list[dict]) -> dict:
