@@ -19,21 +19,29 @@ def test_bench_reports_every_measure(capsys):
     assert [plan["batch"] for plan in data["plan_overhead"]] == [1]  # a GPU adds a batch of 8
 
 
-def test_published_configs_are_built_in_code():
+SHAPES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+          "vocab_size")
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("recurrentgemma-2b", (26, 2560, 15360, 10, 1, 256000)),  # the published config.json files' fields
+    ("recurrentgemma-9b", (38, 4096, 24576, 16, 1, 256000)),  # (Griffin's attention is multi-query)
+    ("jamba-mini-1.6", (32, 4096, 14336, 32, 8, 65536))])
+def test_published_configs_are_the_published_models(name, shape):
+    config = published_config(name)  # the config alone: no weights are built
+    assert tuple(getattr(config, field) for field in SHAPES) == shape
+    assert (config.pad_token_id, config.eos_token_id, config.bos_token_id) == (256, 257, 258)  # the byte tokenizer's
+
+
+@pytest.mark.parametrize("name, layers, billions", [("recurrentgemma-2b", 26, 2.68), ("recurrentgemma-9b", 38, 8.58),
+                                                    ("jamba-mini-1.6", 32, 51.57)])
+def test_config_specs_load_on_the_meta_device(name, layers, billions):
+    """`config:` specs are model specs like any other; on the meta device nothing is allocated. Their parameter
+    counts are the published models' (a byte tokenizer reads and writes the first 260 ids of the vocabulary)."""
     assert set(PUBLISHED) == {"recurrentgemma-2b", "recurrentgemma-9b", "jamba-mini-1.6"}
-    config = published_config("recurrentgemma-2b")  # the config alone: no weights are built
-    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (26, 2560, 10)
-    jamba = published_config("jamba-mini-1.6")
-    assert (jamba.num_hidden_layers, jamba.num_experts, jamba.vocab_size) == (32, 16, 260)
-
-
-@pytest.mark.parametrize("name, layers", [("recurrentgemma-2b", 26), ("recurrentgemma-9b", 38),
-                                          ("jamba-mini-1.6", 32)])
-def test_config_specs_load_on_the_meta_device(name, layers):
-    """`config:` specs are model specs like any other; on the meta device nothing is allocated."""
     loaded = load(ModelSpec(f"config:{name}", device="meta"))
     assert loaded.device.type == "meta" and loaded.anatomy.num_layers == layers
-    assert loaded.num_params > 1e9  # byte vocabulary: the 2B model without its 256k-token embedding
+    assert round(loaded.num_params / 1e9, 2) == billions
 
 
 def test_config_spec_errors_are_one_line(capsys):
@@ -49,7 +57,7 @@ def test_config_too_large_for_this_machine_is_refused_before_building(monkeypatc
     from lab.models import configs
 
     monkeypatch.setattr(configs, "available_memory", lambda: 2**30)
-    with pytest.raises(LabError, match=r"config:recurrentgemma-2b needs 5 GiB for its weights, 1 GiB are free here; "
+    with pytest.raises(LabError, match=r"config:recurrentgemma-2b needs 10 GiB for its weights, 1 GiB are free here; "
                                        "use --device meta"):
         load(ModelSpec("config:recurrentgemma-2b", device="cpu"))
 

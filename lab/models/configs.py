@@ -10,26 +10,27 @@ import torch
 
 from lab.errors import LabError
 
-PUBLISHED = {  # name -> (model_type, fields that differ from transformers' defaults for that type)
-    "recurrentgemma-2b": ("recurrent_gemma", {}),  # RecurrentGemmaConfig's defaults are the 2B model
+PUBLISHED = {  # name -> (model_type, the fields of its published config.json that differ from transformers' defaults)
+    "recurrentgemma-2b": ("recurrent_gemma", dict(intermediate_size=15360, num_key_value_heads=1)),  # multi-query
     "recurrentgemma-9b": ("recurrent_gemma", dict(hidden_size=4096, lru_width=4096, num_hidden_layers=38,
-                                                  num_attention_heads=16, intermediate_size=12288 * 2)),
+                                                  num_attention_heads=16, num_key_value_heads=1,
+                                                  intermediate_size=24576)),
     "jamba-mini-1.6": ("jamba", {}),  # JambaConfig's defaults: 32 layers, 16 experts (52 B parameters)
 }
 PREFIXES = ("random:", "config:")
 
 
 def published_config(name: str):
-    """The config of a published model (byte vocabulary, as lab's byte tokenizer), without weights."""
+    """The config of a published model, without weights: its vocabulary's size, of which lab's byte tokenizer
+    reads and writes the first 260 ids (its special ids are the byte tokenizer's)."""
     from transformers import AutoConfig
 
-    from lab.models.tiny import BOS, EOS, PAD, VOCAB
+    from lab.models.tiny import BOS, EOS, PAD
 
     if name not in PUBLISHED:
         raise LabError(f"unknown published config {name!r}; known: {', '.join(PUBLISHED)}")
     model_type, fields = PUBLISHED[name]
-    return AutoConfig.for_model(model_type, vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS,
-                                **fields)
+    return AutoConfig.for_model(model_type, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, **fields)
 
 
 def spec_config(name: str):
