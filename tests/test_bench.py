@@ -8,7 +8,14 @@ from lab.models import ModelSpec, load
 from lab.models.configs import PUBLISHED, published_config
 
 
-def test_bench_reports_every_measure(capsys):
+def test_bench_reports_every_measure(capsys, monkeypatch):
+    from lab.probes import mmlu, needle
+
+    batches = {"needle": 0, "mmlu": 0}
+    for name, probe in (("needle", needle), ("mmlu", mmlu)):
+        real = probe.run_batch
+        monkeypatch.setattr(probe, "run_batch", lambda *args, real=real, name=name: batches.update(
+            {name: batches[name] + 1}) or real(*args))
     assert main(["bench", "random:recurrent_gemma", "--device", "cpu", "--json"]) == 0  # a GPU times the full grid
     data = json.loads(capsys.readouterr().out)
     assert set(data) >= {"needle_grid", "mmlu", "plan_overhead", "prefill"}
@@ -16,6 +23,9 @@ def test_bench_reports_every_measure(capsys):
     assert grid["prompts"] == 12 and grid["reference_measured_prompts"] == 4
     assert grid["lab_s"] > 0 and grid["reference_s"] > 0 and grid["speedup"] > 0
     assert data["mmlu"]["questions"] == 16 and data["prefill"]["tokens_per_s"] > 0
+    # lab's paths are timed on their second pass over every batch: the first compiles kernels for their shapes
+    assert grid["lab_first_pass_s"] > 0 and data["mmlu"]["lab_first_pass_qps"] > 0
+    assert batches == {"needle": 2 * 2, "mmlu": 2 * 2}  # 12 prompts in batches of 8, 16 questions in batches of 8
     assert [plan["batch"] for plan in data["plan_overhead"]] == [1]  # a GPU adds a batch of 8
 
 
