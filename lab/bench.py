@@ -179,10 +179,11 @@ def bench_plans(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
 
 @torch.inference_mode()
 def bench_prefill(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
+    """The prompt pass as probes run it: logits at the last position only."""
     ids = torch.randint(0, 256, (batch, length), device=loaded.device)
 
     def prefill() -> float:
-        return _timed(loaded, lambda: loaded.model(input_ids=ids, use_cache=False))
+        return _timed(loaded, lambda: loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1))
 
     seconds = _median_seconds({"prefill": prefill}, repeats)["prefill"]
     flops = 2 * active_parameters(loaded) * batch * length  # MoE: the experts a token goes through
