@@ -146,7 +146,8 @@ def _eager_baseline(model, forward) -> float:
 
 @torch.inference_mode()
 def bench_plans(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
-    """A forward's time with a plan's hooks in place (probes install a plan once per run) against none."""
+    """A prompt pass's time (logits at the last position) with a plan's hooks in place (probes install a plan once
+    per run) against none."""
     anatomy, model = loaded.anatomy, loaded.model
     ids = torch.randint(0, 256, (batch, length), device=loaded.device)
     most = max((b.heads for _, b in anatomy.blocks("attention")), default=1)
@@ -158,7 +159,7 @@ def bench_plans(loaded: Loaded, length: int, batch: int, repeats: int) -> dict:
 
     def forward(plan: Plan) -> float:
         with apply_plan(model, anatomy, plan, prompt_len=length):
-            return _timed(loaded, lambda: model(input_ids=ids, use_cache=False))
+            return _timed(loaded, lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))
 
     fns = {name: lambda plan=plan: forward(plan) for name, plan in plans.items()}
     try:  # eager attention materialises every weight: at 8 x 4096 on a large model it may not fit, the rest may

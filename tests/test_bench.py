@@ -149,9 +149,10 @@ def test_bench_without_the_reference_paths(capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == "lab: --reference -1: give a number of prompts >= 0 (0: lab's paths only)"
 
 
-def test_the_prefill_row_times_the_prompt_pass_probes_run(monkeypatch):
+@pytest.mark.parametrize("row", ["prefill", "plans"])
+def test_prefill_and_plan_rows_time_the_prompt_pass_probes_run(row):
     """Probes keep the logits of a prompt's last position only; a 256k-token output layer over every position
-    (a fifth of recurrentgemma-2b's prefill on an H200) is not part of the measure."""
+    (a fifth of recurrentgemma-2b's prefill on an H200) is not part of either measure."""
     from lab import bench
     from conftest import tiny
 
@@ -159,7 +160,7 @@ def test_the_prefill_row_times_the_prompt_pass_probes_run(monkeypatch):
     seen = []
     hook = loaded.model.register_forward_hook(lambda module, args, out: seen.append(out.logits.shape[1]))
     try:
-        bench.bench_prefill(loaded, 16, 2, repeats=1)
+        getattr(bench, f"bench_{row}")(loaded, 16, 2, repeats=1)
     finally:
         hook.remove()
     assert seen and set(seen) == {1}
