@@ -42,12 +42,19 @@ def short_plan(plan: dict) -> str:
         where = "" if layers is None else " L" + ",".join(map(str, layers[:3])) + ("…" if len(layers) > 3 else "")
         parts.append(f"{KIND_SHORT.get(entry['kind'], entry['kind'])} off{where}")
     if plan.get("heads_off"):
-        parts.append(f"{len(plan['heads_off'])} heads off")
+        parts.append(_count(len(plan["heads_off"]), "head") + " off")
     if plan.get("keep_heads") is not None:
-        parts.append(f"keep {len(plan['keep_heads'])} heads")
+        parts.append(f"keep {_count(len(plan['keep_heads']), 'head')}")
     if plan.get("sparsify"):
         metric = plan["sparsify"].get("metric", "entropy")
         parts.append(f"k={plan['sparsify']['k']}" + (f" by {metric}" if metric != "entropy" else ""))
+    if plan.get("experts_off"):
+        parts.append(_count(len(plan["experts_off"]), "expert") + " off")
+    needle = plan.get("needle_attention")
+    if needle:
+        prefill = needle["generation"] if needle["prefill"] == "follow" else needle["prefill"]
+        parts.append(f"needle {needle['generation']}" if prefill == needle["generation"] else
+                     f"needle {needle['generation']} in gen, {prefill} in prefill")
     if not parts:
         return "base"
     if plan.get("mode") == "mean":
@@ -55,6 +62,10 @@ def short_plan(plan: dict) -> str:
     if plan.get("phase") in PHASE_SHORT:
         parts.append(PHASE_SHORT[plan["phase"]])
     return " · ".join(parts)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def is_base(run: dict) -> bool:

@@ -1,5 +1,7 @@
 """The console, driven by Textual's Pilot on a tiny random model (no GPU, no download)."""
 
+import json
+
 import pytest
 
 from lab import presets
@@ -355,6 +357,21 @@ def test_short_plan_names_what_is_off():
     assert short_plan({"off": [{"kind": "attention", "layers": [2]}], "phase": "both"}) == "attn off L2"
     assert short_plan({"off": [{"kind": "ssm"}], "heads_off": [[2, 0], [2, 1]], "sparsify": {"k": 2},
                        "mode": "mean", "phase": "generation"}) == "ssm off · 2 heads off · k=2 · mean · gen only"
+    assert short_plan({"heads_off": [[2, 0]], "mode": "zero", "phase": "both"}) == "1 head off"
+
+
+@pytest.mark.parametrize("plan, words", [
+    ({"needle_attention": {"generation": "omit", "prefill": "keep"}}, "needle omit in gen, keep in prefill"),
+    ({"needle_attention": {"generation": "only", "prefill": "follow"}}, "needle only"),
+    ({"experts_off": [[1, 0], [1, 3]], "expert_mode": "zero"}, "2 experts off"),
+    ({"experts_off": [], "expert_mode": "mean"}, "base")])
+def test_every_plan_op_is_named_and_only_a_plan_without_ops_is_base(plan, words):
+    """A run under a needle-attention or experts-off plan was labelled and chosen as the base run."""
+    from lab.summary import is_base, short_plan
+
+    plan = {"mode": "zero", "phase": "both", **plan}
+    assert short_plan(plan) == words
+    assert is_base({"plan": json.dumps(plan)}) == (words == "base")
 
 
 async def test_charts_compare_with_the_base_and_the_previous_run(tmp_path):
