@@ -43,3 +43,15 @@ def test_head_scoring_is_a_stored_run_covering_every_head(tmp_path):
     again = list(run(preset, store, loaded))  # resumed: nothing left to score, same summary
     assert not any(isinstance(e, Progress) for e in again)
     assert again[-1].summary == events[-1].summary
+
+
+def test_head_scores_are_taken_under_the_plans_needle_attention(tmp_path):
+    """With the needle omitted in both phases no head puts weight on it (the op had no needle to find: head
+    scoring did not hand the prompts' needle spans to the plan)."""
+    loaded = tiny("jamba")
+    heads = HeadsSpec(lengths=(300,), depths=(50,), trials=1, max_new_tokens=4)
+    for plan, omitted in (({}, False), ({"needle_attention": {"generation": "omit", "prefill": "follow"}}, True)):
+        preset = presets.Preset(model=ModelSpec("random:jamba"), plan=plan, heads=heads)
+        events = list(run(preset, Store(tmp_path / "r.sqlite"), loaded))
+        masses = [value["needle_mass"] for value in scores(events[-1].summary["heads"]).values()]
+        assert all(mass == 0 for mass in masses) if omitted else all(mass > 0 for mass in masses)

@@ -53,6 +53,7 @@ def _head_of(name: str) -> tuple[int, int]:
 def score_batch(loaded, spec: needle_probe.NeedleSpec, trials: list, tracker) -> list[dict]:
     """One row per trial: the answer, whether it recalls the needle, and [retrieval, entropy, mass] per head."""
     tok = loaded.tokenizer
+    tracker.needles = {tuple(t.ids): t.needle_spans for t in trials}  # where a plan's needle-attention op acts
     tracker.prompt_len = None  # the prefill call of generate defines the prompt
     answers = greedy(loaded, [t.ids for t in trials], spec.max_new_tokens)
     rows = []
