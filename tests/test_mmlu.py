@@ -3,6 +3,7 @@ import torch
 
 from lab.errors import LabError
 from lab.interventions import Plan, apply_plan
+from lab.models.tiny import byte_tokenizer
 from lab.probes import mmlu
 from lab.probes.mmlu import MMLUSpec, Question
 
@@ -119,3 +120,14 @@ def test_one_forward_scores_all_four_choices():
             logp = loaded.model(input_ids=ids).logits[0, -2].log_softmax(-1)[cont[-1]]
             assert abs(float(logp) - row["loglik"][i]) < 1e-3
     assert scorer.choice_ids[1] == [65, 66, 67, 68]
+
+
+def test_a_question_is_never_its_own_shot():
+    """split = "dev" asks the questions the shots come from: each question's shots are the others (it had its
+    own answer in its prompt and scored 100 %)."""
+    questions, dev = mmlu.load_questions(MMLUSpec(split="dev", limit=2, shots=5))
+    scorer = mmlu.Scorer(byte_tokenizer(), 5)
+    for q in questions:
+        text = scorer.tok.decode(scorer.ids(q, dev[q.subject]))
+        assert text.count(q.question.strip()) == 1
+        assert text.count("Answer: ") - 1 == len(dev[q.subject]) - 1  # the shots' answers, then the question's

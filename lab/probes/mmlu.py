@@ -224,6 +224,7 @@ class Scorer:
         return self.tok(text, add_special_tokens=self.bos)["input_ids"]
 
     def _context(self, q: Question, dev: list[Question]) -> str:
+        dev = [shot for shot in dev if shot != q]  # split = "dev" asks the shots themselves: never its own answer
         if not self.chat:
             return prompt(q, dev[: self.shots])
         return self.tok.apply_chat_template(chat_messages(q, dev[: self.shots]), tokenize=False,
