@@ -368,3 +368,17 @@ def test_mmlu_files_that_are_too_big_are_one_line(tmp_path, make, message):
 def test_absurd_grids_and_empty_haystacks_are_refused(changes, message):
     with pytest.raises(LabError, match=message):
         NeedleSpec(**changes).validate()
+
+
+@pytest.mark.parametrize("arch, plan, message", [
+    ("recurrent_gemma", {"off": [{"kind": "moe"}]}, "plan.off: recurrent_gemma has no moe blocks"),
+    ("mamba", {"off": [{"kind": "attention"}]}, "plan.off: mamba has no attention blocks"),
+    ("mamba", {"sparsify": {"k": 0}}, "plan.sparsify: mamba has no attention layers"),
+    ("mamba", {"needle_attention": {"generation": "omit"}}, "plan.needle_attention: mamba has no attention layers")])
+def test_a_plan_op_that_matches_nothing_is_refused(arch, plan, message):
+    """It ran as the base model under the plan's name (and needle attention on Mamba ended in a traceback)."""
+    from lab.interventions import Plan
+
+    loaded = tiny(arch)
+    with pytest.raises(LabError, match=message):
+        Plan.from_dict(plan, loaded.anatomy)

@@ -118,11 +118,16 @@ class Plan:
         """Check every layer, head and kind against the model; return self or raise LabError."""
         self.check_names()
         for entry in self.off:
+            if entry.layers is None and not anatomy.blocks(entry.kind):
+                raise LabError(f"plan.off: {anatomy.architecture} has no {entry.kind} blocks")
             for layer in entry.layers or ():
                 if not 0 <= layer < anatomy.num_layers:
                     raise LabError(f"plan.off: layer {layer} is out of range (0..{anatomy.num_layers - 1})")
                 if anatomy.layers[layer].block(entry.kind) is None:
                     raise LabError(f"plan.off: layer {layer} has no {entry.kind} block")
+        for key, op in (("sparsify", self.sparsify), ("needle_attention", self.needle_attention)):
+            if op is not None and not anatomy.attention_layers:
+                raise LabError(f"plan.{key}: {anatomy.architecture} has no attention layers")
         needle = self.needle_attention or NeedleAttention()
         for layer in needle.layers or ():
             _attention(anatomy, layer, "needle_attention.layers")
