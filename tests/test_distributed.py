@@ -25,7 +25,7 @@ max_new_tokens = 6
 batch_size = 2
 """
 MMLU = '[mmlu]\nsource = "toy"\nlimit = 1\nshots = 1\nbatch_size = 3\n'
-HEADS = '[heads]\nlengths = [300]\ndepths = [50]\ntrials = 1\nmax_new_tokens = 4\n'
+HEADS = '[heads]\nlengths = [300]\ndepths = [50]\ntrials = 1\nmax_new_tokens = 6\n'
 
 
 def preset_file(tmp_path, text=PRESET) -> str:

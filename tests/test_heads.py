@@ -28,7 +28,7 @@ def test_ranking_and_keep_set():
 def test_head_scoring_is_a_stored_run_covering_every_head(tmp_path):
     loaded = tiny("jamba")  # full attention: the needle is always visible
     preset = presets.Preset(model=ModelSpec("random:jamba"),
-                            heads=HeadsSpec(lengths=(300,), depths=(10, 50, 90), trials=1, max_new_tokens=4))
+                            heads=HeadsSpec(lengths=(300,), depths=(10, 50, 90), trials=1, max_new_tokens=6))
     store = Store(tmp_path / "r.sqlite")
     events = list(run(preset, store, loaded))
     assert sum(isinstance(e, Progress) for e in events) == 1 and isinstance(events[-1], Finished)
@@ -49,7 +49,7 @@ def test_head_scores_are_taken_under_the_plans_needle_attention(tmp_path):
     """With the needle omitted in both phases no head puts weight on it (the op had no needle to find: head
     scoring did not hand the prompts' needle spans to the plan)."""
     loaded = tiny("jamba")
-    heads = HeadsSpec(lengths=(300,), depths=(50,), trials=1, max_new_tokens=4)
+    heads = HeadsSpec(lengths=(300,), depths=(50,), trials=1, max_new_tokens=6)
     for plan, omitted in (({}, False), ({"needle_attention": {"generation": "omit", "prefill": "follow"}}, True)):
         preset = presets.Preset(model=ModelSpec("random:jamba"), plan=plan, heads=heads)
         events = list(run(preset, Store(tmp_path / "r.sqlite"), loaded))

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ name = "random:recurrent_gemma"
 task = "passkey"
 lengths = [260]
 depths = [50]
-max_new_tokens = 2
+max_new_tokens = 6
 """
 
 
@@ -382,3 +383,12 @@ def test_a_plan_op_that_matches_nothing_is_refused(arch, plan, message):
     loaded = tiny(arch)
     with pytest.raises(LabError, match=message):
         Plan.from_dict(plan, loaded.anatomy)
+
+
+def test_max_new_tokens_that_cannot_hold_the_answer_is_refused():
+    """Greedy answers cut short score 0 % in generate mode (teacher forcing scored the same grid 100 %)."""
+    loaded = tiny("recurrent_gemma")
+    spec = NeedleSpec(task="passkey", lengths=(256,), depths=(50,), max_new_tokens=3)
+    with pytest.raises(LabError, match=r"max_new_tokens: 3 new tokens cannot hold the answer \(\d+ tokens\)"):
+        needle.NeedleProbe().prepare(loaded, spec)
+    needle.NeedleProbe().prepare(loaded, replace(spec, mode="fast"))  # teacher forcing scores the whole answer

@@ -146,7 +146,7 @@ def test_cli_inspect_json(capsys):
 def test_cli_heads_writes_a_keep_preset(tmp_path, capsys):
     out = tmp_path / "keep.toml"
     assert main(["heads", "random:jamba", "--score", "entropy", "--keep", "50%", "--lengths", "300",
-                 "--depths", "50", "--trials", "1", "--max-new-tokens", "3", "--json", "--write", str(out)]) == 0
+                 "--depths", "50", "--trials", "1", "--max-new-tokens", "6", "--json", "--write", str(out)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert len(data["ranking"]) == 4 and len(data["keep"]) == 2
     values = [r["value"] for r in data["ranking"]]
@@ -256,7 +256,7 @@ def test_automatic_batch_size_measures_one_prompt_on_the_gpu():
 def test_cli_run_prints_a_heads_table_and_markup_paths_as_text(tmp_path, capsys):
     path = tmp_path / "p.toml"
     path.write_text('[model]\nname = "random:jamba"\n[heads]\nlengths = [300]\ndepths = [50]\ntrials = 1\n'
-                    'max_new_tokens = 3\n')
+                    'max_new_tokens = 6\n')
     db = tmp_path / "a[/oops]" / "r.sqlite"
     assert main(["run", str(path), "--db", str(db)]) == 0
     out = capsys.readouterr().out
@@ -271,7 +271,7 @@ def test_an_edited_haystack_file_is_another_experiment(tmp_path, capsys):
     hay.write_text("The river was calm that morning. " * 300)
     path = tmp_path / "p.toml"
     path.write_text(f'[model]\nname = "toy-recurrentgemma"\n[needle]\ntask = "passkey"\nlengths = [300]\n'
-                    f'depths = [50]\nmax_new_tokens = 4\nhaystack = "{hay}"\n')
+                    f'depths = [50]\nmax_new_tokens = 6\nhaystack = "{hay}"\n')
     db = tmp_path / "r.sqlite"
 
     def run_id() -> int:

@@ -283,7 +283,7 @@ def test_keep_top_scores_the_heads_as_a_stored_run_first(tmp_path):
     from lab.summary import summarize
 
     store = Store(tmp_path / "r.sqlite")
-    heads = HeadsSpec(lengths=(300,), depths=(50,), trials=1, max_new_tokens=4)
+    heads = HeadsSpec(lengths=(300,), depths=(50,), trials=1, max_new_tokens=6)
     preset = rg_preset(heads=heads)
     final, events = sweep(preset, store, axis="keep-top", values=(25, 50), score="needle_mass")
     assert [e.label for e in events if isinstance(e, sweeps.Stage)][0] == "head scores"

@@ -394,7 +394,11 @@ def prepared(loaded, spec: NeedleSpec, answer_trials, fixed_buffers: bool = Fals
     head scoring's work. fixed_buffers: answer_trials decodes with lab's fixed-buffer decoder where one takes the
     model (bigger automatic batches)."""
     builder = PromptBuilder(loaded.tokenizer, spec)
-    builder.build(min(spec.lengths), 0, 0)  # a length too short for the prompt fails here, up front
+    first = builder.build(min(spec.lengths), 0, 0)  # a length too short for the prompt fails here, up front
+    answer = len(loaded.tokenizer(first.answer, add_special_tokens=False)["input_ids"])
+    if spec.mode == "generate" and answer > spec.max_new_tokens:
+        raise LabError(f"max_new_tokens: {spec.max_new_tokens} new tokens cannot hold the answer ({answer} tokens), "
+                       "so every trial would fail")
     longest = len(builder.build(max(spec.lengths), 0, 0).ids)
     check_fits(spec, loaded, longest)
     cells = spec.cells()
