@@ -240,6 +240,8 @@ def cmd_heads(args) -> int:
 
     if args.score not in SCORES:  # before the scoring work, not after it
         raise LabError(f"--score: {args.score!r} is not one of {', '.join(SCORES)}")
+    if args.top < 1:
+        raise LabError(f"--top: {args.top} rows; give at least 1")
 
     spec = HeadsSpec(task=args.task, lengths=tuple(args.lengths), depths=tuple(args.depths), trials=args.trials,
                      max_new_tokens=args.max_new_tokens).validate()

@@ -392,3 +392,22 @@ def test_max_new_tokens_that_cannot_hold_the_answer_is_refused():
     with pytest.raises(LabError, match=r"max_new_tokens: 3 new tokens cannot hold the answer \(\d+ tokens\)"):
         needle.NeedleProbe().prepare(loaded, spec)
     needle.NeedleProbe().prepare(loaded, replace(spec, mode="fast"))  # teacher forcing scores the whole answer
+
+
+@pytest.mark.parametrize("plan, message", [
+    ({"sparsify": {"k": 1, "extra": 1}}, "plan.sparsify: unknown key 'extra' \\(known: k, metric, score_dtype\\)"),
+    ({"needle_attention": {"generation": "omit", "heads": []}},
+     "plan.needle_attention.heads: give at least one head \\(leave it out for every head\\)")])
+def test_plan_tables_name_what_is_wrong(plan, message):
+    from lab.interventions import Plan
+
+    with pytest.raises(LabError, match=message):
+        Plan.from_dict(plan)
+
+
+def test_small_input_mistakes_are_one_line(tmp_path, capsys):
+    (tmp_path / "essays").mkdir()
+    with pytest.raises(LabError, match="is a folder without .txt files"):
+        next(file_sentences(str(tmp_path / "essays")))
+    assert main(["heads", "random:jamba", "--top", "-3"]) == 2
+    assert capsys.readouterr().err.strip() == "lab: --top: -3 rows; give at least 1"

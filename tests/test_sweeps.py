@@ -482,3 +482,13 @@ def test_clock_counts_the_trials_run_not_those_skipped(monkeypatch):
     assert clock.trials == 4 and clock.seconds == 4.0
     assert clock.line(1) == "4 trials in 4.0 s on 1 replica (1.00 trials/s)"
     assert clock.line(2).endswith("on 2 replicas (1.00 trials/s)")
+
+
+@pytest.mark.parametrize("excludes", [True, False])
+def test_the_sweep_tables_footnote_comes_with_a_starred_row(excludes):
+    condition = {"label": "k=1", "value": 1, "control": 0, "run": 2, "status": "done", "plan": {},
+                 "needle": {"accuracy": 0.5, "ci95": [0.1, 0.9], "trials": 2, "delta": -0.5, "excludes_base": excludes}}
+    result = {"sweep": 1, "name": "s", "status": "done", "base": None, "conditions": [condition]}
+    console = Console(file=io.StringIO(), width=250, color_system=None)
+    console.print(sweep_table(result))
+    assert ("interval excludes the base" in console.file.getvalue()) == excludes

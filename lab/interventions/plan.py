@@ -17,6 +17,7 @@ PREFILL_MODES = NEEDLE_MODES + ("follow",)  # follow: the prefill uses the gener
 PLAN_KEYS = {"off", "heads_off", "kv_heads_off", "keep_heads", "sparsify", "needle_attention", "experts_off",
              "expert_mode", "mode", "phase"}
 NEEDLE_KEYS = {"generation", "prefill", "layers", "heads"}
+SPARSIFY_KEYS = {"k", "metric", "score_dtype"}
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,11 @@ class Plan:
             keep = tuple(_head(h, "keep_heads") for h in _list(data, "keep_heads"))
         sparsify = data.get("sparsify")
         if sparsify is not None:
-            if not isinstance(sparsify, dict) or "k" not in sparsify or set(sparsify) - {"k", "metric", "score_dtype"}:
+            unknown = set(sparsify) - SPARSIFY_KEYS if isinstance(sparsify, dict) else set()
+            if unknown:
+                raise LabError(f"plan.sparsify: unknown key {sorted(unknown)[0]!r} "
+                               f"(known: {', '.join(sorted(SPARSIFY_KEYS))})")
+            if not isinstance(sparsify, dict) or "k" not in sparsify:
                 raise LabError("plan.sparsify: expected {k = N, metric = \"entropy\"|\"l2\", score_dtype = "
                                "\"fp32\"|\"model\"}")
             k = sparsify["k"]
@@ -338,6 +343,8 @@ def _needle(table) -> NeedleAttention | None:
     layers = table.get("layers")
     if layers == []:
         raise LabError(f"{key}.layers: give at least one attention layer (leave it out for every layer)")
+    if table.get("heads") == []:
+        raise LabError(f"{key}.heads: give at least one head (leave it out for every head)")
     heads = tuple(dict.fromkeys(_head(h, "needle_attention.heads") for h in _list(table, "heads", key)))
     return NeedleAttention(_str(table, "generation", "keep", key), _str(table, "prefill", "keep", key),
                            None if layers is None else tuple(sorted(set(_ints(layers, f"{key}.layers")))), heads)

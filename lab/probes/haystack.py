@@ -64,8 +64,10 @@ def _versions(path: Path) -> tuple:
     files = sorted(f for f in path.glob("**/*.txt") if f.is_file()) if path.is_dir() else [path]
     if path.exists() and not path.is_dir() and not path.is_file():
         raise LabError(f"haystack {path} is not a regular file (a FIFO or device would block or never end)")
-    if not path.exists() or not files:
+    if not path.exists():
         raise LabError(f"haystack {path} not found (give a .txt file or a folder of .txt files)")
+    if not files:
+        raise LabError(f"haystack {path} is a folder without .txt files (give a .txt file or a folder of .txt files)")
     return tuple((f, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
 
 

@@ -67,8 +67,9 @@ def sweep_table(result: dict) -> Table:
     """One row per condition (the base first): accuracy, 95 % interval and difference per probe."""
     rows = ([result["base"]] if result["base"] else []) + result["conditions"]
     probes = [p for p in OUTCOMES if any(p in row for row in rows)]
+    starred = any(row.get(probe, {}).get("excludes_base") for row in rows for probe in probes)
     table = Table(title=text(f"sweep {result['sweep']}: {result['name']} ({result['status']})"), title_justify="left",
-                  caption=text("* the 95 % interval excludes the base's accuracy"))
+                  caption=text("* the 95 % interval excludes the base's accuracy") if starred else None)
     table.add_column(text("condition"), no_wrap=True)
     table.add_column(text("value"), no_wrap=True)
     for probe in probes:
