@@ -217,15 +217,29 @@ class Store:
             self.db.close()
 
     def open_run(self, fingerprint: str, name: str, model: str, plan: dict, preset: str, versions: dict) -> int:
-        """The run with this fingerprint (resumed), or a new one; one statement, so openers never race."""
-        with self._errors("write to"):
-            [row] = self.db.execute(
-                "INSERT INTO runs (fingerprint, name, model, plan, preset, versions, started, pid, host) "
-                "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(fingerprint) DO UPDATE SET status = 'running', "
-                "finished = NULL, pid = excluded.pid, host = excluded.host RETURNING id",
-                (fingerprint, name, model, json.dumps(plan), preset, json.dumps(versions), time.time(), os.getpid(),
-                 socket.gethostname())).fetchall()
-        return row["id"]
+        """The run with this fingerprint (resumed), or a new one."""
+        return self._open("runs", "run", fingerprint, dict(name=name, model=model, plan=json.dumps(plan),
+                                                             preset=preset, versions=json.dumps(versions)))
+
+    def _open(self, table: str, noun: str, fingerprint: str, fields: dict) -> int:
+        """The row of `table` with this fingerprint, marked running again, or a new one; in one write transaction,
+        so openers never race. One that another live process on this machine computes is refused: both would
+        compute every trial."""
+        pid, host = os.getpid(), socket.gethostname()
+        with self._errors("write to"), _transaction(self.db):
+            found = self.db.execute(f"SELECT id, name, status, pid, host FROM {table} WHERE fingerprint = ?",
+                                    (fingerprint,)).fetchone()
+            if found is None:
+                row = dict(fingerprint=fingerprint, **fields, started=time.time(), pid=pid, host=host)
+                return self.db.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))}) "
+                                       "RETURNING id", tuple(row.values())).fetchone()["id"]
+            if found["status"] == "running" and found["host"] == host and found["pid"] not in (None, pid) \
+                    and _alive(found["pid"]):
+                raise LabError(f"{noun} #{found['id']} ({found['name']}) is running in process {found['pid']} on "
+                               "this machine: wait for it, or stop it and run again to resume")
+            self.db.execute(f"UPDATE {table} SET status = 'running', finished = NULL, pid = ?, host = ? WHERE id = ?",
+                            (pid, host, found["id"]))
+            return found["id"]
 
     def finish_run(self, run_id: int, status: str) -> None:
         """Mark the run finished. Runners call this in a `finally`: while an exception is in flight, a
@@ -281,14 +295,9 @@ class Store:
     def open_sweep(self, fingerprint: str, name: str, model: str, axis: str, options: dict, preset: str,
                    conditions: int) -> int:
         """The sweep with this fingerprint (resumed), or a new one."""
-        with self._errors("write to"):
-            [row] = self.db.execute(
-                "INSERT INTO sweeps (fingerprint, name, model, axis, options, preset, conditions, started, pid, host) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(fingerprint) DO UPDATE SET status = 'running', "
-                "finished = NULL, pid = excluded.pid, host = excluded.host RETURNING id",
-                (fingerprint, name, model, axis, json.dumps(options), preset, conditions, time.time(), os.getpid(),
-                 socket.gethostname())).fetchall()
-        return row["id"]
+        return self._open("sweeps", "sweep", fingerprint, dict(name=name, model=model, axis=axis,
+                                                                 options=json.dumps(options), preset=preset,
+                                                                 conditions=conditions))
 
     def link_run(self, sweep_id: int, position: int, run_id: int, label: str, value, control: int) -> None:
         """Record that condition `position` of a sweep is run `run_id` (`control`: 0, or its n-th random control)."""

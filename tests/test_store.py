@@ -242,6 +242,33 @@ def test_open_run_has_no_race(tmp_path):
     assert len(stores[0].runs()) == rounds + 1
 
 
+def test_a_run_another_live_process_computes_is_not_opened_twice(tmp_path):
+    """Two `lab run`s of one preset on one file both computed the whole run; a run whose process is gone resumes."""
+    with Store(tmp_path / "r.sqlite") as store:
+        run_id = open_demo_run(store)
+        store.db.execute("UPDATE runs SET pid = ? WHERE id = ?", (os.getppid(), run_id))  # a live process, not us
+        with pytest.raises(LabError, match=rf"run #{run_id} \(demo\) is running in process {os.getppid()} on this "
+                                           "machine: wait for it, or stop it and run again to resume"):
+            open_demo_run(store)
+        store.db.execute("UPDATE runs SET pid = ? WHERE id = ?", (_dead_pid(), run_id))
+        assert open_demo_run(store) == run_id
+
+
+def test_resuming_a_run_takes_no_run_id():
+    """SQLite's AUTOINCREMENT spent an id on every resumed run (an upsert), so run ids skipped numbers."""
+    with Store(":memory:") as store:
+        first = open_demo_run(store, "f1")
+        store.finish_run(first, "cancelled")
+        assert open_demo_run(store, "f1") == first
+        assert open_demo_run(store, "f2") == first + 1
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 # 4. read-only commands: never create, never convert, say what is wrong
 
 @pytest.mark.parametrize("command", [["runs"], ["export", "1"]])
