@@ -212,10 +212,11 @@ def test_jrt_prompts_keep_their_length(tmp_path):
 
 
 def test_haystack_of_dev_zero_fails_at_once():
-    """In a child process with 1 GiB of address space: without the cap it would read until memory runs out."""
+    """In a child process with 8 GiB of address space (a CUDA build of torch maps more than 1 GiB on import):
+    without the cap it would read until memory runs out."""
     def limit_memory():
         import resource
-        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
 
     code = ("from lab.errors import LabError; from lab.probes.haystack import file_sentences\n"
             "try: next(file_sentences('/dev/zero'))\nexcept LabError as e: print(e)")
