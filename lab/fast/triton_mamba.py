@@ -18,6 +18,26 @@ import triton.language as tl
 from lab.fast.triton_scan import combine
 
 
+@triton.jit
+def _prologue(a_ptr, bias_ptr, d_ptr, init_ptr, row, chans, inside, channels, HAS_BIAS: tl.constexpr,
+              HAS_D: tl.constexpr, HAS_INIT: tl.constexpr, STATE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What both scans load before walking time, for one sequence's channels `chans`: A (D, N), the dt bias and
+    D (zeros where absent), the start state (D, N): a cached one (B, D, N), contiguous, or zeros."""
+    states = tl.arange(0, STATE)
+    a_matrix = tl.load(a_ptr + chans[:, None] * STATE + states[None, :], mask=inside[:, None], other=0.0)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + chans, mask=inside, other=0.0).to(tl.float32)
+    skip = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        skip = tl.load(d_ptr + chans, mask=inside, other=0.0).to(tl.float32)
+    h = tl.zeros([BLOCK_D, STATE], dtype=tl.float32)
+    if HAS_INIT:
+        h = tl.load(init_ptr + row * channels * STATE + chans[:, None] * STATE + states[None, :],
+                    mask=inside[:, None], other=0.0).to(tl.float32)
+    return a_matrix, bias, skip, h
+
+
 @triton.jit(do_not_specialize=["steps"])  # strides keep their alignment hints (unhinted loads cost 4.6x in griffin)
 def _scan_tiles_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, init_ptr, out_ptr, last_ptr,
                            steps, channels, sx_b, sx_d, sx_t, sdt_b, sdt_d, sdt_t, sb_b, sb_n, sb_t,
@@ -29,16 +49,8 @@ def _scan_tiles_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_pt
     chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_channels = chans < channels
     states = tl.arange(0, STATE)
-    a_matrix = tl.load(a_ptr + chans[:, None] * STATE + states[None, :], mask=in_channels[:, None], other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + chans, mask=in_channels, other=0.0).to(tl.float32)
-    if HAS_D:
-        skip = tl.load(d_ptr + chans, mask=in_channels, other=0.0).to(tl.float32)
-    if HAS_INIT:  # a prompt continued from a cached state (B, D, N), contiguous
-        h = tl.load(init_ptr + row * channels * STATE + chans[:, None] * STATE + states[None, :],
-                    mask=in_channels[:, None], other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BLOCK_D, STATE], dtype=tl.float32)
+    a_matrix, bias, skip, h = _prologue(a_ptr, bias_ptr, d_ptr, init_ptr, row, chans, in_channels, channels,
+                                        HAS_BIAS, HAS_D, HAS_INIT, STATE, BLOCK_D)
     times = tl.arange(0, BLOCK_T)
     for start in tl.range(0, steps, BLOCK_T):
         t = (start + times).to(tl.int64)
@@ -122,16 +134,8 @@ def _scan_steps_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_pt
     chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     inside = chans < channels
     states = tl.arange(0, STATE)
-    a_matrix = tl.load(a_ptr + chans[:, None] * STATE + states[None, :], mask=inside[:, None], other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + chans, mask=inside, other=0.0).to(tl.float32)
-    if HAS_D:
-        skip = tl.load(d_ptr + chans, mask=inside, other=0.0).to(tl.float32)
-    if HAS_INIT:
-        h = tl.load(init_ptr + row * channels * STATE + chans[:, None] * STATE + states[None, :],
-                    mask=inside[:, None], other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BLOCK_D, STATE], dtype=tl.float32)
+    a_matrix, bias, skip, h = _prologue(a_ptr, bias_ptr, d_ptr, init_ptr, row, chans, inside, channels,
+                                        HAS_BIAS, HAS_D, HAS_INIT, STATE, BLOCK_D)
     for t in tl.range(0, steps):
         x = tl.load(x_ptr + row * sx_b + chans * sx_d + t * sx_t, mask=inside, other=0.0).to(tl.float32)
         dt = tl.load(dt_ptr + row * sdt_b + chans * sdt_d + t * sdt_t, mask=inside, other=0.0).to(tl.float32)
