@@ -484,6 +484,20 @@ def test_clock_counts_the_trials_run_not_those_skipped(monkeypatch):
     assert clock.line(2).endswith("on 2 replicas (1.00 trials/s)")
 
 
+def test_clock_names_the_head_scoring_a_keep_top_sweep_starts_with(monkeypatch):
+    """The line said '8 trials in 0.3 s' after 23 s of head scoring."""
+    import importlib
+
+    run = importlib.import_module("lab.sweeps.run")
+    times = iter([2.0, 25.0, 25.5])
+    monkeypatch.setattr(run.time, "monotonic", lambda: next(times))
+    clock = run.Clock()
+    events = [sweeps.Stage(None, 0, "head scores", False), sweeps.SweepStarted(1, 3),
+              sweeps.SweepFinished(1, "done", {})]
+    list(clock.watch(iter(events)))
+    assert clock.line(1) == "0 trials in 0.5 s on 1 replica (0.00 trials/s), after 23.0 s of head scoring"
+
+
 @pytest.mark.parametrize("excludes", [True, False])
 def test_the_sweep_tables_footnote_comes_with_a_starred_row(excludes):
     condition = {"label": "k=1", "value": 1, "control": 0, "run": 2, "status": "done", "plan": {},

@@ -81,13 +81,17 @@ class Clock:
     ran (skipped ones not counted): the throughput `lab sweep` prints, to compare --nproc 1 and N."""
 
     def __init__(self):
-        self.started = self.seconds = None
+        self.started = self.seconds = self.scoring = None
         self.trials = 0
 
     def watch(self, events: Iterator[Event]) -> Iterator[Event]:
         for event in events:
-            if isinstance(event, SweepStarted):
+            if isinstance(event, Stage) and event.position is None:  # keep-top's head scores come first
+                self.scoring = time.monotonic()
+            elif isinstance(event, SweepStarted):
                 self.started = time.monotonic()
+                if self.scoring is not None:
+                    self.scoring = self.started - self.scoring
             elif isinstance(event, runner.Started):
                 self.trials += event.total - event.skipped
             elif isinstance(event, SweepFinished):
@@ -96,8 +100,9 @@ class Clock:
 
     def line(self, replicas: int) -> str:
         rate = f" ({self.trials / self.seconds:.2f} trials/s)" if self.seconds else ""
+        scoring = f", after {self.scoring:.1f} s of head scoring" if self.scoring is not None else ""
         return (f"{self.trials} trials in {self.seconds:.1f} s on {replicas} replica{'s' if replicas > 1 else ''}"
-                f"{rate}")
+                f"{rate}{scoring}")
 
 
 def fingerprint(preset: Preset, options: Options) -> str:
