@@ -196,7 +196,7 @@ def test_paper_score_is_the_authors_compute_score():
 def test_needle_score_is_the_papers_success_rate():
     trial = needle.Trial("k", 250, 0, 0, [], PAPER_NEEDLE, [PAPER_NEEDLE])
     row = needle.score(trial, "Eat a sandwich and sit in Dolores Park.", "sentence")
-    assert row == {"exact": 0.0, "score": 2 / 5, "paper_score": 2.0}  # mean(score) is the paper's success rate
+    assert row == {"exact": 0.0, "contains": 0.0, "score": 2 / 5, "paper_score": 2.0}  # mean(score) is the paper's success rate
 
 
 # ---- 7. RecurrentGemma's phase boundary: the last prompt token is a generation step ------------------------

@@ -86,6 +86,10 @@ def test_scoring_on_hand_made_outputs():
     assert scoring.paper_score("I do not know", answer) == 0
     assert scoring.exact("The pass key is 12345.", "12345") == 1
     assert scoring.exact("1234", "12345") == 0
+    # exact: the answer as a whole word sequence; contains: anywhere (the README's "330400" and "33040")
+    assert scoring.exact(" 330400", "33040") == 0 and scoring.contains(" 330400", "33040") == 1
+    assert scoring.exact(" 82411Rh", "82411") == 0 and scoring.contains(" 82411Rh", "82411") == 1
+    assert scoring.exact("Eat a sandwich and sit in Dolores Park!", "sit in dolores park") == 1
     assert scoring.fraction_found("values: 111, 333", ["111", "222", "333", "444"]) == 0.5
 
 
@@ -183,3 +187,12 @@ def test_user_haystack_is_read_once_per_file_version(tmp_path, monkeypatch):
     assert len(reads) == 1
     path.write_text("First one. Second one, changed.")
     assert next(haystack.file_sentences(path)) == "First one." and len(reads) == 2
+
+
+@pytest.mark.parametrize("task, output, exact, contains", [
+    ("passkey", " 330400", 0.0, 1.0), ("passkey", " 33040, then more", 1.0, 1.0), ("passkey", " 3304", 0.0, 0.0)])
+def test_a_trials_exact_score_is_the_whole_answer_and_contains_is_kept_apart(task, output, exact, contains):
+    """A longer number that holds the key scored exact (1.0) although the README says it does not."""
+    trial = needle.Trial("k", 300, 50, 0, [], " 33040", ["33040"])
+    result = needle.score(trial, output, task)
+    assert (result["exact"], result["contains"]) == (exact, contains)

@@ -342,12 +342,14 @@ def _ruler_query(keys: list[str]) -> str:
 
 
 def score(trial: Trial, output: str, task: str) -> dict:
-    """exact (0/1), score (0..1) and, for the sentence task, the paper's 0..5 score."""
+    """exact (0/1: every value as whole words), contains (0/1: every value anywhere), score (0..1: RULER's fraction
+    found) and, for the sentence task, the paper's 0..5 score (score: its fifth)."""
     found = scoring.fraction_found(output, trial.values)
-    result = {"exact": float(found == 1.0), "score": found}
+    result = {"exact": float(all(scoring.exact(output, value) for value in trial.values)),
+              "contains": float(all(scoring.contains(output, value) for value in trial.values)), "score": found}
     if task == "sentence":
         paper = scoring.paper_score(output, trial.values[0])
-        result.update(exact=scoring.exact(output, trial.values[0]), score=paper / 5, paper_score=paper)
+        result.update(score=paper / 5, paper_score=paper)
     return result
 
 

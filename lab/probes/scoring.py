@@ -1,4 +1,5 @@
-"""Scoring of needle outputs: exact containment, the paper's 0-5 score, RULER's fraction found."""
+"""Scoring of needle outputs: exact (whole words) and contained answers, the paper's 0-5 score, RULER's
+fraction found."""
 
 from __future__ import annotations
 
@@ -26,7 +27,14 @@ def paper_normalise(text: str) -> str:
 
 
 def exact(output: str, answer: str) -> float:
-    """1.0 if the normalised answer is contained in the normalised output."""
+    """1.0 if the normalised answer is in the normalised output as a whole word sequence ("33040" is not in
+    "330400", nor "82411" in "82411rh")."""
+    wanted = normalise(answer)
+    return float(bool(wanted) and re.search(rf"(?<!\w){re.escape(wanted)}(?!\w)", normalise(output)) is not None)
+
+
+def contains(output: str, answer: str) -> float:
+    """1.0 if the normalised answer is anywhere in the normalised output."""
     return float(bool(normalise(answer)) and normalise(answer) in normalise(output))
 
 

@@ -185,6 +185,7 @@ class MainScreen(Screen):
         self.plan = Plan()
         self.saved_plan = Plan()  # as opened or saved: the plan differs from it when there are unsaved changes
         self.preset_path: str | None = None
+        self.previous: tuple[ModelSpec, Session] | None = None  # while another model loads: the one to go back to
         self.rows: dict[str, list[dict]] = {"needle": [], "mmlu": []}
         self.compare: set[int] = set()
         self.current_run: dict[str, tuple[int, str]] = {}  # probe -> (run id, label) of this session's last run
@@ -245,9 +246,14 @@ class MainScreen(Screen):
 
     # ---- workers --------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="load", exit_on_error=False, description="Loading the model")
-    def load_model(self, spec: ModelSpec) -> None:
+    def load_model(self, spec: ModelSpec, preset: presets.Preset | None = None, path: str | None = None) -> None:
+        """Load `spec`; a preset that comes with it (opened, or the model picked) has its plan checked against the
+        model first, so one that does not fit is refused whole."""
         try:
-            self.post_message(ModelLoaded(load(spec)))
+            loaded = load(spec)
+            if preset is not None:
+                preset.plan_for(loaded.anatomy)
+            self.post_message(ModelLoaded(loaded, preset, path))
         except LabError as error:
             self.post_message(Failed("load", str(error)))
 
@@ -275,7 +281,9 @@ class MainScreen(Screen):
 
     @on(ModelLoaded)
     async def model_loaded(self, message: ModelLoaded) -> None:
-        self.session = Session(message.loaded)
+        self.session, self.previous = Session(message.loaded), None
+        if message.preset is not None:
+            self._take_preset(message.preset, message.path)
         anatomy = self.loaded.anatomy
         self.sub_title = (f"{self.loaded.spec.name} · {anatomy.architecture} · {anatomy.num_layers} layers · "
                           f"{anatomy.total_heads} heads")
@@ -302,6 +310,12 @@ class MainScreen(Screen):
     @on(Failed)
     def failed(self, message: Failed) -> None:
         self.notify(message.error, title=f"{message.what} failed", severity="error", timeout=10, markup=False)
+        if message.what == "load" and self.previous is not None:  # the model loaded before stays
+            (self.spec, self.session), self.previous = self.previous, None
+            self.query("#loading").remove()
+            self.query(LayerGrid).set(loading=False)
+            self._status(f"load failed; still {self.model_name}")
+            return
         if message.what == "load":
             self.query("#loading, LayerGrid").remove()  # a grid left is the previous model's, which is gone
             self.query_one("#plan", Static).update(Text.assemble(("could not load the model", "bold"),
@@ -578,8 +592,7 @@ class MainScreen(Screen):
         """Load another model (its name as `lab --model` takes it) with an empty plan."""
         def picked(name: str | None) -> None:
             if name and name != self.model_name and not self._busy():
-                self.preset = self.preset.with_model(name).with_plan(Plan())
-                self._switch_model(self.preset.model)
+                self._switch_model(self.preset.with_model(name).with_plan(Plan()))
 
         def choose() -> None:
             self.app.push_screen(PathDialog("load model (toy-jamba, random:bamba, a hub id)", self.model_name), picked)
@@ -595,12 +608,16 @@ class MainScreen(Screen):
             self.notify(f"{job.name} is running: x cancels it", severity="warning")
         return job is not None
 
-    def _switch_model(self, spec: ModelSpec) -> None:
-        self.spec, self.session = spec, None
+    def _switch_model(self, preset: presets.Preset, path: str | None = None) -> None:
+        """Load the preset's model and then take the preset (path: the file it came from); if the model fails to
+        load or the plan does not fit it, the model loaded before stays."""
+        if self.session is not None:
+            self.previous = (self.spec, self.session)
+        self.spec, self.session = preset.model, None
         self.query(LayerGrid).set(loading=True)
         if not self.query("LayerGrid, #loading"):  # after a failed load
             self.query_one("#left").mount(LoadingIndicator(id="loading"))
-        self.load_model(spec)
+        self.load_model(preset.model, preset, path)
 
     def action_save_preset(self) -> None:
         def chosen(path: str | None) -> None:
@@ -621,22 +638,25 @@ class MainScreen(Screen):
         except LabError as error:
             self.notify(str(error), title="bad preset", severity="error", timeout=10)
             return
-        other_model = preset.model.name != self.model_name
-        if other_model and self._busy():
+        if preset.model.name != self.model_name:
+            if not self._busy():
+                self._switch_model(preset, path)
             return
+        try:
+            plan = preset.plan_for(self.loaded.anatomy)
+        except LabError as error:  # refused whole, as lab run refuses it
+            self.notify(str(error), title="bad preset", severity="error", timeout=10)
+            return
+        self._take_preset(preset, path)
+        self._set_plan(plan)
+        self.saved_plan = self.plan
+        self._show_plan()
+
+    def _take_preset(self, preset: presets.Preset, path: str | None) -> None:
+        """The preset's probe settings in the Probe tab; path: the file it came from (None: not saved)."""
         self.preset, self.preset_path = preset, path
         self.query_one(ProbeForm).remove()
         self.query_one("#tab-probe").mount(ProbeForm(preset))
-        if other_model:
-            self._switch_model(preset.model)
-            return
-        try:
-            self._set_plan(preset.plan_for(self.loaded.anatomy))
-        except LabError as error:
-            self.notify(str(error), title="bad preset", severity="error", timeout=10)
-            return
-        self.saved_plan = self.plan
-        self._show_plan()
 
     # ---- helpers --------------------------------------------------------------------------------
     def current_preset(self) -> presets.Preset:

@@ -9,7 +9,11 @@ from textual.message import Message
 
 @dataclass
 class ModelLoaded(Message):
+    """A model loaded; with the preset (opened, or the model picked) whose plan was checked against it."""
+
     loaded: object
+    preset: object = None
+    path: str | None = None
 
 
 @dataclass
