@@ -506,3 +506,14 @@ def test_the_sweep_tables_footnote_comes_with_a_starred_row(excludes):
     console = Console(file=io.StringIO(), width=250, color_system=None)
     console.print(sweep_table(result))
     assert ("interval excludes the base" in console.file.getvalue()) == excludes
+
+
+def test_a_condition_whose_run_did_not_finish_is_shown_as_partial():
+    """A cancelled condition (30 of 80 trials) was listed like a finished one, starred against the base."""
+    condition = {"label": "k=0", "value": 0, "control": 0, "run": 2, "status": "cancelled", "plan": {},
+                 "needle": {"accuracy": 0.0, "ci95": [0.0, 0.11], "trials": 30, "delta": -1.0, "excludes_base": True}}
+    result = {"sweep": 1, "name": "s", "status": "cancelled", "base": None, "conditions": [condition]}
+    console = Console(file=io.StringIO(), width=250, color_system=None)
+    console.print(sweep_table(result))
+    out = console.file.getvalue()
+    assert "k=0 (cancelled, partial)" in out and "*" not in out

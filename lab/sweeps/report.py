@@ -67,7 +67,7 @@ def sweep_table(result: dict) -> Table:
     """One row per condition (the base first): accuracy, 95 % interval and difference per probe."""
     rows = ([result["base"]] if result["base"] else []) + result["conditions"]
     probes = [p for p in OUTCOMES if any(p in row for row in rows)]
-    starred = any(row.get(probe, {}).get("excludes_base") for row in rows for probe in probes)
+    starred = any(difference(row, row[probe]).endswith("*") for row in rows for probe in probes if row.get(probe))
     table = Table(title=text(f"sweep {result['sweep']}: {result['name']} ({result['status']})"), title_justify="left",
                   caption=text("* the 95 % interval excludes the base's accuracy") if starred else None)
     table.add_column(text("condition"), no_wrap=True)
@@ -76,20 +76,30 @@ def sweep_table(result: dict) -> Table:
         table.add_column(text(f"{probe} (95 % CI)"), justify="right")
         table.add_column(text("vs base"), justify="right", no_wrap=True)
     for row in rows:
-        cells = [row["label"], "" if row["value"] is None else json.dumps(row["value"])]
+        cells = [condition_label(row), "" if row["value"] is None else json.dumps(row["value"])]
         for probe in probes:
             figures = row.get(probe)
-            cells += _figures(figures) if figures else ["", ""]
+            cells += [_accuracy(figures), difference(row, figures)] if figures else ["", ""]
         table.add_row(*(text(cell) for cell in cells))
     return table
 
 
-def _figures(figures: dict) -> list[str]:
-    """Accuracy with its interval, and the difference to the base (* where the interval excludes it)."""
+def condition_label(row: dict) -> str:
+    """A condition's label, and its run's status where that run did not finish: its figures cover part of its
+    trials (the first lengths)."""
+    return row["label"] if row.get("status", "done") == "done" else f"{row['label']} ({row['status']}, partial)"
+
+
+def _accuracy(figures: dict) -> str:
     low, high = figures["ci95"]
+    return f"{_pct(figures['accuracy'])} ({100 * low:.0f}-{100 * high:.0f})"
+
+
+def difference(row: dict, figures: dict) -> str:
+    """The difference to the base, * where the interval excludes the base's accuracy (finished runs only)."""
     delta = figures.get("delta")
-    return [f"{_pct(figures['accuracy'])} ({100 * low:.0f}-{100 * high:.0f})",
-            "" if delta is None else f"{100 * delta:+.1f} pp" + (" *" if figures["excludes_base"] else "")]
+    starred = figures.get("excludes_base") and row.get("status", "done") == "done"
+    return "" if delta is None else f"{100 * delta:+.1f} pp" + (" *" if starred else "")
 
 
 def sweeps_table(sweeps: list[dict], path) -> Table:

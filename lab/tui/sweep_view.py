@@ -22,6 +22,7 @@ from lab.models.anatomy import Anatomy
 from lab.store import Store
 from lab.sweeps import Options, detach, result
 from lab.sweeps.axes import AXES, BLOCK_AXES
+from lab.sweeps.report import condition_label, difference
 from lab.tui.effects import Curve, curve, legend, probe_of, thinned
 
 POLL_S = 1.0  # how often a followed sweep's rows are read
@@ -247,10 +248,9 @@ class SweepView(Vertical):
         table.add_columns("condition", "value", f"{probe or 'accuracy'} %", "vs base")
         for row in ([found["base"]] if found["base"] else []) + found["conditions"]:
             figures = row.get(probe) or {}
-            delta = figures.get("delta")
-            cells = [row["label"], "" if row["value"] is None else json.dumps(row["value"]),
+            cells = [condition_label(row), "" if row["value"] is None else json.dumps(row["value"]),
                      f"{100 * figures['accuracy']:.1f}" if figures else row["status"],
-                     "" if delta is None else f"{100 * delta:+.1f} pp" + (" *" if figures["excludes_base"] else "")]
+                     difference(row, figures) if figures else ""]
             table.add_row(*(Text(cell) for cell in cells))
 
     def _status(self, text: str) -> None:
