@@ -212,22 +212,23 @@ def write_keymap(tmp_path, monkeypatch, text: str):
 
 
 async def test_keymap_with_dotted_ids_as_the_help_shows(tmp_path, monkeypatch):
-    write_keymap(tmp_path, monkeypatch, 'probe.needle = "g"\n"plan.attention" = "b"\n')
+    write_keymap(tmp_path, monkeypatch, 'probe.needle = "f"\n"plan.attention" = "y"\n')
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await ready(app, pilot)
-        await pilot.press("b")
+        await pilot.press("y")
         assert app.screen.plan.off == (BlocksOff("attention"),)
         await pilot.press("f1")
         await pilot.pause()
         table = app.screen.query_one("#help-box")
         keys = {table.get_row_at(i)[2]: table.get_row_at(i)[0] for i in range(table.row_count)}
-        assert keys["probe.needle"] == "g" and keys["plan.attention"] == "b"
+        assert keys["probe.needle"] == "f" and keys["plan.attention"] == "y"
         assert keys["app.help"] == "F1 ?" and keys["plan.k_down"] == "-" and keys["grid.toggle"] == "space enter"
 
 
 @pytest.mark.parametrize("text, why", [('probe.needle = 3\n', "probe.needle"), ("probe.needle = [\n", "keymap"),
-                                       ('nope.id = "g"\n', "nope.id")])
+                                       ('nope.id = "g"\n', "nope.id"),
+                                       ('probe.needle = "g"\n', "g would be both plan.needle_generation and probe.needle")])
 async def test_a_bad_keymap_is_a_note_and_defaults_are_used(tmp_path, monkeypatch, text, why):
     write_keymap(tmp_path, monkeypatch, text)
     app = make_app(tmp_path)

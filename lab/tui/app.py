@@ -809,7 +809,7 @@ class LabApp(App):
     def on_mount(self) -> None:
         if KEYMAP.is_file():
             try:
-                self.set_keymap(read_keymap(KEYMAP, {b.id for b in self.all_bindings()}))
+                self.set_keymap(read_keymap(KEYMAP, {b.id: b.key for b in self.all_bindings()}))
             except LabError as error:
                 self.notify(f"{error}; the default keys are used", severity="warning", timeout=10)
         screen = MainScreen(self.spec, self.preset, self.store)

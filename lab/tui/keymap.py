@@ -21,17 +21,25 @@ def flatten(table: dict, prefix: str = "") -> dict:
     return flat
 
 
-def read_keymap(path: Path, known: set[str]) -> dict[str, str]:
-    """{binding id: keys} from `path`; LabError (one line) when it is not TOML, not strings or names no binding."""
+def read_keymap(path: Path, defaults: dict[str, str]) -> dict[str, str]:
+    """{binding id: keys} from `path`, over `defaults` ({binding id: keys}); LabError (one line) when it is not
+    TOML, not strings, names no binding or gives a key two bindings."""
     try:
         keymap = flatten(tomllib.loads(path.read_text()))
     except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as error:
         raise LabError(f"keymap {path}: {error}") from None
     for binding_id, keys in keymap.items():
-        if binding_id not in known:
+        if binding_id not in defaults:
             raise LabError(f"keymap {path}: no binding has the id {binding_id} (F1 lists them)")
         if not isinstance(keys, str) or not keys.strip():
             raise LabError(f"keymap {path}: {binding_id} must be a string of keys, e.g. \"g\" or \"ctrl+g,f5\"")
+    owner: dict[str, str] = {}
+    for binding_id, keys in {**defaults, **keymap}.items():
+        for key in (k.strip() for k in keys.split(",") if k.strip()):
+            if key in owner:
+                raise LabError(f"keymap {path}: {key_text(key)} would be both {owner[key]} and {binding_id} "
+                               "(F1 lists the keys in use)")
+            owner[key] = binding_id
     return keymap
 
 
