@@ -131,9 +131,25 @@ async def test_help_lists_binding_ids(tmp_path):
         await ready(app, pilot)
         await pilot.press("f1")
         await pilot.pause()
+        await pilot.pause()
         table = app.screen.query_one("#help-box")
-        ids = {table.get_row_at(i)[2] for i in range(table.row_count)}
+        ids = {table.get_row_at(i)[1] for i in range(table.row_count)}
         assert {"plan.attention", "probe.needle", "grid.toggle", "app.quit"} <= ids
+
+
+async def test_help_fits_80_columns_and_wraps_what_a_key_does(tmp_path):
+    """At 80 x 24 "what it does" was cut to a few characters ("Sparsify:" for both k- and k+)."""
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("f1")
+        await pilot.pause()
+        await pilot.pause()
+        table = app.screen.query_one("#help-box")
+        assert table.virtual_size.width <= table.size.width
+        rows = {table.get_row_at(i)[1]: table.get_row_at(i)[2] for i in range(table.row_count)}
+        assert " ".join(rows["plan.k_down"].split()) == "k-: Sparsify: keep one head fewer per token"
+        assert rows["plan.k_down"] != rows["plan.k_up"]
 
 
 @pytest.mark.parametrize("size", [(80, 24), (200, 60)])
@@ -221,7 +237,7 @@ async def test_keymap_with_dotted_ids_as_the_help_shows(tmp_path, monkeypatch):
         await pilot.press("f1")
         await pilot.pause()
         table = app.screen.query_one("#help-box")
-        keys = {table.get_row_at(i)[2]: table.get_row_at(i)[0] for i in range(table.row_count)}
+        keys = {table.get_row_at(i)[1]: table.get_row_at(i)[0] for i in range(table.row_count)}
         assert keys["probe.needle"] == "f" and keys["plan.attention"] == "y"
         assert keys["app.help"] == "F1 ?" and keys["plan.k_down"] == "-" and keys["grid.toggle"] == "space enter"
 
