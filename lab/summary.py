@@ -41,8 +41,11 @@ def short_plan(plan: dict) -> str:
         layers = entry.get("layers")
         where = "" if layers is None else " L" + ",".join(map(str, layers[:3])) + ("…" if len(layers) > 3 else "")
         parts.append(f"{KIND_SHORT.get(entry['kind'], entry['kind'])} off{where}")
-    if plan.get("heads_off"):
-        parts.append(_count(len(plan["heads_off"]), "head") + " off")
+    heads = plan.get("heads_off") or []
+    if len(heads) == 1:  # a sweep's conditions: which head
+        parts.append(f"head L{heads[0][0]}.h{heads[0][1]} off")
+    elif heads:
+        parts.append(_count(len(heads), "head") + " off")
     if plan.get("keep_heads") is not None:
         parts.append(f"keep {_count(len(plan['keep_heads']), 'head')}")
     if plan.get("sparsify"):

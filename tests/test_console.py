@@ -374,7 +374,7 @@ def test_short_plan_names_what_is_off():
     assert short_plan({"off": [{"kind": "attention", "layers": [2]}], "phase": "both"}) == "attn off L2"
     assert short_plan({"off": [{"kind": "ssm"}], "heads_off": [[2, 0], [2, 1]], "sparsify": {"k": 2},
                        "mode": "mean", "phase": "generation"}) == "ssm off · 2 heads off · k=2 · mean · gen only"
-    assert short_plan({"heads_off": [[2, 0]], "mode": "zero", "phase": "both"}) == "1 head off"
+    assert short_plan({"heads_off": [[2, 3]], "mode": "zero", "phase": "both"}) == "head L2.h3 off"  # which one
 
 
 @pytest.mark.parametrize("plan, words", [
