@@ -86,7 +86,8 @@ MODELS = {  # what the measurements cannot say: the architecture, further findin
             "trials per k, measured apart from this card): 0 % at k = 0, 3.3 % at k = 1, 23.3 % at k = 2, 86.7 % at "
             "k = 3, 100 % from k = 4 of 8 heads.",
             "`lab heads toy-jamba --score retrieval` ranks all 8 heads of layer 5 above every head of layer 2. "
-            "Keeping the top 3 keeps retrieval. Switching those 3 off does not lose it, since the other heads of "
+            "Keeping the top 3 keeps most of retrieval (85 % of trials exact). Switching those 3 off does not lose it, "
+            "since the other heads of "
             "layer 5 still find the pass key (test_toy).",
             "Toy knowledge is at chance although the model completes the fact sentences: in a scratch check, the right "
             "choice had the highest likelihood after the fact's beginning for 98 of 100 facts. But scored as the "
