@@ -340,3 +340,25 @@ async def test_a_real_detached_sweep_charts_live_and_is_cancelled_with_x_keeping
         assert sweep["status"] == "cancelled" and len(sweep["runs"]) < 11
         assert sweep["runs"][0]["status"] == "done" and len(store.trials(sweep["runs"][0]["run_id"])) == 40
         assert any(f"sweep #{view.sweep_id} cancelled" in n for n in notes(app))
+
+
+def test_the_sweep_charts_legend_sits_above_100_percent():
+    """Points at 100 % were drawn over the legend."""
+    from lab.tui.sweep_view import legend_room
+
+    for lines, height in ((1, 12), (3, 12), (3, 30)):
+        top, rows = legend_room(lines, height), height - 5
+        assert top - 100 >= (lines + 1) * (top + 5) / rows  # the legend's rows, in the y range's units
+    assert legend_room(3, 6) == 125.0  # no room to spare on a tiny chart: as before
+
+
+async def test_a_condition_of_one_point_is_drawn(tmp_path):
+    """A line of one point (a cancelled k sweep's k = 0) drew nothing."""
+    from lab.tui.effects import Curve
+
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        chart = app.screen.query_one(SweepChart)
+        chart.show(Curve("needle by k", "k", [(0.0, "0"), (1.0, "1")], [("k", [0.0], [0.0])]))
+        assert "●" in chart.plt.build()

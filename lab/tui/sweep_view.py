@@ -62,6 +62,15 @@ def grid_sweep(what: str, anatomy: Anatomy, layer: int, kind: str | None) -> tup
     return Options(axis), f"each {kind} block off alone"
 
 
+def legend_room(lines: int, height: int) -> float:
+    """The top of the y range (%) that keeps 100 % below the legend's rows (one per line, plus a margin), for a
+    chart `height` rows high: points at 100 % were drawn over the legend."""
+    rows, taken = max(height - 5, 4), lines + 1  # the plot's rows, less title, x axis and its labels
+    if taken >= rows:
+        return 125.0
+    return max(125.0, (100 + 5 * taken / rows) / (1 - taken / rows) + 5)
+
+
 class SweepChart(PlotextPlot):
     """Accuracy (%) against the swept value."""
 
@@ -75,13 +84,16 @@ class SweepChart(PlotextPlot):
         plt.title(drawn.title if drawn else "no sweep shown: start one from the grid (F1 lists the keys)")
         if drawn and drawn.lines:
             plt.xlabel(drawn.xlabel)
-            plt.ylim(-5, 125)
+            plt.ylim(-5, legend_room(len(drawn.lines), self.size.height))
             plt.yticks([0, 25, 50, 75, 100])
             width = self.size.width - 8 if self.size.width > 20 else 60  # less the y axis and frame; 60 unshown
             xs, labels = zip(*thinned(drawn.ticks, width))
             plt.xticks(list(xs), list(labels))
             for name, line_xs, ys in drawn.lines:
-                plt.plot(line_xs, ys, label=name[:30], marker="braille")
+                if len(line_xs) == 1:  # a line of one point draws nothing
+                    plt.scatter(line_xs, ys, label=name[:30], marker="●")
+                else:
+                    plt.plot(line_xs, ys, label=name[:30], marker="braille")
         self.refresh()
 
     def on_resize(self) -> None:
