@@ -600,14 +600,19 @@ async def test_command_palette_lists_every_lab_command_once(tmp_path):
         assert hits.count("Quit") == 1  # lab's quit (asks first), not textual's as well
 
 
+async def pick_model(app, pilot, name: str) -> None:
+    """Load `name` as the palette's "pick model" does, and wait for the load."""
+    await palette(pilot, "pick model")
+    app.screen.query_one("#path").value = name
+    await pilot.press("enter")
+    await ready(app, pilot)
+
+
 async def test_pick_model_from_the_palette_loads_it_with_an_empty_plan(tmp_path):
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await ready(app, pilot)
-        await palette(pilot, "pick model")
-        app.screen.query_one("#path").value = "random:bamba"
-        await pilot.press("enter")
-        await ready(app, pilot)
+        await pick_model(app, pilot, "random:bamba")
         assert app.screen.loaded.anatomy.architecture == "bamba" and app.screen.plan == Plan()
 
 
@@ -617,10 +622,7 @@ async def test_a_model_that_fails_to_load_leaves_the_one_loaded(tmp_path):
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await ready(app, pilot)
-        await palette(pilot, "pick model")
-        app.screen.query_one("#path").value = "toy-jamb"
-        await pilot.press("enter")
-        await ready(app, pilot)
+        await pick_model(app, pilot, "toy-jamb")
         screen = app.screen
         assert screen.loaded is not None and screen.loaded.spec.name == "random:jamba"
         assert screen.model_name == "random:jamba" and screen.sub_title.startswith("random:jamba")
@@ -828,17 +830,11 @@ async def test_a_model_that_fails_to_load_after_another_is_reported_as_text_and_
     async with app.run_test(size=SIZE) as pilot:
         await ready(app, pilot)
         app.screen.query_one(LayerGrid)  # the first model is there
-        await palette(pilot, "pick model")
-        app.screen.query_one("#path").value = "random:[b]x[/b]"
-        await pilot.press("enter")
-        await ready(app, pilot)
+        await pick_model(app, pilot, "random:[b]x[/b]")
         notes = [n for n in app._notifications if "no tiny config" in n.message]
         assert notes and not notes[0].markup and "'[b]x[/b]'" in notes[0].message
         assert app.screen.loaded.anatomy.architecture == "jamba"  # the model loaded before stays
-        await palette(pilot, "pick model")  # and after a failed load, another model loads
-        app.screen.query_one("#path").value = "random:bamba"
-        await pilot.press("enter")
-        await ready(app, pilot)
+        await pick_model(app, pilot, "random:bamba")  # and after a failed load, another model loads
         assert app.screen.loaded.anatomy.architecture == "bamba" and len(app.screen.query(LayerGrid)) == 1
 
 

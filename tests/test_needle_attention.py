@@ -292,17 +292,13 @@ def test_the_papers_boundary_moves_the_needle_ops_phase_as_the_hooks(mode, phase
     def one_short(end: int):
         def answer(tracker):
             tracker.needles, tracker.prompt_len = {tuple(trial.ids): trial.needle_spans}, end
-            greedy(loaded, [trial.ids], 2)
+            if mode == "generate":
+                greedy(loaded, [trial.ids], 2)
+                return
+            answer_ids = loaded.tokenizer(trial.answer, add_special_tokens=False)["input_ids"]
+            loaded.model(input_ids=torch.tensor([trial.ids + answer_ids]), use_cache=False,
+                         logits_to_keep=len(answer_ids) + 1)
         return answer
-
-    if mode == "fast":
-        def one_short(end: int):
-            def answer(tracker):
-                tracker.needles, tracker.prompt_len = {tuple(trial.ids): trial.needle_spans}, end
-                answer_ids = loaded.tokenizer(trial.answer, add_special_tokens=False)["input_ids"]
-                loaded.model(input_ids=torch.tensor([trial.ids + answer_ids]), use_cache=False,
-                             logits_to_keep=len(answer_ids) + 1)
-            return answer
 
     lab = first_logits(lambda tracker: needle.run_batch(loaded, spec, [trial], tracker))
     torch.testing.assert_close(lab, first_logits(one_short(len(trial.ids) - 1)), atol=1e-4, rtol=0)
