@@ -186,6 +186,7 @@ async def test_one_job_at_a_time_and_weights_restored(tmp_path, monkeypatch):
         await pilot.pause()
         notes = [n.message for n in app._notifications]
         assert "a probe is running: x cancels it" in notes  # u and r refused (identical notes show once)
+        assert screen.query_one("#tabs").active == "tab-needle"  # a refused u did not switch to the MMLU tab
         gate.set()
         await ready(app, pilot)
         runs = screen.store.runs()

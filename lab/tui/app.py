@@ -432,11 +432,13 @@ class MainScreen(Screen):
             self.notify(f"{busy.running} is running: x cancels it", severity="warning")
             return None
 
-    def _start(self, probe: str, preset: presets.Preset) -> None:
+    def _start(self, probe: str, preset: presets.Preset) -> bool:
+        """Start the probe's job; False (and a note) while another job runs."""
         job = self._claim("a probe" if probe != "heads" else "head scoring")
         if job is not None:
             self._status(f"starting {probe}...")
             self.probe_worker(probe, preset, job)
+        return job is not None
 
     def action_run_probe(self, probe: str) -> None:
         try:
@@ -444,7 +446,8 @@ class MainScreen(Screen):
         except LabError as error:
             self.notify(str(error), title="probe settings", severity="error")
             return
-        self._start(probe, replace(preset, mmlu=None) if probe == "needle" else replace(preset, needle=None))
+        if not self._start(probe, replace(preset, mmlu=None) if probe == "needle" else replace(preset, needle=None)):
+            return  # refused: the tab of the job that runs stays in front
         if probe == "mmlu" and self.plan.phase == "generation" and not self.plan.is_empty:
             self.notify("MMLU scores one forward pass over the prompt: a generation-only plan changes nothing there",
                         severity="warning", timeout=8)
