@@ -31,7 +31,8 @@ def heatmap(rows: list[dict], value: str = "score") -> tuple[list[int], list[flo
 
 KIND_SHORT = {"attention": "attn"}
 PHASE_SHORT = {"generation": "gen only", "prefill": "prefill only"}
-RUN_COLUMNS = ("id", "plan", "needle", "MMLU", "probes", "trials", "status", "started", "model", "name")
+RUN_COLUMNS = ("id", "needle", "MMLU", "plan", "probes", "trials", "status", "started", "model", "name")  # figures
+# first: at 80 columns the console's Runs tab showed only id and plan
 
 
 def short_plan(plan: dict) -> str:
@@ -99,6 +100,6 @@ def run_cells(run: dict, summary: dict, now: float | None = None) -> list[str]:
     """One run as the cells of RUN_COLUMNS (`summary`: summarize() of its trials)."""
     def accuracy(probe: str) -> str:
         return f"{100 * summary[probe]['accuracy']:.1f} %" if probe in summary else ""
-    return [str(run["id"]), short_plan(json.loads(run["plan"])), accuracy("needle"), accuracy("mmlu"),
+    return [str(run["id"]), accuracy("needle"), accuracy("mmlu"), short_plan(json.loads(run["plan"])),
             " ".join(sorted(summary)), str(run["trials"]), run["status"], age((now or time.time()) - run["started"]),
             run["model"], preset_name(run)]
