@@ -351,7 +351,7 @@ async def test_unsaved_plan_changes_ask_before_quit_and_open(tmp_path, monkeypat
         await pilot.press("a", "ctrl+o")
         await pilot.pause()
         assert isinstance(app.screen, ConfirmDialog)
-        assert "unsaved plan changes" in str(app.screen.query_one("#question").render())
+        assert "unsaved changes" in str(app.screen.query_one("#question").render())
         await pilot.press("n")
         await pilot.pause()
         await pilot.press("ctrl+o", "enter")
@@ -860,3 +860,31 @@ async def test_mmlu_chart_shows_each_bars_value(tmp_path):
         await pilot.pause()
         drawn = chart.plt.build()
         assert all(value in drawn for value in ("42", "87", "13", "31"))
+
+
+async def test_edited_probe_settings_count_as_unsaved(tmp_path, monkeypatch):
+    """q quit at once after the probe settings were edited, and the edits were lost (only the plan counted)."""
+    from lab.tui.app import ConfirmDialog
+
+    app = make_app(tmp_path)
+    exits = []
+    monkeypatch.setattr(app, "exit", lambda *a, **k: exits.append(a))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        screen = app.screen
+        trials = screen.query_one("#f-trials")
+        trials.value = "3"
+        await pilot.pause()
+        assert "*unsaved*" in str(screen.query_one("#plan").render())
+        screen.query_one(LayerGrid).focus()
+        await pilot.press("q")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmDialog) and not exits
+        assert "unsaved changes" in str(app.screen.query_one("#question").render())
+        await pilot.press("escape")
+        await pilot.pause()
+        trials.value = "1"  # back as it was: nothing unsaved
+        await pilot.pause()
+        await pilot.press("q")
+        await pilot.pause()
+        assert exits

@@ -110,6 +110,20 @@ class ProbeForm(Vertical):
     def __init__(self, preset: presets.Preset):
         super().__init__()
         self.preset = preset
+        self.saved: dict | None = None  # the fields as the preset gave them, or as last saved
+
+    def on_mount(self) -> None:
+        self.mark_saved()
+
+    def values(self) -> dict:
+        return {field.id: field.value for field in self.query("Input, Select")}
+
+    def mark_saved(self) -> None:
+        self.saved = self.values()
+
+    @property
+    def edited(self) -> bool:
+        return self.saved is not None and self.values() != self.saved
 
     def compose(self) -> ComposeResult:
         n = self.preset.needle or CONSOLE_NEEDLE
@@ -210,7 +224,13 @@ class MainScreen(Screen):
 
     @property
     def dirty(self) -> bool:
-        return self.plan != self.saved_plan
+        """The plan or the probe settings differ from the preset's (as opened or last saved)."""
+        return self.plan != self.saved_plan or any(form.edited for form in self.query(ProbeForm))
+
+    @on(Input.Changed, "ProbeForm Input")
+    @on(Select.Changed, "ProbeForm Select")
+    def probe_setting_changed(self) -> None:
+        self._show_plan()  # the preset line's *unsaved*
 
     # ---- layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -574,7 +594,7 @@ class MainScreen(Screen):
         def choose() -> None:
             self.app.push_screen(PathDialog("open preset", self.preset_path or "presets/"), opened)
         if self.dirty:
-            self.ask("unsaved plan changes: open another preset anyway?", choose)
+            self.ask("unsaved changes: open another preset anyway?", choose)
         else:
             choose()
 
@@ -587,7 +607,7 @@ class MainScreen(Screen):
         if self.session is not None and self.session.job is not None:
             self.ask(f"{self.session.job.name} is running: cancel it and quit?", cancel_and_exit)
         elif self.dirty:
-            self.ask("unsaved plan changes: quit anyway?", cancel_and_exit)
+            self.ask("unsaved changes: quit anyway?", cancel_and_exit)
         else:
             self.app.exit()
 
@@ -600,7 +620,7 @@ class MainScreen(Screen):
         def choose() -> None:
             self.app.push_screen(PathDialog("load model (toy-jamba, random:bamba, a hub id)", self.model_name), picked)
         if self.dirty:
-            self.ask("unsaved plan changes: load another model anyway?", choose)
+            self.ask("unsaved changes: load another model anyway?", choose)
         else:
             choose()
 
@@ -631,6 +651,7 @@ class MainScreen(Screen):
                     self.notify(str(error), title="save failed", severity="error")
                     return
                 self.preset_path, self.saved_plan = str(saved), self.plan
+                self.query_one(ProbeForm).mark_saved()
                 self._show_plan()
                 self.notify(f"saved {saved}")
         self.app.push_screen(PathDialog("save preset as", self.preset_path or "my-preset.toml"), chosen)
