@@ -306,13 +306,19 @@ def gate_runs(monkeypatch):
     return gate
 
 
+def exits_of(app, monkeypatch) -> list:
+    """The app's exit calls, recorded instead of exiting."""
+    exits = []
+    monkeypatch.setattr(app, "exit", lambda *a, **k: exits.append(a))
+    return exits
+
+
 async def test_quit_during_a_job_asks_and_cancels_it(tmp_path, monkeypatch):
     from lab.tui.app import ConfirmDialog
 
     gate = gate_runs(monkeypatch)
     app = make_app(tmp_path)
-    exits = []
-    monkeypatch.setattr(app, "exit", lambda *a, **k: exits.append(a))
+    exits = exits_of(app, monkeypatch)
     async with app.run_test(size=SIZE) as pilot:
         await ready(app, pilot)
         screen = app.screen
@@ -339,8 +345,7 @@ async def test_unsaved_plan_changes_ask_before_quit_and_open(tmp_path, monkeypat
     from lab.tui.app import ConfirmDialog, PathDialog
 
     app = make_app(tmp_path)
-    exits = []
-    monkeypatch.setattr(app, "exit", lambda *a, **k: exits.append(a))
+    exits = exits_of(app, monkeypatch)
     async with app.run_test(size=SIZE) as pilot:
         await ready(app, pilot)
         await pilot.press("a", "a")  # changed and changed back: nothing unsaved
@@ -867,8 +872,7 @@ async def test_edited_probe_settings_count_as_unsaved(tmp_path, monkeypatch):
     from lab.tui.app import ConfirmDialog
 
     app = make_app(tmp_path)
-    exits = []
-    monkeypatch.setattr(app, "exit", lambda *a, **k: exits.append(a))
+    exits = exits_of(app, monkeypatch)
     async with app.run_test(size=SIZE) as pilot:
         await ready(app, pilot)
         screen = app.screen

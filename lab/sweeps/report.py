@@ -67,9 +67,9 @@ def sweep_table(result: dict) -> Table:
     """One row per condition (the base first): accuracy, 95 % interval and difference per probe."""
     rows = ([result["base"]] if result["base"] else []) + result["conditions"]
     probes = [p for p in OUTCOMES if any(p in row for row in rows)]
-    starred = any(difference(row, row[probe]).endswith("*") for row in rows for probe in probes if row.get(probe))
+    marked = any(starred(row, row[probe]) for row in rows for probe in probes if row.get(probe))
     table = Table(title=text(f"sweep {result['sweep']}: {result['name']} ({result['status']})"), title_justify="left",
-                  caption=text("* the 95 % interval excludes the base's accuracy") if starred else None)
+                  caption=text("* the 95 % interval excludes the base's accuracy") if marked else None)
     table.add_column(text("condition"), no_wrap=True)
     table.add_column(text("value"), no_wrap=True)
     for probe in probes:
@@ -95,11 +95,15 @@ def _accuracy(figures: dict) -> str:
     return f"{_pct(figures['accuracy'])} ({100 * low:.0f}-{100 * high:.0f})"
 
 
+def starred(row: dict, figures: dict) -> bool:
+    """Whether the interval excludes the base's accuracy, for a finished run (a partial one is not compared)."""
+    return bool(figures.get("excludes_base")) and row.get("status", "done") == "done"
+
+
 def difference(row: dict, figures: dict) -> str:
-    """The difference to the base, * where the interval excludes the base's accuracy (finished runs only)."""
+    """The difference to the base, * where starred."""
     delta = figures.get("delta")
-    starred = figures.get("excludes_base") and row.get("status", "done") == "done"
-    return "" if delta is None else f"{100 * delta:+.1f} pp" + (" *" if starred else "")
+    return "" if delta is None else f"{100 * delta:+.1f} pp" + (" *" if starred(row, figures) else "")
 
 
 def sweeps_table(sweeps: list[dict], path) -> Table:
