@@ -19,10 +19,14 @@ from lab.fast.triton_scan import combine
 
 
 @triton.jit
-def _prologue(a_ptr, bias_ptr, d_ptr, init_ptr, row, chans, inside, channels, HAS_BIAS: tl.constexpr,
-              HAS_D: tl.constexpr, HAS_INIT: tl.constexpr, STATE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """What both scans load before walking time, for one sequence's channels `chans`: A (D, N), the dt bias and
-    D (zeros where absent), the start state (D, N): a cached one (B, D, N), contiguous, or zeros."""
+def _prologue(a_ptr, bias_ptr, d_ptr, init_ptr, channels, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
+              HAS_INIT: tl.constexpr, STATE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What both scans take before walking time: the program's sequence (row), its BLOCK_D channels and which of
+    them exist, A (D, N), the dt bias and D (zeros where absent), the start state (D, N): a cached one (B, D, N),
+    contiguous, or zeros."""
+    row = tl.program_id(0).to(tl.int64)
+    chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    inside = chans < channels
     states = tl.arange(0, STATE)
     a_matrix = tl.load(a_ptr + chans[:, None] * STATE + states[None, :], mask=inside[:, None], other=0.0)
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -35,7 +39,7 @@ def _prologue(a_ptr, bias_ptr, d_ptr, init_ptr, row, chans, inside, channels, HA
     if HAS_INIT:
         h = tl.load(init_ptr + row * channels * STATE + chans[:, None] * STATE + states[None, :],
                     mask=inside[:, None], other=0.0).to(tl.float32)
-    return a_matrix, bias, skip, h
+    return row, chans, inside, a_matrix, bias, skip, h
 
 
 @triton.jit(do_not_specialize=["steps"])  # strides keep their alignment hints (unhinted loads cost 4.6x in griffin)
@@ -45,12 +49,9 @@ def _scan_tiles_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_pt
                            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                            HAS_INIT: tl.constexpr,
                            STATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_channels = chans < channels
+    row, chans, in_channels, a_matrix, bias, skip, h = _prologue(a_ptr, bias_ptr, d_ptr, init_ptr, channels, HAS_BIAS,
+                                                                 HAS_D, HAS_INIT, STATE, BLOCK_D)
     states = tl.arange(0, STATE)
-    a_matrix, bias, skip, h = _prologue(a_ptr, bias_ptr, d_ptr, init_ptr, row, chans, in_channels, channels,
-                                        HAS_BIAS, HAS_D, HAS_INIT, STATE, BLOCK_D)
     times = tl.arange(0, BLOCK_T)
     for start in tl.range(0, steps, BLOCK_T):
         t = (start + times).to(tl.int64)
@@ -130,12 +131,9 @@ def _scan_steps_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_pt
                        HAS_INIT: tl.constexpr, STATE: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program walks one sequence's BLOCK_D channels through time a step at a time, each channel's states in
     registers; the output goes out as (batch, time, channels)."""
-    row = tl.program_id(0).to(tl.int64)
-    chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    inside = chans < channels
+    row, chans, inside, a_matrix, bias, skip, h = _prologue(a_ptr, bias_ptr, d_ptr, init_ptr, channels, HAS_BIAS,
+                                                            HAS_D, HAS_INIT, STATE, BLOCK_D)
     states = tl.arange(0, STATE)
-    a_matrix, bias, skip, h = _prologue(a_ptr, bias_ptr, d_ptr, init_ptr, row, chans, inside, channels,
-                                        HAS_BIAS, HAS_D, HAS_INIT, STATE, BLOCK_D)
     for t in tl.range(0, steps):
         x = tl.load(x_ptr + row * sx_b + chans * sx_d + t * sx_t, mask=inside, other=0.0).to(tl.float32)
         dt = tl.load(dt_ptr + row * sdt_b + chans * sdt_d + t * sdt_t, mask=inside, other=0.0).to(tl.float32)
