@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from lab.fast import fork
 from lab.fast.decode import LOGIT_COPIES, SlotWriter, prefill_groups, run_steps
 from lab.fast.state import enabled
 
@@ -58,10 +59,16 @@ class FixedCache(SlotWriter):
         self.slot_position = torch.arange(length, device=device)[None]  # key slot = position (needle attention)
         self.slot = torch.zeros((batch, 1), device=device, dtype=torch.long)
 
-    def fill(self, prefilled: DynamicCache, rows: slice) -> None:
+    def fill(self, prefilled: DynamicCache | fork.Continuation, rows: slice) -> None:
         """Copy a prefilled group's keys, values and Mamba states into its rows (states in the prefill's dtype,
         as generate() keeps them)."""
         for i in self.keys:
+            if isinstance(prefilled, fork.Continuation):  # rows of their own lengths
+                for r, row in enumerate(range(rows.start, rows.stop)):
+                    keys, values = prefilled.history(i, r)
+                    self.keys[i][row, :, :keys.shape[1]] = keys
+                    self.values[i][row, :, :values.shape[1]] = values
+                continue
             keys, values = prefilled.layers[i].keys, prefilled.layers[i].values
             self.keys[i][rows, :, :keys.shape[2]] = keys
             self.values[i][rows, :, :values.shape[2]] = values
@@ -90,23 +97,32 @@ class FixedCache(SlotWriter):
 
 @torch.inference_mode()
 def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int | None = None,
-           return_logits: bool = False):
+           return_logits: bool = False, forks: fork.Forks | None = None):
     """Greedy tokens (sum B, new) after the prompt groups [(B_i, T_i), ...], rows in group order; with
-    return_logits also the (sum B, new, V) logits."""
+    return_logits also the (sum B, new, V) logits. forks: the groups are the last tokens of prompts that share
+    a trunk (lab.fast.fork's plan, groups in its order)."""
     batch = sum(group.shape[0] for group in prompts)
     device = prompts[0].device
-    length = max(group.shape[1] for group in prompts) + max_new_tokens
+    starts = None if forks is None else [[forks.starts[i] for i in group] for group in forks.groups]
+    first = starts or [[0]] * len(prompts)  # where the groups' rows start in their prompts
+    length = max(group.shape[1] + max(own) for group, own in zip(prompts, first)) + max_new_tokens
     cache = FixedCache(model, batch, length, device, model.dtype)
     positions = torch.empty((batch, 1), device=device, dtype=torch.long)
 
-    def prefill(group: torch.Tensor, rows: slice) -> torch.Tensor:
-        prefilled = DynamicCache(config=model.config)
-        logits = model(input_ids=group, cache=prefilled, use_cache=True, logits_to_keep=1).logits[:, -1]
+    trunk = fork.run_trunk(model, forks, device) if forks is not None else None
+
+    def prefill(group: torch.Tensor, rows: slice, own: list[int] | None) -> torch.Tensor:
+        if own is None or not any(own):
+            prefilled = DynamicCache(config=model.config)
+            logits = model(input_ids=group, cache=prefilled, use_cache=True, logits_to_keep=1).logits[:, -1]
+            positions[rows] = group.shape[1]
+        else:
+            prefilled, logits = fork.continued(model, trunk, group, own)
+            positions[rows] = torch.tensor(own, device=device)[:, None] + group.shape[1]
         cache.fill(prefilled, rows)
-        positions[rows] = group.shape[1]
         return logits
 
-    logits = prefill_groups(prompts, prefill)
+    logits = prefill_groups(prompts, prefill, starts)
     tokens = logits.argmax(-1, keepdim=True)
     mask = torch.empty((batch, 1, 1, length), device=device, dtype=model.dtype)
     masks = {"full_attention": mask, "linear_attention": None}

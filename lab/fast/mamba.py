@@ -16,12 +16,14 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from lab.fast import taps
 from lab.fast.scan import linear_scan
 from lab.fast.state import acts_on, enabled, triton_applies
 
 _originals: dict = {}
 _mixer_fast = contextvars.ContextVar("lab_fast_mamba_mixer", default=None)  # set while a mixer runs
 _initial = contextvars.ContextVar("lab_fast_mamba_initial", default=None)  # the cached state a prompt continues
+_layer = contextvars.ContextVar("lab_fast_mamba_layer", default=None)  # the running mixer's layer index
 PARALLEL_DEVICES = {"cuda"}  # on a CPU the reference loop over time is cheaper (measured 5x)
 
 
@@ -29,21 +31,39 @@ def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, 
                    return_last_state=False, use_mambapy=False, use_associative_scan=False, **kwargs):
     """Same contract as transformers' jamba mamba_selective_scan: inputs (batch, channels, time). The reference
     runs where lab.fast does not act on the calling mixer, mamba-ssm is installed, or on a CPU, except for a
-    prompt that continues a cached state (_initial), which only lab's scans start from."""
+    prompt that continues a cached state (_initial), which only lab's scans start from, and for a trunk whose
+    states lab.fast.taps records (scanned in segments that end at its tapped positions)."""
     fast, initial = _mixer_fast.get(), _initial.get()
-    if initial is None and (not (enabled() if fast is None else fast) or _has_mamba_ssm() or use_mambapy
-                            or hidden_states.device.type not in PARALLEL_DEVICES):
+    tapping = taps.active(hidden_states.shape[-1], hidden_states.shape[0]) if fast and initial is None else None
+    if initial is None and tapping is None and (
+            not (enabled() if fast is None else fast) or _has_mamba_ssm() or use_mambapy
+            or hidden_states.device.type not in PARALLEL_DEVICES):
         return _originals["scan"](hidden_states, dt, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                   delta_softplus=delta_softplus, return_last_state=return_last_state,
                                   use_mambapy=use_mambapy, use_associative_scan=use_associative_scan, **kwargs)
+    if tapping is None:
+        out, last = _scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, initial)
+    else:
+        outs, last = [], None
+        for start, end in tapping.segments(hidden_states.shape[-1]):
+            part = slice(start, end)
+            out, last = _scan(hidden_states[..., part], dt[..., part], A, B[..., part], C[..., part], D,
+                              None if z is None else z[..., part], delta_bias, delta_softplus, last)
+            outs.append(out)
+            tapping.keep(_layer.get(), "ssm", end, last.clone())
+        out = torch.cat(outs, -1)
+    return (out, last.to(hidden_states.dtype)) if return_last_state else out
+
+
+def _scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, initial):
+    """lab's scan from `initial` (or zeros): (output (batch, channels, time), float32 last state)."""
     batch, channels, steps = hidden_states.shape
     input_dtype = hidden_states.dtype
     state = A.shape[-1]
     if triton_applies(hidden_states, dt, B, C, z) and state & (state - 1) == 0:  # tl.arange: a power of 2
         from lab.fast import triton_mamba
 
-        out, last = triton_mamba.selective_scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, initial)
-        return (out, last.to(input_dtype)) if return_last_state else out
+        return triton_mamba.selective_scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, initial)
     if delta_bias is not None:
         dt = dt + delta_bias.to(dt.dtype)[..., None]
     if delta_softplus:
@@ -59,10 +79,7 @@ def selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, 
         out = out + hidden_states.float() * D[None, :, None]
     if z is not None:
         out = out * F.silu(z.float())
-    out = out.to(input_dtype)
-    if return_last_state:
-        return out, states[:, -1].to(input_dtype)
-    return out
+    return out.to(input_dtype), states[:, -1]
 
 
 def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
@@ -97,12 +114,13 @@ def _mixer_forward(self, hidden_states, *args, **kwargs):
     initial = None
     if fast and cache is not None and hidden_states.shape[1] > 1:
         initial = cache.get_recurrent_state(self.layer_idx)
-    tokens = _mixer_fast.set(fast), _initial.set(initial)
+    tokens = _mixer_fast.set(fast), _initial.set(initial), _layer.set(self.layer_idx)
     try:
         return _originals["mixer"](self, hidden_states, *args, **kwargs)
     finally:
         _mixer_fast.reset(tokens[0])
         _initial.reset(tokens[1])
+        _layer.reset(tokens[2])
 
 
 def install() -> None:

@@ -44,6 +44,7 @@ class PhaseTracker:
         self.early = 0  # the prompt's last `early` tokens count as generation (the paper's sampler; the
         # needle-attention op reads it too)
         self.needles: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # prompt ids -> needle spans (needle probe)
+        self.positionwise = True  # the plan acts alike at every position of any forward: a prompt may run in pieces
         self._auto_len: int | None = None
         self._mask: torch.Tensor | None = None
         self._step_mask: torch.Tensor | None | bool = False  # while decoding(): the mask of every one-token step
@@ -272,6 +273,7 @@ def apply_plan(model: torch.nn.Module, anatomy: Anatomy, plan: Plan | Resolved, 
 def _installed(model, anatomy: Anatomy, plan: Resolved, means: Means, prompt_len: int | None
                ) -> Iterator[PhaseTracker]:
     tracker = PhaseTracker(plan.phase, prompt_len)
+    tracker.positionwise = plan.is_empty or (plan.phase == "both" and plan.sparsify is None and plan.needle is None)
     handles, undos = [], []
     previous_impl = None
     try:

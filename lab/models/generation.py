@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from lab.fast import decode
+from lab.fast import decode, fork
 
 
 class Stopped(Exception):
@@ -71,14 +71,19 @@ def greedy(loaded, prompts: list[list[int]], max_new_tokens: int, static: bool =
 
     Prompts of one length run as one unpadded group. static: decode with lab's fixed-buffer decoder where one
     supports the model (all groups in one CUDA graph on a GPU); the plan's `tracker` then learns that its
-    one-token steps are generation steps without reading positions on the host."""
+    one-token steps are generation steps without reading positions on the host. There, prompts that share a
+    prefix with one of them start from its states (lab.fast.fork) where the plan acts alike at every position."""
     tok, model = loaded.tokenizer, loaded.model
-    groups = _by_length(prompts)
-    tensors = [torch.tensor([prompts[i] for i in group], device=loaded.device) for group in groups]
     decoder = fixed_decoder(model)
+    shared = static and decoder is not None and fork.supports(model) and (tracker is None or tracker.positionwise)
+    forks = fork.plan(prompts) if shared else None
+    groups = forks.groups if forks is not None else _by_length(prompts)
+    starts = forks.starts if forks is not None else [0] * len(prompts)
+    tensors = [torch.tensor([prompts[i][starts[i]:] for i in group], device=loaded.device) for group in groups]
     if static and decoder is not None:
         with tracker.decoding(loaded.device) if tracker is not None else nullcontext():
-            rows = decoder.greedy(model, tensors, max_new_tokens, tok.eos_token_id).tolist()
+            args = (model, tensors, max_new_tokens, tok.eos_token_id)
+            rows = (decoder.greedy(*args) if forks is None else decoder.greedy(*args, forks=forks)).tolist()
     else:
         rows = []
         for prompt in tensors:

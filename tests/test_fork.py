@@ -1,0 +1,152 @@
+"""Prompts that share a prefix with one of them, prefilled from that trunk's states (lab.fast.fork)."""
+
+import pytest
+import torch
+
+from lab.fast import decode, fork, jamba_decode
+from lab.interventions import BlocksOff, Plan, Sparsify, apply_plan
+from lab.models.generation import greedy
+from lab.probes import needle
+from lab.probes.needle import NeedleSpec, PromptBuilder
+
+from conftest import tiny
+
+
+def _stream(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _needle_rows(lengths=(90, 130), depths=(0, 40, 45, 75, 100)) -> list[list[int]]:
+    """As the paper's grid: one haystack cut to every length, a needle of its own at every depth."""
+    hay = _stream(200)
+    rows = []
+    for length in lengths:
+        for i, depth in enumerate(depths):
+            at = (length - 8) * depth // 100
+            own = _stream(8, seed=100 + length + i)
+            rows.append([1] + hay[:at] + own + hay[at:length - 9])
+    return rows
+
+
+def test_plan_starts_each_prompt_inside_the_prefix_it_shares(monkeypatch):
+    monkeypatch.setattr(fork, "MIN_SHARED", 16)
+    monkeypatch.setattr(fork, "OVERHEAD", 16)
+    rows = _needle_rows()
+    forks = fork.plan(rows)
+    assert forks is not None
+    assert sorted(i for group in forks.groups for i in group) == list(range(len(rows)))
+    for group in forks.groups:
+        assert len({len(rows[i]) - forks.starts[i] for i in group}) == 1  # one width: no padding
+    for i, start in enumerate(forks.starts):
+        assert rows[i][:start] == forks.trunk[:start] and start <= len(rows[i]) - fork.OWN
+    assert len(forks.trunk) == max(forks.starts) and forks.taps == tuple(sorted(set(forks.starts) - {0}))
+    assert forks.saved == sum(forks.starts) - len(forks.trunk) > sum(map(len, rows)) // 3  # needles at 0-100 %
+
+
+def test_groups_cost_the_fewest_tokens(monkeypatch):
+    """Rows that must compute 10, 12 and 100 tokens, 16 tokens a forward: the first two together (12 each),
+    the third alone; all in one forward where a forward costs 512. A row too short to compute the widest's
+    tokens is never in its group."""
+    monkeypatch.setattr(fork, "OVERHEAD", 512)
+    assert fork._groups([10, 12, 100], [200, 200, 200]) == ([[0, 1, 2]], 512 + 3 * 100)
+    monkeypatch.setattr(fork, "OVERHEAD", 16)
+    assert fork._groups([10, 12, 100], [200, 200, 200]) == ([[0, 1], [2]], 2 * 16 + 2 * 12 + 100)
+    groups, _ = fork._groups([10, 90, 100], [200, 95, 200])
+    assert [1, 2] not in groups
+
+
+def test_no_forks_where_little_is_shared(monkeypatch):
+    monkeypatch.setattr(fork, "MIN_SHARED", 16)
+    monkeypatch.setattr(fork, "OVERHEAD", 16)
+    assert fork.plan([_stream(100, seed=s) for s in range(4)]) is None  # nothing shared
+    assert fork.plan([[1] * 10 + _stream(100, seed=s) for s in range(4)]) is None  # too little
+    assert fork.plan([_stream(100)]) is None  # one prompt
+    with fork.disabled():
+        assert fork.plan(_needle_rows()) is None
+
+
+def _small(monkeypatch):
+    """Thresholds for prompts of a hundred tokens."""
+    monkeypatch.setattr(fork, "MIN_SHARED", 16)
+    monkeypatch.setattr(fork, "OVERHEAD", 16)
+
+
+def _groups(forks, rows):
+    return [torch.tensor([rows[i][forks.starts[i]:] for i in group]) for group in forks.groups]
+
+
+@pytest.mark.parametrize("plan", [Plan(), Plan(heads_off=((2, 0),), off=(BlocksOff("mlp", (0,)),))],
+                         ids=["base", "heads and mlp off"])
+def test_forked_prefill_decodes_as_whole_prompts(plan, monkeypatch):
+    """The trunk, then each group's rows from their own starts (Mamba states and conv inputs from the trunk,
+    its keys before each start): the decoder's tokens and logits are those of whole prefills."""
+    _small(monkeypatch)
+    loaded = tiny("jamba")
+    rows = _needle_rows()
+    forks = fork.plan(rows)
+    assert forks is not None and any(len({forks.starts[i] for i in group}) > 1 for group in forks.groups)
+    whole = [torch.tensor([rows[i]]) for group in forks.groups for i in group]  # each alone, in the same order
+    with apply_plan(loaded.model, loaded.anatomy, plan):
+        tokens, logits = jamba_decode.greedy(loaded.model, _groups(forks, rows), 6, return_logits=True, forks=forks)
+        whole_tokens, whole_logits = jamba_decode.greedy(loaded.model, whole, 6, return_logits=True)
+    torch.testing.assert_close(logits, whole_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, whole_tokens)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (lab's Triton kernels)")
+
+
+@gpu
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-3), ("bfloat16", 0.15)])
+def test_forked_prefill_on_the_gpu_kernels(dtype, atol, monkeypatch):
+    """On a GPU the trunk's scans run in segments and the groups continue from their states through lab's
+    kernels; the decoding steps are a CUDA graph: logits as from whole prefills (bf16: within its rounding)."""
+    from lab.models import ModelSpec, load
+
+    _small(monkeypatch)
+    loaded = load(ModelSpec("random:jamba", device="cuda", dtype=dtype))
+    rows = _needle_rows()
+    forks = fork.plan(rows)
+    groups = [g.cuda() for g in _groups(forks, rows)]
+    full = [torch.tensor([rows[i]]).cuda() for group in forks.groups for i in group]
+    with apply_plan(loaded.model, loaded.anatomy, Plan()):
+        _, logits = jamba_decode.greedy(loaded.model, groups, 6, return_logits=True, forks=forks)
+        _, whole = jamba_decode.greedy(loaded.model, full, 6, return_logits=True)
+    diff = (logits - whole).abs().max().item()
+    assert diff <= atol, diff
+    assert (logits[:, 0].argmax(-1) == whole[:, 0].argmax(-1)).float().mean().item() >= 0.9
+
+
+@pytest.mark.parametrize("plan, shares", [(Plan(), True), (Plan(heads_off=((2, 1),)), True),
+                                          (Plan(off=(BlocksOff("mlp"),), phase="prefill"), False),
+                                          (Plan(sparsify=Sparsify(1)), False)],
+                         ids=["base", "heads off", "prefill only", "sparsify"])
+def test_greedy_forks_only_where_the_plan_acts_alike_everywhere(plan, shares, monkeypatch):
+    """A plan that tells prompt from generation by position, or scores heads over a whole prompt, sees every
+    prompt whole; so does RecurrentGemma (its windowed attention over a trunk's keys cost more than it saved)."""
+    _small(monkeypatch)
+    planned = []
+    real = fork.plan
+    monkeypatch.setattr(fork, "plan", lambda rows: planned.append(real(rows)) or planned[-1])
+    for arch in ("jamba", "recurrent_gemma"):
+        loaded = tiny(arch)
+        with apply_plan(loaded.model, loaded.anatomy, plan) as tracker:
+            greedy(loaded, _needle_rows(), 4, static=True, tracker=tracker)
+    assert (len(planned) == 1 and planned[0] is not None) == shares
+    assert decode.supports(tiny("recurrent_gemma").model)  # RecurrentGemma did decode from fixed buffers
+
+
+def test_needle_grid_with_one_haystack_scores_the_same_forked(monkeypatch):
+    """The paper's protocol (one haystack per trial): every row as with whole prompts."""
+    _small(monkeypatch)
+    loaded = tiny("jamba")
+    spec = NeedleSpec(task="passkey", lengths=(400, 600), depths=(0, 50, 100), haystack_per="trial",
+                      max_new_tokens=6)
+    builder = PromptBuilder(loaded.tokenizer, spec)
+    trials = [builder.build(*cell) for cell in spec.cells()]
+    assert fork.plan([t.ids for t in trials]) is not None
+    with apply_plan(loaded.model, loaded.anatomy, Plan()) as tracker:
+        forked = needle.run_batch(loaded, spec, trials, tracker)
+        with fork.disabled():
+            whole = needle.run_batch(loaded, spec, trials, tracker)
+    assert forked == whole
