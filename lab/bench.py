@@ -1,7 +1,8 @@
 """`lab bench`: lab's probe paths against the reference paths, measured in the same run.
 
 1. the paper's needle grid: lab (its needle probe, batched as the runner does) versus the way the
-   paper's harness runs (one prompt at a time, generate(), transformers' reference recurrences);
+   paper's harness runs (one prompt at a time, generate(), transformers' reference recurrences); and the
+   grid as the paper builds it (one haystack cut to every prompt), lab's path with and without sharing it;
 2. MMLU-format throughput: one forward scores all four choices versus one forward per choice;
 3. the overhead of an active plan (heads off; sparsification) on a forward pass;
 4. prefill tokens/s and, on a GPU, the fraction of its bf16 peak.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lab import fast
+from lab.fast import fork
 from lab.errors import LabError
 from lab.interventions import Plan, Sparsify, apply_plan
 from lab.interventions.plan import NeedleAttention
@@ -44,8 +46,9 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-def _needle_trials(loaded: Loaded, lengths, depths):
-    spec = needle_probe.NeedleSpec(task="passkey", lengths=tuple(lengths), depths=tuple(depths), max_new_tokens=40)
+def _needle_trials(loaded: Loaded, lengths, depths, haystack_per: str = "cell"):
+    spec = needle_probe.NeedleSpec(task="passkey", lengths=tuple(lengths), depths=tuple(depths), max_new_tokens=40,
+                                   haystack_per=haystack_per)
     builder = needle_probe.PromptBuilder(loaded.tokenizer, spec)
     return spec, [builder.build(*cell) for cell in spec.cells()]
 
@@ -56,9 +59,12 @@ def _reference_generate(loaded: Loaded, trial, new_tokens: int) -> None:
     needle_probe.greedy(loaded, [trial.ids], new_tokens)
 
 
-def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int) -> dict:
-    """Grid time for lab's needle probe versus one-prompt-at-a-time generate() on the reference recurrences."""
-    spec, trials = _needle_trials(loaded, lengths, depths)
+def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int, haystack_per: str = "cell") -> dict:
+    """Grid time for lab's needle probe versus one-prompt-at-a-time generate() on the reference recurrences.
+    haystack_per="trial" (the paper's protocol: one haystack cut to every length and depth) also times lab's
+    path with every prompt prefilled whole, and gives the share of prompt tokens a shared trunk saved (Jamba:
+    lab.fast.fork; 0 where the model prefills every prompt whole)."""
+    spec, trials = _needle_trials(loaded, lengths, depths, haystack_per)
     tokens = max(spec.lengths) + spec.max_new_tokens
     batch_size = auto_batch_size(spec.batch_size, loaded, tokens, decode_row_bytes(loaded.model, tokens))  # as the runner
     was = fast.enabled(loaded.model)
@@ -69,9 +75,17 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int) -> dict
                 for i in range(0, len(trials), batch_size):
                     needle_probe.run_batch(loaded, spec, trials[i:i + batch_size], tracker)
             first, lab_s = _two_passes(loaded, grid)
-        out = {"prompts": len(trials), "new_tokens": spec.max_new_tokens, "lab_s": round(lab_s, 3),
-               "lab_first_pass_s": round(first, 3),
-               "reference_s": None, "reference_measured_prompts": 0, "speedup": None}
+            out = {"prompts": len(trials), "new_tokens": spec.max_new_tokens, "lab_s": round(lab_s, 3),
+                   "lab_first_pass_s": round(first, 3),
+                   "reference_s": None, "reference_measured_prompts": 0, "speedup": None}
+            if haystack_per == "trial":
+                with fork.disabled():
+                    whole_s = _two_passes(loaded, grid)[1]
+                batches = [trials[i:i + batch_size] for i in range(0, len(trials), batch_size)]
+                plans = [fork.plan([t.ids for t in b]) for b in batches] if fork.supports(loaded.model) else []
+                saved = sum(forks.saved for forks in plans if forks is not None)
+                out.update(whole_prompts_s=round(whole_s, 3),
+                           shared_tokens=round(saved / sum(len(t.ids) for t in trials), 4))
         if not reference_sample:
             return out
         fast.apply(loaded.model, False)
@@ -201,7 +215,7 @@ def bench_prefill(loaded: Loaded, length: int, batch: int, repeats: int) -> dict
     return out
 
 
-ROWS = ("needle", "mmlu", "plans", "prefill")
+ROWS = ("needle", "needle-shared", "mmlu", "plans", "prefill")
 
 
 def _measured(measure, shape: str) -> dict:
@@ -241,6 +255,9 @@ def run_bench(loaded: Loaded, quick: bool, rows: tuple[str, ...] = ROWS, progres
     if "needle" in rows:
         measures.append(("needle_grid", "needle grid", f"{len(lengths) * len(depths)} prompts",
                          lambda: bench_needle(loaded, lengths, depths, reference_sample=sample)))
+    if "needle-shared" in rows:  # the paper's protocol: prompts share the haystack up to their needle
+        measures.append(("needle_grid_shared", "needle grid, one haystack", f"{len(lengths) * len(depths)} prompts",
+                         lambda: bench_needle(loaded, lengths, depths, reference_sample=0, haystack_per="trial")))
     if "mmlu" in rows:
         questions, batch = (128, 64) if on_gpu else (16, 8)
         measures.append(("mmlu", "MMLU", f"{questions} questions, batch {batch}",

@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or device_map (accelerate)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--quick", action="store_true", help="a small needle grid even on a GPU")
-    p.add_argument("--rows", help="measure only these rows, comma-separated: needle, mmlu, plans, prefill")
+    p.add_argument("--rows", help="measure only these rows, comma-separated: needle, needle-shared, mmlu, plans, prefill")
     p.add_argument("--reference", type=int, metavar="N",
                    help="needle prompts the reference path times (default 10 on a GPU, 4 on a CPU); "
                         "0: lab's paths only")

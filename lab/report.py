@@ -152,8 +152,20 @@ def bench_tables(results: dict) -> list:
     header = text(f"lab bench: {results['model']} ({results['parameters'] / 1e6:.1f} M parameters{experts}, "
                   f"{results['dtype']}) on {results['device']}")
     speed = [_speed_table(results)] if {"needle_grid", "mmlu"} & set(results) else []
+    shared = [_shared_table(results["needle_grid_shared"])] if "needle_grid_shared" in results else []
     prefill = [_prefill_table(results["prefill"])] if "prefill" in results else []
-    return [header, *speed, *map(_plan_table, results.get("plan_overhead", [])), *prefill]
+    return [header, *speed, *shared, *map(_plan_table, results.get("plan_overhead", [])), *prefill]
+
+
+def _shared_table(n: dict) -> Table:
+    """The needle grid as the paper builds it (one haystack cut to every prompt): lab's path sharing it, and
+    with every prompt prefilled whole."""
+    table = _table("needle grid, one haystack per trial (the paper's protocol)",
+                   {"measure": "left", "shared trunk": "right", "whole prompts": "right", "tokens shared": "right"})
+    if not _skipped(table, "needle, one haystack", n):
+        _row(table, f"needle, {n['prompts']} prompts x {n['new_tokens']} tokens", f"{n['lab_s']:.2f} s",
+             f"{n['whole_prompts_s']:.2f} s", f"{100 * n['shared_tokens']:.0f} %")
+    return table
 
 
 def _speed_table(results: dict) -> Table:

@@ -18,15 +18,33 @@ def test_bench_reports_every_measure(capsys, monkeypatch):
             {name: batches[name] + 1}) or real(*args))
     assert main(["bench", "random:recurrent_gemma", "--device", "cpu", "--json"]) == 0  # a GPU times the full grid
     data = json.loads(capsys.readouterr().out)
-    assert set(data) >= {"needle_grid", "mmlu", "plan_overhead", "prefill"}
+    assert set(data) >= {"needle_grid", "needle_grid_shared", "mmlu", "plan_overhead", "prefill"}
     grid = data["needle_grid"]
     assert grid["prompts"] == 12 and grid["reference_measured_prompts"] == 4
     assert grid["lab_s"] > 0 and grid["reference_s"] > 0 and grid["speedup"] > 0
     assert data["mmlu"]["questions"] == 16 and data["prefill"]["tokens_per_s"] > 0
     # lab's paths are timed on their second pass over every batch: the first compiles kernels for their shapes
     assert grid["lab_first_pass_s"] > 0 and data["mmlu"]["lab_first_pass_qps"] > 0
-    assert batches == {"needle": 2 * 2, "mmlu": 2 * 2}  # 12 prompts in batches of 8, 16 questions in batches of 8
+    # one haystack per trial (the paper's): timed as lab runs it and with every prompt whole, which is how
+    # RecurrentGemma runs it (lab.fast.fork shares a trunk on Jamba only)
+    shared = data["needle_grid_shared"]
+    assert shared["prompts"] == 12 and shared["lab_s"] > 0 and shared["whole_prompts_s"] > 0
+    assert shared["shared_tokens"] == 0
+    # 12 prompts in batches of 8, two passes (the shared grid: two each way), 16 questions in batches of 8
+    assert batches == {"needle": 2 * 2 + 2 * 2 * 2, "mmlu": 2 * 2}
     assert [plan["batch"] for plan in data["plan_overhead"]] == [1]  # a GPU adds a batch of 8
+
+
+def test_bench_shared_haystack_row_on_jamba(monkeypatch):
+    """Jamba's prompts continue a trunk of the shared haystack: the row says how much of the prompts it saved."""
+    from lab import bench
+    from lab.fast import fork
+
+    monkeypatch.setattr(fork, "OVERHEAD", 64)  # the CPU grid's prompts are short: a forward costs less
+    row = bench.bench_needle(load(ModelSpec("random:jamba", device="cpu")), (256, 512, 768), (0, 50, 100), 0,
+                             haystack_per="trial")
+    assert row["prompts"] == 9 and row["lab_s"] > 0 and row["whole_prompts_s"] > 0
+    assert 0.1 < row["shared_tokens"] < 0.5
 
 
 SHAPES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -94,9 +112,9 @@ def test_bench_rows_run_alone_and_a_failing_row_is_reported_not_fatal(capsys, mo
 def test_bench_bad_rows_fail_before_loading(capsys, monkeypatch):
     monkeypatch.setattr("lab.bench.load_for_bench", lambda *a: pytest.fail("loaded a model"))
     assert main(["bench", "random:jamba", "--rows", "needle,speed"]) == 2
-    assert capsys.readouterr().err.strip() == "lab: unknown bench row 'speed'; rows: needle, mmlu, plans, prefill"
+    assert capsys.readouterr().err.strip() == "lab: unknown bench row 'speed'; rows: needle, needle-shared, mmlu, plans, prefill"
     assert main(["bench", "random:jamba", "--rows", ""]) == 2  # not every row
-    assert capsys.readouterr().err.strip() == "lab: unknown bench row ''; rows: needle, mmlu, plans, prefill"
+    assert capsys.readouterr().err.strip() == "lab: unknown bench row ''; rows: needle, needle-shared, mmlu, plans, prefill"
 
 
 def test_flops_count_the_experts_a_token_uses():
