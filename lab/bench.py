@@ -237,6 +237,9 @@ def parse_rows(text: str | None) -> tuple[str, ...]:
     unknown = [r for r in rows if r not in ROWS]
     if unknown or not rows:
         raise LabError(f"unknown bench row {unknown[0] if unknown else text!r}; rows: {', '.join(ROWS)}")
+    twice = next((r for r in rows if rows.count(r) > 1), None)
+    if twice:
+        raise LabError(f"bench row {twice!r} is named twice")
     return rows
 
 

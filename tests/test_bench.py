@@ -115,6 +115,8 @@ def test_bench_bad_rows_fail_before_loading(capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == "lab: unknown bench row 'speed'; rows: needle, needle-shared, mmlu, plans, prefill"
     assert main(["bench", "random:jamba", "--rows", ""]) == 2  # not every row
     assert capsys.readouterr().err.strip() == "lab: unknown bench row ''; rows: needle, needle-shared, mmlu, plans, prefill"
+    assert main(["bench", "random:jamba", "--rows", "needle,mmlu,needle"]) == 2  # a typo: refused as lengths named twice are
+    assert capsys.readouterr().err.strip() == "lab: bench row 'needle' is named twice"
 
 
 def test_flops_count_the_experts_a_token_uses():
