@@ -68,6 +68,9 @@ MIGRATIONS = [(
     "ALTER TABLE runs ADD COLUMN host TEXT",
     "ALTER TABLE sweeps ADD COLUMN pid INTEGER",
     "ALTER TABLE sweeps ADD COLUMN host TEXT",
+), (  # 4: when that process claimed it, so that another process given the same id later is not taken for it
+    "ALTER TABLE runs ADD COLUMN claimed REAL",
+    "ALTER TABLE sweeps ADD COLUMN claimed REAL",
 )]
 SCHEMA_VERSION = len(MIGRATIONS)
 # the columns lab reads: a file whose tables lack them belongs to another application
@@ -97,15 +100,32 @@ def _reason(error: Exception) -> str:
     return " ".join(text.split()) + (f" ({hint})" if hint else "")
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine (one of another user counts)."""
+def _alive(pid: int, claimed: float | None = None) -> bool:
+    """Whether the process that claimed a row at `claimed` still runs on this machine (one of another user
+    counts): a process with this id exists and, where its start time can be read, started by then (an id is
+    given again to later processes)."""
     try:
         os.kill(pid, 0)  # signal 0: only asks whether it exists
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, but belongs to another user
         pass
-    return True
+    started = _process_started(pid) if claimed is not None else None
+    return started is None or started <= claimed + CLOCK_SLACK
+
+
+CLOCK_SLACK = 2.0  # seconds: the boot time in /proc/stat is whole seconds
+
+
+def _process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch, from Linux's /proc), or None where unknown."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _as_listed(row: sqlite3.Row) -> dict:
@@ -113,7 +133,8 @@ def _as_listed(row: sqlite3.Row) -> dict:
     (recorded since schema version 3) is gone from this machine: a full disk or a kill -9 could not mark it.
     Rows of another host, and older rows without a pid, keep their status."""
     found = dict(row)
-    gone = found.get("pid") and found.get("host") == socket.gethostname() and not _alive(found["pid"])
+    gone = (found.get("pid") and found.get("host") == socket.gethostname()
+            and not _alive(found["pid"], found.get("claimed")))
     if found["status"] == "running" and gone:
         found["status"] = "interrupted"
     return found
@@ -227,18 +248,19 @@ class Store:
         compute every trial."""
         pid, host = os.getpid(), socket.gethostname()
         with self._errors("write to"), _transaction(self.db):
-            found = self.db.execute(f"SELECT id, name, status, pid, host FROM {table} WHERE fingerprint = ?",
+            found = self.db.execute(f"SELECT id, name, status, pid, host, claimed FROM {table} WHERE fingerprint = ?",
                                     (fingerprint,)).fetchone()
+            now = time.time()
             if found is None:
-                row = dict(fingerprint=fingerprint, **fields, started=time.time(), pid=pid, host=host)
+                row = dict(fingerprint=fingerprint, **fields, started=now, pid=pid, host=host, claimed=now)
                 return self.db.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))}) "
                                        "RETURNING id", tuple(row.values())).fetchone()["id"]
             if found["status"] == "running" and found["host"] == host and found["pid"] not in (None, pid) \
-                    and _alive(found["pid"]):
+                    and _alive(found["pid"], found["claimed"]):
                 raise LabError(f"{noun} #{found['id']} ({found['name']}) is running in process {found['pid']} on "
                                "this machine: wait for it, or stop it and run again to resume")
-            self.db.execute(f"UPDATE {table} SET status = 'running', finished = NULL, pid = ?, host = ? WHERE id = ?",
-                            (pid, host, found["id"]))
+            self.db.execute(f"UPDATE {table} SET status = 'running', finished = NULL, pid = ?, host = ?, claimed = ? "
+                            "WHERE id = ?", (pid, host, now, found["id"]))
             return found["id"]
 
     def finish_run(self, run_id: int, status: str) -> None:

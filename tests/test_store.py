@@ -502,6 +502,28 @@ def test_a_running_run_whose_process_lives_stays_running(tmp_path):
         assert [run["status"] for run in store.runs()] == ["running"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process start times from /proc (Linux)")
+def test_a_process_that_took_a_crashed_runs_pid_does_not_hold_it(tmp_path):
+    """A run left running by a crash, its process id since taken by an unrelated process (started after the run
+    was claimed), is interrupted and resumes; while the process that claimed it lives, it stays running."""
+    db = tmp_path / "r.sqlite"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run_id = running_run(db, other.pid)
+        raw(db).execute("UPDATE runs SET claimed = ? WHERE id = ?", (time.time() - 3600, run_id)).connection.commit()
+        with Store(db) as store:
+            assert store.run(run_id)["status"] == "interrupted"
+            assert open_demo_run(store) == run_id  # resumed, not refused as running in process `other`
+        running_run(db, other.pid)  # claimed now, by a process that started before: it is the one running it
+        with Store(db) as store:
+            assert store.run(run_id)["status"] == "running"
+            with pytest.raises(LabError, match=f"is running in process {other.pid}"):
+                open_demo_run(store)
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_another_hosts_running_run_stays_running(tmp_path):
     db = tmp_path / "r.sqlite"
     running_run(db, dead_pid(), host="another-host")  # its pid means nothing here
@@ -519,20 +541,21 @@ def test_an_interrupted_run_resumes_under_the_new_process(tmp_path):
         assert store.run(run_id)["status"] == "done"
 
 
-def test_a_version_2_file_keeps_its_runs_and_gains_pid_and_host(tmp_path):
+def test_a_version_2_file_keeps_its_runs_and_gains_pid_host_and_claim_time(tmp_path):
     db = tmp_path / "v2.sqlite"
     with Store(db) as store:
         open_demo_run(store)
     old = raw(db)
     old.executescript("".join(f"ALTER TABLE {table} DROP COLUMN {column};" for table in ("runs", "sweeps")
-                              for column in ("pid", "host")) + "PRAGMA user_version = 2;")  # as version 2 wrote it
+                              for column in ("pid", "host", "claimed")) + "PRAGMA user_version = 2;")  # as v2 wrote it
     old.close()
     with Store(db, readonly=True) as store:  # read-only: the old file as it is, no column added
         assert [(run["name"], run["status"]) for run in store.runs()] == [("demo", "running")]
     assert raw(db).execute("PRAGMA user_version").fetchone()[0] == 2
     with Store(db) as store:
-        assert [(run["name"], run["status"], run["pid"]) for run in store.runs()] == [("demo", "running", None)]
-    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert [(run["name"], run["status"], run["pid"], run["claimed"]) for run in store.runs()] == [
+            ("demo", "running", None, None)]
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
 def test_a_sweep_whose_process_is_gone_lists_as_interrupted(tmp_path):
