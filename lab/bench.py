@@ -22,7 +22,7 @@ from lab.errors import LabError
 from lab.interventions import Plan, Sparsify, apply_plan
 from lab.interventions.plan import NeedleAttention
 from lab.models import Loaded, ModelSpec, load
-from lab.models.generation import decode_row_bytes
+from lab.models.generation import decode_row_bytes, shares_prefixes
 from lab.probes import mmlu as mmlu_probe
 from lab.probes import needle as needle_probe
 from lab.runner import auto_batch_size
@@ -82,7 +82,7 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int, haystac
                 with fork.disabled():
                     whole_s = _two_passes(loaded, grid)[1]
                 batches = [trials[i:i + batch_size] for i in range(0, len(trials), batch_size)]
-                plans = [fork.plan([t.ids for t in b]) for b in batches] if fork.supports(loaded.model) else []
+                plans = [fork.plan([t.ids for t in b]) for b in batches] if shares_prefixes(loaded.model) else []
                 saved = sum(forks.saved for forks in plans if forks is not None)
                 out.update(whole_prompts_s=round(whole_s, 3),
                            shared_tokens=round(saved / sum(len(t.ids) for t in trials), 4))

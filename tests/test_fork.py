@@ -5,6 +5,7 @@ import torch
 
 from lab.fast import decode, fork, jamba_decode
 from lab.interventions import BlocksOff, Plan, Sparsify, apply_plan
+from lab.models import ModelSpec, load
 from lab.models.generation import greedy
 from lab.probes import needle
 from lab.probes.needle import NeedleSpec, PromptBuilder
@@ -101,8 +102,6 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (lab
 def test_forked_prefill_on_the_gpu_kernels(dtype, atol, monkeypatch):
     """On a GPU the trunk's scans run in segments and the groups continue from their states through lab's
     kernels; the decoding steps are a CUDA graph: logits as from whole prefills (bf16: within its rounding)."""
-    from lab.models import ModelSpec, load
-
     _small(monkeypatch)
     loaded = load(ModelSpec("random:jamba", device="cuda", dtype=dtype))
     rows = _needle_rows()
@@ -150,3 +149,41 @@ def test_needle_grid_with_one_haystack_scores_the_same_forked(monkeypatch):
         with fork.disabled():
             whole = needle.run_batch(loaded, spec, trials, tracker)
     assert forked == whole
+
+
+def test_forked_prefill_on_eager_attention(monkeypatch):
+    """Eager attention adds the mask to the scores: the group's mask must be additive there (a boolean one
+    hid nothing from it)."""
+    _small(monkeypatch)
+    loaded = load(ModelSpec("random:jamba", device="cpu", attn_implementation="eager"))
+    assert jamba_decode.supports(loaded.model)
+    rows = _needle_rows()
+    forks = fork.plan(rows)
+    whole = [torch.tensor([rows[i]]) for group in forks.groups for i in group]
+    _, logits = jamba_decode.greedy(loaded.model, _groups(forks, rows), 4, return_logits=True, forks=forks)
+    _, whole_logits = jamba_decode.greedy(loaded.model, whole, 4, return_logits=True)
+    torch.testing.assert_close(logits, whole_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_prompts_too_short_to_share_run_whole():
+    """A one-token prompt beside sharing ones, and prompts that share only their first token: the answers of
+    whole prompts (a one-token trunk recorded no states)."""
+    loaded = tiny("jamba")
+    hay = _stream(300)
+    same = [1] + _stream(199, seed=999)
+    for rows in ([[5], hay, hay[:250]], [same, list(same)] + [[1] + _stream(n - 1, seed=n) for n in (201, 202, 203)]):
+        with fork.disabled():
+            whole = greedy(loaded, rows, 3, static=True)
+        assert greedy(loaded, rows, 3, static=True) == whole
+        forks = fork.plan(rows)
+        assert forks is None or len(forks.trunk) >= fork.OWN
+
+
+def test_only_models_that_decode_from_fixed_buffers_share():
+    """Jamba on transformers' own code (fast off) decodes with generate(): lab bench must not count tokens as
+    shared there."""
+    from lab.models.generation import shares_prefixes
+
+    assert shares_prefixes(tiny("jamba").model)
+    assert not shares_prefixes(load(ModelSpec("random:jamba", device="cpu", fast=False)).model)
+    assert not shares_prefixes(tiny("recurrent_gemma").model)

@@ -72,7 +72,7 @@ def plan(prompts: list[list[int]]) -> Forks | None:
         return None
     trunk, shared = found
     lengths = [len(p) for p in prompts]
-    own = [n - min(s, n - OWN) for n, s in zip(lengths, shared)]
+    own = [n - max(0, min(s, n - OWN)) for n, s in zip(lengths, shared)]  # a prompt under OWN tokens: all
     groups, cost = _groups(own, lengths)
     starts = [0] * len(prompts)
     for group in groups:
@@ -80,8 +80,8 @@ def plan(prompts: list[list[int]]) -> Forks | None:
         for i in group:
             starts[i] = lengths[i] - width
     whole = sum(OVERHEAD + lengths.count(n) * n for n in set(lengths))
-    if not any(starts) or cost + OVERHEAD + max(starts) > (1 - MIN_SAVED) * whole:
-        return None
+    if max(starts) < OWN or cost + OVERHEAD + max(starts) > (1 - MIN_SAVED) * whole:
+        return None  # (a one-token trunk would be a decoding step, which keeps no states)
     return Forks(prompts[trunk][:max(starts)], starts, groups)
 
 
@@ -238,7 +238,10 @@ def continued(model, trunk: Trunk, ids: torch.Tensor, starts: list[int]) -> tupl
     queries = begin + torch.arange(ids.shape[1], device=device)
     keys = begin + torch.arange(-span, ids.shape[1], device=device)
     seen = (keys[:, None] >= 0) & (keys[:, None] <= queries[..., None])  # (B, S, span + S): causal, the trunk's
-    masks = {"full_attention": seen[:, None], "linear_attention": None}
+    mask = seen[:, None]  # sdpa takes a boolean mask; eager attention adds its mask to the scores
+    if model.config._attn_implementation != "sdpa":
+        mask = torch.where(mask, 0.0, torch.finfo(model.dtype).min).to(model.dtype)
+    masks = {"full_attention": mask, "linear_attention": None}
     logits = model(input_ids=ids, position_ids=queries, attention_mask=masks, cache=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]
     return cache, logits

@@ -57,6 +57,12 @@ def fixed_decoder(model):
     return next((d for d in (decode, jamba_decode) if d.supports(model)), None)  # none with fast=False
 
 
+def shares_prefixes(model) -> bool:
+    """Whether greedy(static=True) may prefill prompts that share a prefix from one trunk (lab.fast.fork): the
+    model decodes from fixed buffers and the trunk's states carry over (Jamba)."""
+    return fixed_decoder(model) is not None and fork.supports(model)
+
+
 def decode_row_bytes(model, length: int) -> int:
     """Memory one more prompt of `length` tokens (new tokens included) holds while lab's fixed-buffer decoder
     decodes it (its prefill runs a length at a time); 0 where the model decodes with generate()."""
@@ -75,7 +81,7 @@ def greedy(loaded, prompts: list[list[int]], max_new_tokens: int, static: bool =
     prefix with one of them start from its states (lab.fast.fork) where the plan acts alike at every position."""
     tok, model = loaded.tokenizer, loaded.model
     decoder = fixed_decoder(model)
-    shared = static and decoder is not None and fork.supports(model) and (tracker is None or tracker.positionwise)
+    shared = static and shares_prefixes(model) and (tracker is None or tracker.positionwise)
     forks = fork.plan(prompts) if shared else None
     groups = forks.groups if forks is not None else _by_length(prompts)
     starts = forks.starts if forks is not None else [0] * len(prompts)
