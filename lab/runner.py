@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 from lab.errors import LabError
-from lab.interventions import Resolved, apply_plan, calibrate, resolve
+from lab.interventions import Plan, Resolved, apply_plan, calibrate, resolve
 from lab.models import Loaded, load
 from lab.models.generation import Stopped, stopping
 from lab.presets import Preset
@@ -129,6 +129,14 @@ def calibrated_means(loaded: Loaded, plan: Resolved):
     return calibrate(loaded.model, loaded.anatomy, plan, [ids])
 
 
+def check_probes(plan: Plan, probe_names) -> None:
+    """Refuse a plan that means nothing to a probe: needle attention on MMLU, whose prompts have no needle."""
+    if plan.needle_attention is not None and "mmlu" in probe_names:
+        raise LabError("plan.needle_attention acts on the needle's keys and MMLU's prompts have none (keep and omit "
+                       "would change nothing; only, balanced and null would leave no attention): run MMLU without it, "
+                       "or switch attention off with plan.off")
+
+
 def run(preset: Preset, store: Store, loaded: Loaded | None = None,
         cancel: threading.Event | None = None) -> Iterator[Event]:
     """Run every probe the preset names; yields Started, Progress per batch, then Finished."""
@@ -137,6 +145,7 @@ def run(preset: Preset, store: Store, loaded: Loaded | None = None,
         raise LabError(f"the preset names no probe: add a table for one of {', '.join(probes.PROBES)}")
     loaded = loaded or load(preset.model)
     plan = preset.plan_for(loaded.anatomy)
+    check_probes(plan, specs)
     words = plan.describe(loaded.anatomy)
     sites = resolve(plan, loaded.anatomy)  # once, for calibration and every probe
     prepared = {name: probes.get(name).prepare(loaded, spec) for name, spec in specs.items()}  # fails up front

@@ -386,6 +386,18 @@ def test_a_plan_op_that_matches_nothing_is_refused(arch, plan, message):
         Plan.from_dict(plan, loaded.anatomy)
 
 
+def test_needle_attention_under_mmlu_is_refused(tmp_path, capsys):
+    """MMLU's prompts have no needle: the run said nothing and stored figures under the plan's name (omit: the
+    base model's; only: no attention at all)."""
+    preset = tmp_path / "p.toml"
+    preset.write_text('version = 1\nname = "p"\n[model]\nname = "random:jamba"\n'
+                      '[plan.needle_attention]\ngeneration = "only"\n[mmlu]\nlimit = 2\n')
+    assert main(["run", str(preset), "--db", str(tmp_path / "r.sqlite")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lab: plan.needle_attention acts on the needle's keys and MMLU's prompts have none")
+    assert "\n" not in err
+
+
 def test_max_new_tokens_that_cannot_hold_the_answer_is_refused():
     """Greedy answers cut short score 0 % in generate mode (teacher forcing scored the same grid 100 %)."""
     loaded = tiny("recurrent_gemma")

@@ -317,6 +317,7 @@ class _Rounds:
             loaded, preset = self.world.replica.loaded, job.preset
             yield job.stage
             plan = preset.plan_for(loaded.anatomy)
+            runner.check_probes(plan, preset.probes)
             words = plan.describe(loaded.anatomy)
             self.run_ids[j] = self.store.open_run(preset.fingerprint(), f"{preset.name} · {words}", preset.model.name,
                                                   plan.to_dict(), preset.to_toml(), runner.versions())
