@@ -187,3 +187,26 @@ def test_only_models_that_decode_from_fixed_buffers_share():
     assert shares_prefixes(tiny("jamba").model)
     assert not shares_prefixes(load(ModelSpec("random:jamba", device="cpu", fast=False)).model)
     assert not shares_prefixes(tiny("recurrent_gemma").model)
+
+
+def test_a_group_that_runs_out_of_memory_continues_in_halves(monkeypatch):
+    """The decoder's halving on out-of-memory keeps each half's rows with their own starts."""
+    _small(monkeypatch)
+    loaded = tiny("jamba")
+    rows = _needle_rows()
+    forks = fork.plan(rows)
+    assert any(len(group) > 1 and any(forks.starts[i] for i in group) for group in forks.groups)
+    real, failed = fork.continued, []
+
+    def once(model, trunk, ids, starts):
+        if ids.shape[0] > 1 and not failed:
+            failed.append(ids.shape[0])
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(model, trunk, ids, starts)
+
+    monkeypatch.setattr(fork, "continued", once)
+    whole = [torch.tensor([rows[i]]) for group in forks.groups for i in group]
+    _, logits = jamba_decode.greedy(loaded.model, _groups(forks, rows), 4, return_logits=True, forks=forks)
+    _, whole_logits = jamba_decode.greedy(loaded.model, whole, 4, return_logits=True)
+    assert failed
+    torch.testing.assert_close(logits, whole_logits, atol=1e-4, rtol=1e-4)

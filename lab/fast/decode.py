@@ -42,28 +42,26 @@ def row_bytes(model, length: int) -> int:
 LOGIT_COPIES = 4  # the prefill's last logits, the step's, their argmax inputs: a bound on the (B, V) tensors alive
 
 
-def prefill_groups(prompts: list[torch.Tensor], prefill, starts: list[list[int]] | None = None) -> torch.Tensor:
-    """prefill(part, rows, starts) over every prompt group (B_i, T_i), rows numbered across the groups in order;
-    starts: per group, where each row's tokens start in its prompt (lab.fast.fork), or None (whole prompts).
-    Returns the (sum B, V) logits it gave, in row order."""
-    first, row = [], 0
-    for k, group in enumerate(prompts):
-        first += _in_parts(group, row, starts[k] if starts is not None else None, prefill)
-        row += group.shape[0]
+def prefill_groups(prompts: list[torch.Tensor], prefill) -> torch.Tensor:
+    """prefill(part, rows) over every prompt group (B_i, T_i), rows numbered across the groups in order; returns
+    the (sum B, V) logits it gave, in row order."""
+    first, start = [], 0
+    for group in prompts:
+        first += _in_parts(group, start, prefill)
+        start += group.shape[0]
     return torch.cat(first)
 
 
-def _in_parts(group: torch.Tensor, row: int, starts: list[int] | None, prefill) -> list[torch.Tensor]:
+def _in_parts(group: torch.Tensor, start: int, prefill) -> list[torch.Tensor]:
     """prefill over one group: whole or, where that runs out of memory, in halves."""
     try:
-        return [prefill(group, slice(row, row + group.shape[0]), starts)]
+        return [prefill(group, slice(start, start + group.shape[0]))]
     except torch.OutOfMemoryError:
         if group.shape[0] == 1:
             raise
     torch.cuda.empty_cache()  # outside the except block: the failed call's tensors are gone by now
     half = group.shape[0] // 2
-    return (_in_parts(group[:half], row, starts and starts[:half], prefill)
-            + _in_parts(group[half:], row + half, starts and starts[half:], prefill))
+    return _in_parts(group[:half], start, prefill) + _in_parts(group[half:], start + half, prefill)
 
 
 class SlotWriter:
@@ -154,7 +152,7 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
     state = RecurrentState(model)
     positions = torch.empty((batch, 1), device=device, dtype=torch.long)
 
-    def prefill(group: torch.Tensor, rows: slice, starts: None) -> torch.Tensor:  # whole prompts (no lab.fast.fork)
+    def prefill(group: torch.Tensor, rows: slice) -> torch.Tensor:
         prefilled = DynamicCache(config=model.config)
         model._setup_cache(model.config, group.shape[0], device, model.dtype)
         logits = model(input_ids=group, cache=prefilled, use_cache=True, logits_to_keep=1).logits[:, -1]

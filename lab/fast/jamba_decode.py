@@ -103,16 +103,18 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
     a trunk (lab.fast.fork's plan, groups in its order)."""
     batch = sum(group.shape[0] for group in prompts)
     device = prompts[0].device
-    starts = None if forks is None else [[forks.starts[i] for i in group] for group in forks.groups]
-    first = starts or [[0]] * len(prompts)  # where the groups' rows start in their prompts
-    length = max(group.shape[1] + max(own) for group, own in zip(prompts, first)) + max_new_tokens
+    # per row, in row order: where its tokens start in its prompt (0: the whole prompt)
+    starts = [forks.starts[i] for group in forks.groups for i in group] if forks is not None else [0] * batch
+    widths = [group.shape[1] for group in prompts for _ in range(group.shape[0])]
+    length = max(start + width for start, width in zip(starts, widths)) + max_new_tokens
     cache = FixedCache(model, batch, length, device, model.dtype)
     positions = torch.empty((batch, 1), device=device, dtype=torch.long)
 
     trunk = fork.run_trunk(model, forks, device) if forks is not None else None
 
-    def prefill(group: torch.Tensor, rows: slice, own: list[int] | None) -> torch.Tensor:
-        if own is None or not any(own):
+    def prefill(group: torch.Tensor, rows: slice) -> torch.Tensor:
+        own = starts[rows]
+        if not any(own):
             prefilled = DynamicCache(config=model.config)
             logits = model(input_ids=group, cache=prefilled, use_cache=True, logits_to_keep=1).logits[:, -1]
             positions[rows] = group.shape[1]
@@ -122,7 +124,7 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
         cache.fill(prefilled, rows)
         return logits
 
-    logits = prefill_groups(prompts, prefill, starts)
+    logits = prefill_groups(prompts, prefill)
     tokens = logits.argmax(-1, keepdim=True)
     mask = torch.empty((batch, 1, 1, length), device=device, dtype=model.dtype)
     masks = {"full_attention": mask, "linear_attention": None}
