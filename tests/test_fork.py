@@ -76,20 +76,47 @@ def _groups(forks, rows):
     return [torch.tensor([rows[i][forks.starts[i]:] for i in group]) for group in forks.groups]
 
 
+DECODERS = {"jamba": jamba_decode, "recurrent_gemma": decode}
+
+
+@pytest.mark.parametrize("arch", list(DECODERS))
 @pytest.mark.parametrize("plan", [Plan(), Plan(heads_off=((2, 0),), off=(BlocksOff("mlp", (0,)),))],
                          ids=["base", "heads and mlp off"])
-def test_forked_prefill_decodes_as_whole_prompts(plan, monkeypatch):
-    """The trunk, then each group's rows from their own starts (Mamba states and conv inputs from the trunk,
-    its keys before each start): the decoder's tokens and logits are those of whole prefills."""
+def test_forked_prefill_decodes_as_whole_prompts(plan, arch, monkeypatch):
+    """The trunk, then each group's rows from their own starts (recurrent states and conv inputs from the trunk,
+    its keys before each start; RecurrentGemma's 32-key window reaching back into the trunk's keys, or before
+    position 0): the decoder's tokens and logits are those of whole prefills."""
     _small(monkeypatch)
-    loaded = tiny("jamba")
+    loaded = tiny(arch)
     rows = _needle_rows()
     forks = fork.plan(rows)
     assert forks is not None and any(len({forks.starts[i] for i in group}) > 1 for group in forks.groups)
     whole = [torch.tensor([rows[i]]) for group in forks.groups for i in group]  # each alone, in the same order
     with apply_plan(loaded.model, loaded.anatomy, plan):
-        tokens, logits = jamba_decode.greedy(loaded.model, _groups(forks, rows), 6, return_logits=True, forks=forks)
-        whole_tokens, whole_logits = jamba_decode.greedy(loaded.model, whole, 6, return_logits=True)
+        tokens, logits = DECODERS[arch].greedy(loaded.model, _groups(forks, rows), 6, return_logits=True,
+                                               forks=forks)
+        whole_tokens, whole_logits = DECODERS[arch].greedy(loaded.model, whole, 6, return_logits=True)
+    torch.testing.assert_close(logits, whole_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, whole_tokens)
+
+
+def test_forked_rows_shorter_than_recurrentgemmas_window(monkeypatch):
+    """A window (256) longer than every prompt: each row's window reaches before position 0, where the ring
+    buffer must hold no key while decoding."""
+    from transformers import AutoModelForCausalLM
+
+    import lab.fast
+    from lab.models.tiny import tiny_config
+
+    _small(monkeypatch)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("recurrent_gemma", attention_window_size=256)).eval()
+    lab.fast.apply(model)
+    rows = _needle_rows()
+    forks = fork.plan(rows)
+    whole = [torch.tensor([rows[i]]) for group in forks.groups for i in group]
+    tokens, logits = decode.greedy(model, _groups(forks, rows), 6, return_logits=True, forks=forks)
+    whole_tokens, whole_logits = decode.greedy(model, whole, 6, return_logits=True)
     torch.testing.assert_close(logits, whole_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens, whole_tokens)
 
@@ -98,19 +125,22 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (lab
 
 
 @gpu
-@pytest.mark.parametrize("dtype, atol", [("float32", 1e-3), ("bfloat16", 0.15)])
-def test_forked_prefill_on_the_gpu_kernels(dtype, atol, monkeypatch):
+@pytest.mark.parametrize("arch, dtype, atol", [("jamba", "float32", 1e-3), ("jamba", "bfloat16", 0.15),
+                                               ("recurrent_gemma", "bfloat16", 0.15)])
+def test_forked_prefill_on_the_gpu_kernels(arch, dtype, atol, monkeypatch):
     """On a GPU the trunk's scans run in segments and the groups continue from their states through lab's
-    kernels; the decoding steps are a CUDA graph: logits as from whole prefills (bf16: within its rounding)."""
+    kernels (RecurrentGemma's attention over the trunk's keys in its window kernel); the decoding steps are a
+    CUDA graph: logits as from whole prefills (bf16: within its rounding)."""
     _small(monkeypatch)
-    loaded = load(ModelSpec("random:jamba", device="cuda", dtype=dtype))
+    loaded = load(ModelSpec(f"random:{arch}", device="cuda", dtype=dtype))
+    assert fork.supports(loaded.model)
     rows = _needle_rows()
     forks = fork.plan(rows)
     groups = [g.cuda() for g in _groups(forks, rows)]
     full = [torch.tensor([rows[i]]).cuda() for group in forks.groups for i in group]
     with apply_plan(loaded.model, loaded.anatomy, Plan()):
-        _, logits = jamba_decode.greedy(loaded.model, groups, 6, return_logits=True, forks=forks)
-        _, whole = jamba_decode.greedy(loaded.model, full, 6, return_logits=True)
+        _, logits = DECODERS[arch].greedy(loaded.model, groups, 6, return_logits=True, forks=forks)
+        _, whole = DECODERS[arch].greedy(loaded.model, full, 6, return_logits=True)
     diff = (logits - whole).abs().max().item()
     assert diff <= atol, diff
     assert (logits[:, 0].argmax(-1) == whole[:, 0].argmax(-1)).float().mean().item() >= 0.9
@@ -122,23 +152,24 @@ def test_forked_prefill_on_the_gpu_kernels(dtype, atol, monkeypatch):
                          ids=["base", "heads off", "prefill only", "sparsify"])
 def test_greedy_forks_only_where_the_plan_acts_alike_everywhere(plan, shares, monkeypatch):
     """A plan that tells prompt from generation by position, or scores heads over a whole prompt, sees every
-    prompt whole; so does RecurrentGemma (its windowed attention over a trunk's keys cost more than it saved)."""
+    prompt whole."""
     _small(monkeypatch)
     planned = []
     real = fork.plan
     monkeypatch.setattr(fork, "plan", lambda rows: planned.append(real(rows)) or planned[-1])
-    for arch in ("jamba", "recurrent_gemma"):
+    for arch in DECODERS:
         loaded = tiny(arch)
         with apply_plan(loaded.model, loaded.anatomy, plan) as tracker:
             greedy(loaded, _needle_rows(), 4, static=True, tracker=tracker)
-    assert (len(planned) == 1 and planned[0] is not None) == shares
-    assert decode.supports(tiny("recurrent_gemma").model)  # RecurrentGemma did decode from fixed buffers
+    assert (len(planned) == 2 and None not in planned) == shares
+    assert shares or not planned
 
 
-def test_needle_grid_with_one_haystack_scores_the_same_forked(monkeypatch):
+@pytest.mark.parametrize("arch", list(DECODERS))
+def test_needle_grid_with_one_haystack_scores_the_same_forked(arch, monkeypatch):
     """The paper's protocol (one haystack per trial): every row as with whole prompts."""
     _small(monkeypatch)
-    loaded = tiny("jamba")
+    loaded = tiny(arch)
     spec = NeedleSpec(task="passkey", lengths=(400, 600), depths=(0, 50, 100), haystack_per="trial",
                       max_new_tokens=6)
     builder = PromptBuilder(loaded.tokenizer, spec)
@@ -151,24 +182,26 @@ def test_needle_grid_with_one_haystack_scores_the_same_forked(monkeypatch):
     assert forked == whole
 
 
-def test_forked_prefill_on_eager_attention(monkeypatch):
+@pytest.mark.parametrize("arch", list(DECODERS))
+def test_forked_prefill_on_eager_attention(arch, monkeypatch):
     """Eager attention adds the mask to the scores: the group's mask must be additive there (a boolean one
     hid nothing from it)."""
     _small(monkeypatch)
-    loaded = load(ModelSpec("random:jamba", device="cpu", attn_implementation="eager"))
-    assert jamba_decode.supports(loaded.model)
+    loaded = load(ModelSpec(f"random:{arch}", device="cpu", attn_implementation="eager"))
+    assert DECODERS[arch].supports(loaded.model) and fork.supports(loaded.model)
     rows = _needle_rows()
     forks = fork.plan(rows)
     whole = [torch.tensor([rows[i]]) for group in forks.groups for i in group]
-    _, logits = jamba_decode.greedy(loaded.model, _groups(forks, rows), 4, return_logits=True, forks=forks)
-    _, whole_logits = jamba_decode.greedy(loaded.model, whole, 4, return_logits=True)
+    _, logits = DECODERS[arch].greedy(loaded.model, _groups(forks, rows), 4, return_logits=True, forks=forks)
+    _, whole_logits = DECODERS[arch].greedy(loaded.model, whole, 4, return_logits=True)
     torch.testing.assert_close(logits, whole_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_prompts_too_short_to_share_run_whole():
+@pytest.mark.parametrize("arch", list(DECODERS))
+def test_prompts_too_short_to_share_run_whole(arch):
     """A one-token prompt beside sharing ones, and prompts that share only their first token: the answers of
     whole prompts (a one-token trunk recorded no states)."""
-    loaded = tiny("jamba")
+    loaded = tiny(arch)
     hay = _stream(300)
     same = [1] + _stream(199, seed=999)
     for rows in ([[5], hay, hay[:250]], [same, list(same)] + [[1] + _stream(n - 1, seed=n) for n in (201, 202, 203)]):
@@ -179,20 +212,21 @@ def test_prompts_too_short_to_share_run_whole():
         assert forks is None or len(forks.trunk) >= fork.OWN
 
 
-def test_only_models_that_decode_from_fixed_buffers_share():
-    """Jamba on transformers' own code (fast off) decodes with generate(): lab bench must not count tokens as
+@pytest.mark.parametrize("arch", list(DECODERS))
+def test_only_models_that_decode_from_fixed_buffers_share(arch):
+    """A model on transformers' own code (fast off) decodes with generate(): lab bench must not count tokens as
     shared there."""
     from lab.models.generation import shares_prefixes
 
-    assert shares_prefixes(tiny("jamba").model)
-    assert not shares_prefixes(load(ModelSpec("random:jamba", device="cpu", fast=False)).model)
-    assert not shares_prefixes(tiny("recurrent_gemma").model)
+    assert shares_prefixes(tiny(arch).model)
+    assert not shares_prefixes(load(ModelSpec(f"random:{arch}", device="cpu", fast=False)).model)
 
 
-def test_a_group_that_runs_out_of_memory_continues_in_halves(monkeypatch):
+@pytest.mark.parametrize("arch", list(DECODERS))
+def test_a_group_that_runs_out_of_memory_continues_in_halves(arch, monkeypatch):
     """The decoder's halving on out-of-memory keeps each half's rows with their own starts."""
     _small(monkeypatch)
-    loaded = tiny("jamba")
+    loaded = tiny(arch)
     rows = _needle_rows()
     forks = fork.plan(rows)
     assert any(len(group) > 1 and any(forks.starts[i] for i in group) for group in forks.groups)
@@ -206,7 +240,7 @@ def test_a_group_that_runs_out_of_memory_continues_in_halves(monkeypatch):
 
     monkeypatch.setattr(fork, "continued", once)
     whole = [torch.tensor([rows[i]]) for group in forks.groups for i in group]
-    _, logits = jamba_decode.greedy(loaded.model, _groups(forks, rows), 4, return_logits=True, forks=forks)
-    _, whole_logits = jamba_decode.greedy(loaded.model, whole, 4, return_logits=True)
+    _, logits = DECODERS[arch].greedy(loaded.model, _groups(forks, rows), 4, return_logits=True, forks=forks)
+    _, whole_logits = DECODERS[arch].greedy(loaded.model, whole, 4, return_logits=True)
     assert failed
     torch.testing.assert_close(logits, whole_logits, atol=1e-4, rtol=1e-4)

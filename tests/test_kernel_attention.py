@@ -68,6 +68,25 @@ def test_the_kernel_splits_the_output_at_the_needle_as_eager_attention_does():
 
 
 @kernel
+def test_rows_continuing_a_trunks_keys_attend_as_eager_attention_does():
+    """lab.fast.fork's rows: queries at the last 150 of 210 keys, each row's keys before its first left out
+    (before position 0), a 40-key window that reaches back into the first 60 (the trunk's)."""
+    from lab.fast import triton_griffin
+
+    g = torch.Generator().manual_seed(1)
+    batch, heads, kv, steps, span, dim, window = 3, 4, 2, 150, 60, 32, 40
+    q = torch.randn(batch, heads, steps, dim, generator=g)
+    k, v = (torch.randn(batch, kv, span + steps, dim, generator=g) for _ in range(2))
+    first = torch.tensor([0, 25, 60])
+    at, cols = torch.arange(steps)[:, None] + span, torch.arange(span + steps)[None]
+    mask = ((cols <= at) & (cols > at - window))[None] & (cols[None] >= first[:, None, None])
+    q, k, v = (t.to(DEVICE, DTYPE) for t in (q, k, v))
+    out = triton_griffin.continued_attention(q, k, v, first.to(DEVICE), window, dim ** -0.5)
+    p, values = _eager_probs(q, k, v, mask[:, None].to(DEVICE))
+    torch.testing.assert_close(out.float(), (p @ values).transpose(1, 2), atol=2e-2 if ON_GPU else 1e-5, rtol=0)
+
+
+@kernel
 @pytest.mark.parametrize("metric", ["entropy", "l2"])
 def test_online_head_scores_pick_the_heads_eager_weights_pick(metric):
     """The kernel's per-query head scores against hooks.head_scores on eager weights: the same top-k heads

@@ -2,16 +2,17 @@
 
 A whole prompt's windowed attention (RecurrentGemma's local attention) runs as lab's window kernel, which
 visits only the keys inside each query's window (half precision on a GPU), or else in query chunks against
-those keys, instead of one masked product over every key. A plan's attention op (needle attention,
-sparsification: lab.fast.state.set_attention_op) takes a module's calls instead, for RecurrentGemma and
-Jamba: a whole prompt through the same kernel (for Jamba's global attention the window is the prompt),
-whose output it splits at the needle or whose heads it scores online, and one-token decoding steps through
-the model's own eager attention. Everything else gets transformers' sdpa.
+those keys, instead of one masked product over every key; so do rows continuing a trunk's keys (Continued).
+A plan's attention op (needle attention, sparsification: lab.fast.state.set_attention_op) takes a module's
+calls instead, for RecurrentGemma and Jamba: a whole prompt through the same kernel (for Jamba's global
+attention the window is the prompt), whose output it splits at the needle or whose heads it scores online,
+and one-token decoding steps through the model's own eager attention. Everything else gets transformers' sdpa.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -22,6 +23,14 @@ QUERY_CHUNK = 512
 NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 OPS_ON = ("recurrent_gemma", "jamba")  # models whose attention ops act in this entry
 _originals: dict = {}
+
+
+@dataclass(frozen=True)
+class Continued:
+    """The mask of rows that continue a trunk's keys (lab.fast.fork), as data for lab's window kernel: every row's
+    queries are its last keys, and its keys before `first` (B,) lie before position 0."""
+
+    first: torch.Tensor
 
 
 def _whole_prompt(module, query, key, attention_mask, args, kwargs) -> bool:
@@ -80,6 +89,11 @@ def windowed_sdpa(module, query, key, value, attention_mask, *args, sliding_wind
     transformers' sdpa in chunks of queries against only the keys inside their window."""
     steps = query.shape[-2]
     original = _originals["sdpa"]
+    if isinstance(attention_mask, Continued):  # fork.continued passes one only where the kernel applies
+        from lab.fast import triton_griffin
+
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        return triton_griffin.continued_attention(query, key, value, attention_mask.first, sliding_window, scale), None
     if not (isinstance(sliding_window, int) and isinstance(attention_mask, torch.Tensor)
             and _whole_prompt(module, query, key, attention_mask, args, kwargs)):
         return original(module, query, key, value, attention_mask, *args, sliding_window=sliding_window, **kwargs)

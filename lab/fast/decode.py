@@ -6,7 +6,8 @@ usual; then the attention caches move into ring buffers (slot = position mod win
 conv states into fixed tensors, and the decode step (the model's own forward, so a plan's hooks still
 act) is captured once per batch and replayed. Every row keeps its own position, so prompts of
 different lengths (prefilled one length at a time: no padding reaches the recurrences) decode together
-in one graph. On a CPU the same loop runs eagerly (tests).
+in one graph; prompts that share a trunk (lab.fast.fork) start from its states. On a CPU the same loop runs
+eagerly (tests).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from contextvars import ContextVar
 import torch
 from transformers import DynamicCache
 
+from lab.fast import fork
 from lab.fast.state import enabled
 
 
@@ -103,6 +105,16 @@ class RingCache(SlotWriter):
             self.values[i][rows, :, slots] = values
             self.slot_position[rows, slots] = positions
 
+    def fill_continued(self, prefilled: fork.Continuation, rows: slice) -> None:
+        """Copy each row's last window - 1 keys of a group that continued a trunk (its own positions) into its rows."""
+        for i in self.keys:
+            keys, values, positions = prefilled.recent(i, self.window - 1)
+            slots = positions % self.window  # distinct: at most window - 1 consecutive positions
+            index = slots[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+            self.keys[i][rows].scatter_(2, index, keys)
+            self.values[i][rows].scatter_(2, index, values)
+            self.slot_position[rows].scatter_(1, slots, positions.clamp(min=-1))  # -1: no key there
+
     def advance(self, positions: torch.Tensor, mask: torch.Tensor) -> None:
         """Claim the slot of `positions` (B, 1) and write the additive mask (B, 1, 1, window)."""
         self.slot.copy_(positions % self.window)
@@ -143,22 +155,32 @@ class RecurrentState:
 
 @torch.inference_mode()
 def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int | None = None,
-           return_logits: bool = False):
+           return_logits: bool = False, forks: fork.Forks | None = None):
     """Greedy tokens (sum B, new) after the prompt groups [(B_i, T_i), ...], rows in group order; with
-    return_logits also the (sum B, new, V) logits."""
+    return_logits also the (sum B, new, V) logits. forks: the groups are the last tokens of prompts that share
+    a trunk (lab.fast.fork's plan, groups in its order)."""
     batch = sum(group.shape[0] for group in prompts)
     device = prompts[0].device
     ring = RingCache(model, batch, device, model.dtype)
     state = RecurrentState(model)
     positions = torch.empty((batch, 1), device=device, dtype=torch.long)
+    # per row, in row order: where its tokens start in its prompt (0: the whole prompt)
+    starts = [forks.starts[i] for group in forks.groups for i in group] if forks is not None else [0] * batch
+    trunk = fork.run_trunk(model, forks, device) if forks is not None else None
 
     def prefill(group: torch.Tensor, rows: slice) -> torch.Tensor:
-        prefilled = DynamicCache(config=model.config)
+        own = starts[rows]
         model._setup_cache(model.config, group.shape[0], device, model.dtype)
-        logits = model(input_ids=group, cache=prefilled, use_cache=True, logits_to_keep=1).logits[:, -1]
-        ring.fill(prefilled, group.shape[1], rows)
+        if not any(own):
+            prefilled = DynamicCache(config=model.config)
+            logits = model(input_ids=group, cache=prefilled, use_cache=True, logits_to_keep=1).logits[:, -1]
+            ring.fill(prefilled, group.shape[1], rows)
+            positions[rows] = group.shape[1]
+        else:
+            prefilled, logits = fork.continued(model, trunk, group, own)
+            ring.fill_continued(prefilled, rows)
+            positions[rows] = torch.tensor(own, device=device)[:, None] + group.shape[1]
         state.take()
-        positions[rows] = group.shape[1]
         return logits
 
     logits = prefill_groups(prompts, prefill)

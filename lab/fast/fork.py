@@ -1,13 +1,16 @@
 """Prompts that share a prefix with one of them (the paper's needle grid: one haystack cut to every length and
-depth), prefilled from that trunk's states instead of each from its first token. Jamba only (`supports`).
+depth), prefilled from that trunk's states instead of each from its first token: Jamba and RecurrentGemma
+(`supports`).
 
 The trunk runs once (batch 1) and keeps its keys and values and, at every position where some prompt will
-start, its Mamba and conv states (lab.fast.taps). The prompts then run in groups whose rows each compute the
+start, its recurrent (Mamba, RG-LRU) and conv states (lab.fast.taps). The prompts then run in groups whose rows each compute the
 same number of tokens, the last ones of the prompt, from their own start inside the prefix they share with the
 trunk: one forward per group, without padding, each row's attention seeing the trunk's keys before its start.
 A row whose shared prefix is longer than its group needs recomputes part of it; the groups are chosen to cost
-the fewest tokens, counting OVERHEAD tokens per forward (weights read, launches, a scan's latency). Jamba's
-fixed-buffer decoder (lab.fast.jamba_decode) takes the states from there as from a whole prefill.
+the fewest tokens, counting OVERHEAD tokens per forward (weights read, launches, a scan's latency). The
+fixed-buffer decoders (lab.fast.decode, lab.fast.jamba_decode) take the states from there as from a whole
+prefill. RecurrentGemma's windowed attention over the trunk's keys runs in lab's window kernel on a GPU
+(attention.Continued: each row's first key, no mask).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from lab.fast import taps
+from lab.fast import attention, taps
 
 OVERHEAD = 1024  # tokens a forward costs beyond its own, as groups are chosen (H200: 1024 beat 512 on Jamba)
 OWN = 2  # tokens a prompt computes itself at least: a one-token forward is a decoding step
@@ -30,10 +33,14 @@ _enabled: ContextVar[bool] = ContextVar("lab_fast_fork", default=True)
 
 
 def supports(model) -> bool:
-    """Jamba: its attention has no window and its Mamba mixers continue a given state on lab's fast paths.
-    (RecurrentGemma's windowed attention over a trunk's keys ran on torch's math backend, the memory-efficient
-    kernel giving wrong outputs for one such mask on an H200: slower than whole prompts; docs/performance.md.)"""
-    return model.config.model_type == "jamba"
+    """Jamba; RecurrentGemma on a CPU, with eager attention, or where its windowed attention over a trunk's keys
+    runs in lab's kernel (on an H200 torch's memory-efficient kernel gave wrong outputs for one such mask, and
+    its math backend was slower than whole prompts: docs/performance.md)."""
+    config = model.config
+    if config.model_type == "recurrent_gemma":
+        on_gpu = next(model.parameters()).is_cuda
+        return not on_gpu or config._attn_implementation == "eager" or attention.takes_attention_ops(model)
+    return config.model_type == "jamba"
 
 
 @contextmanager
@@ -139,7 +146,7 @@ def _common(a: np.ndarray, b: np.ndarray) -> int:
 
 class Trunk:
     """What the trunk's forward kept: every attention layer's keys and values (1, heads, T, head dim), and the
-    recurrent and conv states at its tapped positions."""
+    recurrent and conv states at its tapped positions (per Mamba layer index, or RecurrentGemma block)."""
 
     def __init__(self, keys: dict, tapped: taps.Taps):
         self.keys, self.tapped = keys, tapped
@@ -171,6 +178,8 @@ class _Recording(DynamicCache):
 def run_trunk(model, forks: Forks, device) -> Trunk:
     tapped = taps.Taps(forks.taps)
     cache = _Recording(model.config, tapped)
+    if hasattr(model, "_setup_cache"):  # RecurrentGemma keeps its states in its blocks
+        model._setup_cache(model.config, 1, device, model.dtype)
     with taps.recording(tapped):
         model(input_ids=torch.tensor([forks.trunk], device=device), cache=cache, use_cache=True, logits_to_keep=1)
     return Trunk(cache.recorded, tapped)
@@ -178,8 +187,8 @@ def run_trunk(model, forks: Forks, device) -> Trunk:
 
 class Continuation:
     """The cache of a group's forward: each row's attention sees the trunk's keys before its start (`span` of
-    them, right-aligned, masked before position 0) then its own; Mamba conv and SSM states start from the
-    trunk's at each row's start. history() gives each row's keys for the decoder's buffers."""
+    them, right-aligned, masked before position 0) then its own; recurrent and conv states start from the
+    trunk's at each row's start. history() and recent() give each row's keys for the decoders' buffers."""
 
     def __init__(self, trunk: Trunk, starts: list[int], span: int):
         self.trunk, self.starts, self.span = trunk, starts, span
@@ -197,6 +206,22 @@ class Continuation:
         self.own[layer_idx] = (key_states, value_states)
         keys, values = self.trunk.keys[layer_idx]
         return (torch.cat([self._prefix(keys), key_states], 2), torch.cat([self._prefix(values), value_states], 2))
+
+    def recent(self, layer_idx: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values) (rows, heads, n, head dim) of each row's last n <= count positions, and those positions
+        (rows, n), negative where a row has none (before its first token)."""
+        own_keys, own_values = self.own[layer_idx]
+        keys, values = self.trunk.keys[layer_idx]
+        n = min(count, self.span + own_keys.shape[2])
+        keys, values = (torch.cat([self._prefix(t), o], 2)[:, :, -n:] for t, o in ((keys, own_keys),
+                                                                                    (values, own_values)))
+        ends = torch.tensor(self.starts, device=keys.device)[:, None] + own_keys.shape[2]
+        return keys, values, ends - n + torch.arange(n, device=keys.device)
+
+    def start_states(self, block) -> tuple[torch.Tensor, torch.Tensor]:
+        """A RecurrentGemma block's (conv inputs (rows, width, kernel - 1), RG-LRU state (rows, width) float32)
+        at each row's start."""
+        return self.trunk.stacked(block, "conv", self.starts), self.trunk.stacked(block, "lru", self.starts)
 
     def history(self, layer_idx: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) (heads, positions, head dim) of `row`'s every position."""
@@ -232,16 +257,25 @@ class Continuation:
 def continued(model, trunk: Trunk, ids: torch.Tensor, starts: list[int]) -> tuple[Continuation, torch.Tensor]:
     """(the group's cache, (B, V) last logits) of rows `ids` (B, S), the last S tokens of prompts that start at
     `starts` inside the trunk."""
-    span, device = max(starts), ids.device
+    config, device = model.config, ids.device
+    window = getattr(config, "attention_window_size", None)  # RecurrentGemma's; Jamba's attention is global
+    span = max(starts) if window is None else min(max(starts), window - 1)
     cache = Continuation(trunk, starts, span)
     begin = torch.tensor(starts, device=device)[:, None]
     queries = begin + torch.arange(ids.shape[1], device=device)
-    keys = begin + torch.arange(-span, ids.shape[1], device=device)
-    seen = (keys[:, None] >= 0) & (keys[:, None] <= queries[..., None])  # (B, S, span + S): causal, the trunk's
-    mask = seen[:, None]  # sdpa takes a boolean mask; eager attention adds its mask to the scores
-    if model.config._attn_implementation != "sdpa":
-        mask = torch.where(mask, 0.0, torch.finfo(model.dtype).min).to(model.dtype)
-    masks = {"full_attention": mask, "linear_attention": None}
+    if window is not None and attention.takes_attention_ops(model):  # lab's kernel: no mask, each row's first key
+        mask = attention.Continued((span - begin[:, 0]).clamp(min=0))
+    else:
+        keys = begin + torch.arange(-span, ids.shape[1], device=device)
+        offset = keys[:, None] - queries[..., None]  # (B, S, span + S): causal, the trunk's before position 0
+        seen = (keys[:, None] >= 0) & (offset <= 0)
+        if window is not None:
+            seen &= offset > -window
+        mask = seen[:, None]  # sdpa takes a boolean mask; eager attention adds its mask to the scores
+        if config._attn_implementation != "sdpa":
+            mask = torch.where(mask, 0.0, torch.finfo(model.dtype).min).to(model.dtype)
+    attending = "full_attention" if window is None else "sliding_attention"
+    masks = {attending: mask, "linear_attention": None}
     logits = model(input_ids=ids, position_ids=queries, attention_mask=masks, cache=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]
     return cache, logits

@@ -3,7 +3,8 @@
 The recurrent block, the RMSNorm and the MLP get forwards that use the kernels when the input is on a
 GPU, no gradient is wanted and Triton is importable; otherwise (CPU, training, one-token decoding)
 they call transformers' own. Hooks on these modules fire as before. Its windowed attention is in
-lab.fast.attention.
+lab.fast.attention. A recurrent block in a forward of lab.fast.fork (a trunk keeping its states, or rows
+continuing them) runs here on every device.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lab.fast import fork, taps
 from lab.fast.state import acts_on, triton_applies
 
 _originals: dict = {}
@@ -33,10 +35,16 @@ def _mlp_forward(self, hidden_states):
     return self.down_proj(triton_griffin.gelu_mul(self.gate_proj(hidden_states), self.up_proj(hidden_states)))
 
 
+def _kernels_apply(self, input_states) -> bool:
+    return type(self.act_fn).__name__ == "GELUTanh" and triton_applies(input_states, self.linear_x.weight)
+
+
 def _recurrent_block_forward(self, input_states, position_ids, attention_mask, use_cache=True, **kwargs):
     batch, steps, _ = input_states.shape
-    if (steps == 1 or type(self.act_fn).__name__ != "GELUTanh" or not acts_on(self)
-            or not triton_applies(input_states, self.linear_x.weight)):
+    cache, tapping = kwargs.get("cache"), taps.active(steps, batch)
+    if steps > 1 and acts_on(self) and (isinstance(cache, fork.Continuation) or tapping is not None):
+        return _from_states(self, input_states, position_ids, cache, tapping)
+    if steps == 1 or not acts_on(self) or not _kernels_apply(self, input_states):
         return _originals["block"](self, input_states, position_ids, attention_mask, use_cache=use_cache, **kwargs)
     from lab.fast import triton_griffin
 
@@ -51,15 +59,66 @@ def _recurrent_block_forward(self, input_states, position_ids, attention_mask, u
     else:
         self.conv1d_state = lru.recurrent_states = start_state = None
     conv = triton_griffin.causal_conv(x, self.conv_1d.weight, self.conv_1d.bias)
-    heads, width = lru.num_attention_heads, lru.block_width
-    gate_weights = torch.cat([lru.input_gate_weight, lru.recurrent_gate_weight], -1)
-    gates = torch.bmm(conv.view(batch * steps, heads, width).transpose(0, 1), gate_weights)
-    reset = (position_ids == 0).expand(batch, steps)
-    out, last = triton_griffin.rglru(conv, gates, lru.input_gate_bias, lru.recurrent_gate_bias, lru.recurrent_param,
-                                     reset, y, start_state)
+    out, last = _rglru(self, conv, y, position_ids, start_state)
     if use_cache:
         lru.recurrent_states = last
     return self.linear_out(out), None
+
+
+def _rglru(self, conv, y, position_ids, start):
+    """lab's RG-LRU kernel over (B, T, W) conv output from `start` (B, W) float32 or zeros (None), times gelu(y):
+    (that product, the last state)."""
+    from lab.fast import triton_griffin
+
+    lru = self.rg_lru
+    batch, steps, _ = conv.shape
+    heads, width = lru.num_attention_heads, lru.block_width
+    gate_weights = torch.cat([lru.input_gate_weight, lru.recurrent_gate_weight], -1)
+    gates = torch.bmm(conv.reshape(batch * steps, heads, width).transpose(0, 1), gate_weights)
+    reset = (position_ids == 0).expand(batch, steps)
+    return triton_griffin.rglru(conv.contiguous(), gates, lru.input_gate_bias, lru.recurrent_gate_bias,
+                                lru.recurrent_param, reset, y.contiguous(), start)
+
+
+def _from_states(self, input_states, position_ids, cache, tapping):
+    """The block from each row's states at its start (a group of lab.fast.fork, whose cache holds them), or from
+    zeros keeping the states at the tapped positions (its trunk); lab's kernels where they apply, else torch
+    (the reference's convolution and RG-LRU). Leaves the last conv inputs and RG-LRU state in the block, as the
+    reference's prefill does."""
+    batch, steps, _ = input_states.shape
+    kernel = self.conv1d_width - 1
+    x = self.linear_x(input_states)
+    y = self.linear_y(input_states)
+    if tapping is not None:
+        prior = x.new_zeros((batch, self.lru_width, kernel))
+        state = torch.zeros((batch, self.lru_width), device=x.device, dtype=torch.float32)
+        tapping.keep_inputs(self, x.transpose(1, 2), kernel)
+    else:
+        prior, state = cache.start_states(self)
+    inputs = torch.cat([prior.transpose(1, 2).to(x.dtype), x], 1)  # (B, kernel + T, W)
+    fast = _kernels_apply(self, input_states)
+    if fast:
+        from lab.fast import triton_griffin
+
+        conv = triton_griffin.causal_conv(inputs, self.conv_1d.weight, self.conv_1d.bias)[:, kernel:]
+    else:
+        conv = F.conv1d(inputs.transpose(1, 2), self.conv_1d.weight, self.conv_1d.bias,
+                        groups=self.lru_width).transpose(1, 2)
+    outs = []
+    for begin, end in tapping.segments(steps) if tapping is not None else [(0, steps)]:
+        part = slice(begin, end)
+        if fast:
+            out, state = _rglru(self, conv[:, part], y[:, part], position_ids[:, part], state)
+        else:
+            self.rg_lru.recurrent_states = state
+            out = self.rg_lru(conv[:, part], position_ids[:, part]) * self.act_fn(y[:, part])
+            state = self.rg_lru.recurrent_states
+        outs.append(out)
+        if tapping is not None:
+            tapping.keep(self, "lru", end, state.clone())
+    self.conv1d_state = inputs[:, -kernel:].transpose(1, 2)
+    self.rg_lru.recurrent_states = state
+    return self.linear_out(torch.cat(outs, 1)), None
 
 
 def install() -> None:

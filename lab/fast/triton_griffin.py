@@ -160,13 +160,15 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton.jit(do_not_specialize=["steps", "window"])  # strides keep their alignment hints: unhinted, 4.6x slower
-def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, window, scale, heads, groups,
-                             sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_t, so_b, so_h, so_t,
-                             needle_ptr, sn_b, lse_ptr, score_ptr,
+@triton.jit(do_not_specialize=["steps", "keys", "past", "window"])  # strides keep their alignment hints: unhinted, 4.6x slower
+def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, first_ptr, out_ptr, steps, keys, past, window, scale,
+                             heads, groups, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_t,
+                             so_b, so_h, so_t, needle_ptr, sn_b, lse_ptr, score_ptr,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             NEEDLE: tl.constexpr, METRIC: tl.constexpr):
+                             NEEDLE: tl.constexpr, METRIC: tl.constexpr, CONTINUED: tl.constexpr):
     """Flash attention over the keys of a causal window (j <= i < j + window) and inside the boolean mask.
+    Query i is key i + past's position (past: 0 for a whole prompt). CONTINUED: no mask; each row's keys before its
+    first (first_ptr, per row) are left out instead (a prompt continuing a trunk's keys, lab.fast.fork).
 
     NEEDLE: the output is what the non-needle keys give, weighted as in the whole softmax (no renormalisation),
     and lse holds each query's log-sum-exp, from which the needle's few keys are weighted outside. METRIC 1 / 2:
@@ -183,16 +185,23 @@ def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, wind
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     moment = tl.zeros([BLOCK_M], dtype=tl.float32)  # entropy: sum e^(s - best) (s - best); L2: sum e^(2 (s - best))
-    low = tl.maximum(block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
-    high = tl.minimum((block + 1) * BLOCK_M, steps)
+    first = 0
+    if CONTINUED:
+        first = tl.load(first_ptr + batch)
+    at = rows + past  # each query's position among the keys
+    low = tl.maximum(block * BLOCK_M + past - window + 1, first) // BLOCK_N * BLOCK_N
+    high = tl.minimum((block + 1) * BLOCK_M + past, keys)
     for start in tl.range(low, high, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k = tl.load(k_ptr + batch * sk_b + kv_head * sk_h + cols[None, :].to(tl.int64) * sk_t + dims[:, None],
-                    mask=cols[None, :] < steps, other=0.0)
+                    mask=cols[None, :] < keys, other=0.0)
         scores = tl.dot(q, k) * scale
-        allowed = (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - window) & (cols[None, :] < steps)
-        allowed &= tl.load(mask_ptr + batch * sm_b + rows[:, None].to(tl.int64) * sm_t + cols[None, :],
-                           mask=(rows[:, None] < steps) & (cols[None, :] < steps), other=0) != 0
+        allowed = (cols[None, :] <= at[:, None]) & (cols[None, :] > at[:, None] - window) & (cols[None, :] < keys)
+        if CONTINUED:
+            allowed &= cols[None, :] >= first
+        else:
+            allowed &= tl.load(mask_ptr + batch * sm_b + rows[:, None].to(tl.int64) * sm_t + cols[None, :],
+                               mask=(rows[:, None] < steps) & (cols[None, :] < keys), other=0) != 0
         scores = tl.where(allowed, scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, axis=1))
         shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # rows with nothing allowed yet
@@ -205,9 +214,9 @@ def _window_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, steps, wind
             moment = moment * rescale * rescale + tl.sum(p * p, axis=1)
         total = total * rescale + tl.sum(p, axis=1)
         v = tl.load(v_ptr + batch * sv_b + kv_head * sv_h + cols[:, None].to(tl.int64) * sv_t + dims[None, :],
-                    mask=cols[:, None] < steps, other=0.0)
+                    mask=cols[:, None] < keys, other=0.0)
         if NEEDLE:
-            is_needle = tl.load(needle_ptr + batch * sn_b + cols, mask=cols < steps, other=0) != 0
+            is_needle = tl.load(needle_ptr + batch * sn_b + cols, mask=cols < keys, other=0) != 0
             p = tl.where(is_needle[None, :], 0.0, p)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
         best = new_best
@@ -267,15 +276,32 @@ def window_attention_parts(query: torch.Tensor, key: torch.Tensor, value: torch.
     needle_bytes = None if needle is None else needle.to(torch.uint8).contiguous()
     grid = (triton.cdiv(steps, ATTENTION_CONFIG["BLOCK_M"]), batch * heads)
     _window_attention_kernel[grid](
-        query, key, value, mask.view(torch.uint8), out, steps, window, scale, heads, heads // key.shape[1],
-        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
+        query, key, value, mask.view(torch.uint8), out, out, steps, steps, 0, window, scale, heads,
+        heads // key.shape[1], *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
         mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2), out.stride(0), out.stride(2), out.stride(1),
         out if needle is None else needle_bytes, 0 if needle is None else needle_bytes.stride(0),
         out if lse is None else lse, out if parts.score is None else parts.score,
-        HEAD_DIM=dim, NEEDLE=needle is not None, METRIC=METRICS[metric], **ATTENTION_CONFIG)
+        HEAD_DIM=dim, NEEDLE=needle is not None, METRIC=METRICS[metric], CONTINUED=False, **ATTENTION_CONFIG)
     if needle is not None:
         _weigh_needle(parts, query, key, value, mask[..., :steps], window, scale, needle, lse)
     return parts
+
+
+def continued_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, first: torch.Tensor,
+                        window: int, scale: float) -> torch.Tensor:
+    """Causal attention within `window` keys for (B, H, T, D) queries that are the last T of (B, KV, S, D) keys
+    and values, each row's keys before its `first` (B,) int32 left out (lab.fast.fork's rows: a trunk's keys
+    before their start, then their own); returns (B, T, H, D)."""
+    batch, heads, steps, dim = query.shape
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    out = torch.empty((batch, steps, heads, dim), dtype=query.dtype, device=query.device)
+    grid = (triton.cdiv(steps, ATTENTION_CONFIG["BLOCK_M"]), batch * heads)
+    _window_attention_kernel[grid](
+        query, key, value, out, first.to(torch.int32).contiguous(), out, steps, key.shape[2], key.shape[2] - steps,
+        window, scale, heads, heads // key.shape[1], *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
+        0, 0, out.stride(0), out.stride(2), out.stride(1), out, 0, out, out,
+        HEAD_DIM=dim, NEEDLE=False, METRIC=0, CONTINUED=True, **ATTENTION_CONFIG)
+    return out
 
 
 def _weigh_needle(parts: WindowParts, query, key, value, mask, window: int, scale: float, needle, lse) -> None:
