@@ -68,3 +68,30 @@ def test_many_programs_step_few_scan_in_tiles(monkeypatch):
     monkeypatch.setattr(triton_mamba, "STEPPED_PROGRAMS", 5)
     triton_mamba.selective_scan(*args)
     assert calls == ["scan_steps", "scan_tiles"]
+
+
+def test_the_rg_lru_kernel_keeps_the_states_before_the_taps():
+    """RecurrentGemma's RG-LRU kernel on a batch-1 trunk (lab.fast.fork): the states it keeps before positions
+    1, 17 and 37 are those of the same kernel run in segments ending there, its output and last state unchanged."""
+    from lab.fast import triton_griffin
+
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    steps, heads, block = 37, 2, 8
+    width = heads * block
+    x, y = (torch.randn(1, steps, width, device=DEVICE, generator=g) for _ in range(2))
+    gates = torch.randn(heads, steps, 2 * block, device=DEVICE, generator=g)
+    bias_x, bias_a = (torch.randn(heads, block, device=DEVICE, generator=g) for _ in range(2))
+    param = torch.randn(width, device=DEVICE, generator=g)
+    reset = (torch.arange(steps, device=DEVICE) == 0)[None]
+    args = (bias_x, bias_a, param)
+    out, last, kept = triton_griffin.rglru(x, gates, *args, reset, y, None, keep=(1, 17, 37))
+    state, outs, states = None, [], []
+    for begin, end in ((0, 1), (1, 17), (17, 37)):
+        part = slice(begin, end)
+        piece, state, _ = triton_griffin.rglru(x[:, part].contiguous(), gates[:, part], *args, reset[:, part],
+                                               y[:, part].contiguous(), state)
+        outs.append(piece)
+        states.append(state)
+    torch.testing.assert_close(kept, torch.cat(states), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, torch.cat(outs, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, states[-1], atol=1e-5, rtol=1e-5)

@@ -59,15 +59,15 @@ def _recurrent_block_forward(self, input_states, position_ids, attention_mask, u
     else:
         self.conv1d_state = lru.recurrent_states = start_state = None
     conv = triton_griffin.causal_conv(x, self.conv_1d.weight, self.conv_1d.bias)
-    out, last = _rglru(self, conv, y, position_ids, start_state)
+    out, last, _ = _rglru(self, conv, y, position_ids, start_state)
     if use_cache:
         lru.recurrent_states = last
     return self.linear_out(out), None
 
 
-def _rglru(self, conv, y, position_ids, start):
+def _rglru(self, conv, y, position_ids, start, keep: tuple[int, ...] = ()):
     """lab's RG-LRU kernel over (B, T, W) conv output from `start` (B, W) float32 or zeros (None), times gelu(y):
-    (that product, the last state)."""
+    (that product, the last state, the states before positions `keep` or None)."""
     from lab.fast import triton_griffin
 
     lru = self.rg_lru
@@ -77,7 +77,7 @@ def _rglru(self, conv, y, position_ids, start):
     gates = torch.bmm(conv.reshape(batch * steps, heads, width).transpose(0, 1), gate_weights)
     reset = (position_ids == 0).expand(batch, steps)
     return triton_griffin.rglru(conv.contiguous(), gates, lru.input_gate_bias, lru.recurrent_gate_bias,
-                                lru.recurrent_param, reset, y.contiguous(), start)
+                                lru.recurrent_param, reset, y.contiguous(), start, keep)
 
 
 def _from_states(self, input_states, position_ids, cache, tapping):
@@ -104,21 +104,24 @@ def _from_states(self, input_states, position_ids, cache, tapping):
     else:
         conv = F.conv1d(inputs.transpose(1, 2), self.conv_1d.weight, self.conv_1d.bias,
                         groups=self.lru_width).transpose(1, 2)
-    outs = []
-    for begin, end in tapping.segments(steps) if tapping is not None else [(0, steps)]:
-        part = slice(begin, end)
-        if fast:
-            out, state = _rglru(self, conv[:, part], y[:, part], position_ids[:, part], state)
-        else:
+    if fast:  # one pass, the kernel keeping the states at the taps
+        keep = tuple(p for p in tapping.positions if p <= steps) if tapping is not None else ()
+        out, state, kept = _rglru(self, conv, y, position_ids, state, keep)
+        for p, kept_state in zip(keep, kept if keep else ()):
+            tapping.keep(self, "lru", p, kept_state[None])
+    else:  # the reference's RG-LRU, in segments ending at the taps
+        outs = []
+        for begin, end in tapping.segments(steps) if tapping is not None else [(0, steps)]:
+            part = slice(begin, end)
             self.rg_lru.recurrent_states = state
-            out = self.rg_lru(conv[:, part], position_ids[:, part]) * self.act_fn(y[:, part])
+            outs.append(self.rg_lru(conv[:, part], position_ids[:, part]) * self.act_fn(y[:, part]))
             state = self.rg_lru.recurrent_states
-        outs.append(out)
-        if tapping is not None:
-            tapping.keep(self, "lru", end, state.clone())
+            if tapping is not None:
+                tapping.keep(self, "lru", end, state.clone())
+        out = torch.cat(outs, 1)
     self.conv1d_state = inputs[:, -kernel:].transpose(1, 2)
     self.rg_lru.recurrent_states = state
-    return self.linear_out(torch.cat(outs, 1)), None
+    return self.linear_out(out), None
 
 
 def install() -> None:

@@ -82,8 +82,10 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, silu:
 
 @triton.jit(do_not_specialize=["steps", "width", "block_width", "head_stride"])
 def _rglru_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, reset_ptr, y_ptr, h0_ptr,
-                  out_ptr, last_ptr, steps, width, block_width, head_stride,
-                  HAS_H0: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                  out_ptr, last_ptr, slot_ptr, kept_ptr, steps, width, block_width, head_stride,
+                  HAS_H0: tl.constexpr, KEEP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """KEEP: the state after each time t whose slot (slot_ptr, per time of row 0) is >= 0 goes to that row of
+    kept (slots, width) float32: a batch-1 trunk's states at its taps (lab.fast.fork)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_width = cols < width
@@ -118,6 +120,9 @@ def _rglru_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, param_ptr,
         states = x_run + a_run * h[None, :]
         y = tl.load(y_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
         tl.store(out_ptr + offsets, (states * _gelu_tanh(y)).to(out_ptr.dtype.element_ty), mask=inside)
+        if KEEP:
+            slot = tl.load(slot_ptr + t, mask=t < steps, other=-1)
+            tl.store(kept_ptr + slot * width + cols[None, :], states, mask=(slot >= 0) & in_width[None, :])
         h = tl.sum(tl.where(times[:, None] == BLOCK_T - 1, states, 0.0), axis=0)
     tl.store(last_ptr + row * width + cols, h, mask=in_width)
 
@@ -126,9 +131,10 @@ RGLRU_CONFIG = dict(BLOCK_T=16, BLOCK_D=16, num_warps=4)  # fastest of 27 on an 
 
 
 def rglru(x: torch.Tensor, gates: torch.Tensor, gate_x_bias: torch.Tensor, gate_a_bias: torch.Tensor,
-          recurrent_param: torch.Tensor, reset: torch.Tensor, y: torch.Tensor,
-          h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The RG-LRU on (B, T, D) conv output x, times gelu(y): returns that product and the float32 last state.
+          recurrent_param: torch.Tensor, reset: torch.Tensor, y: torch.Tensor, h0: torch.Tensor | None,
+          keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The RG-LRU on (B, T, D) conv output x, times gelu(y): returns that product, the float32 last state and,
+    for positions `keep` (batch 1, each in 1..T), the (len(keep), D) float32 states before each of them.
 
     gates: (heads, B*T, 2*block_width) pre-activations from x (input gate, then recurrence gate);
     reset: (B, T) true where a document starts (position 0)."""
@@ -137,11 +143,18 @@ def rglru(x: torch.Tensor, gates: torch.Tensor, gate_x_bias: torch.Tensor, gate_
     gates = gates.contiguous()
     out = torch.empty_like(x)
     last = torch.empty((batch, width), dtype=torch.float32, device=x.device)
+    kept = slots = None
+    if keep:
+        kept = torch.empty((len(keep), width), dtype=torch.float32, device=x.device)
+        slots = torch.full((steps,), -1, dtype=torch.int32)
+        slots[[p - 1 for p in keep]] = torch.arange(len(keep), dtype=torch.int32)  # the state after time p - 1
+        slots = slots.to(x.device)
     grid = (batch, triton.cdiv(width, RGLRU_CONFIG["BLOCK_D"]))
     _rglru_kernel[grid](x, gates, gate_x_bias, gate_a_bias, recurrent_param, reset.to(torch.int8).contiguous(), y,
-                        h0.contiguous() if h0 is not None else last, out, last, steps, width, block_width,
-                        gates.stride(0), HAS_H0=h0 is not None, **RGLRU_CONFIG)
-    return out, last
+                        h0.contiguous() if h0 is not None else last, out, last, last if slots is None else slots,
+                        last if kept is None else kept, steps, width, block_width, gates.stride(0),
+                        HAS_H0=h0 is not None, KEEP=bool(keep), **RGLRU_CONFIG)
+    return out, last, kept
 
 
 @triton.jit
