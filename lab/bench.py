@@ -62,8 +62,8 @@ def _reference_generate(loaded: Loaded, trial, new_tokens: int) -> None:
 def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int, haystack_per: str = "cell") -> dict:
     """Grid time for lab's needle probe versus one-prompt-at-a-time generate() on the reference recurrences.
     haystack_per="trial" (the paper's protocol: one haystack cut to every length and depth) also times lab's
-    path with every prompt prefilled whole, and gives the share of prompt tokens a shared trunk saved (Jamba:
-    lab.fast.fork; 0 where the model prefills every prompt whole)."""
+    path with every prompt prefilled whole, and gives the share of prompt tokens a shared trunk saved
+    (lab.fast.fork; 0 where the model prefills every prompt whole)."""
     spec, trials = _needle_trials(loaded, lengths, depths, haystack_per)
     tokens = max(spec.lengths) + spec.max_new_tokens
     batch_size = auto_batch_size(spec.batch_size, loaded, tokens, decode_row_bytes(loaded.model, tokens))  # as the runner

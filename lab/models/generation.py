@@ -59,7 +59,7 @@ def fixed_decoder(model):
 
 def shares_prefixes(model) -> bool:
     """Whether greedy(static=True) may prefill prompts that share a prefix from one trunk (lab.fast.fork): the
-    model decodes from fixed buffers and the trunk's states carry over (Jamba)."""
+    model decodes from fixed buffers and the trunk's states carry over (Jamba, RecurrentGemma: fork.supports)."""
     return fixed_decoder(model) is not None and fork.supports(model)
 
 
