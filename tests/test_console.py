@@ -892,3 +892,21 @@ async def test_edited_probe_settings_count_as_unsaved(tmp_path, monkeypatch):
         await pilot.press("q")
         await pilot.pause()
         assert exits
+
+
+@pytest.mark.parametrize("field", ["#f-lengths", "#f-depths", "#f-source"])
+async def test_probe_fields_show_their_values_whole_at_80_columns(tmp_path, field):
+    """The console's default depths ('0 25 50 75 100') showed as '0 25 50 7' at 80 columns: the field shared its
+    row equally with the trials and token counts."""
+    spec = ModelSpec("random:jamba")
+    app = LabApp(spec, presets.Preset(name="t", model=spec), Store(tmp_path / "r.sqlite"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        app.screen.query_one("#tabs").active = "tab-probe"
+        await pilot.pause()
+        shown = app.screen.query_one(field)
+        assert shown.content_size.width > len(shown.value), (shown.value, shown.content_size.width)
+        limit = app.screen.query_one("#f-limit")  # the last field: reached by scrolling where it does not fit
+        limit.focus()
+        await pilot.pause()
+        assert limit.region.height > 0 and app.screen.find_widget(limit).region.bottom <= 23  # above the footer

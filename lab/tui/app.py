@@ -14,7 +14,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import (DataTable, Footer, Header, Input, Label, LoadingIndicator, ProgressBar, Select, Static,
                              TabbedContent, TabPane)
@@ -104,8 +104,8 @@ class ConfirmDialog(ModalScreen[bool]):
         self.dismiss(yes)
 
 
-class ProbeForm(Vertical):
-    """The probe settings of the current preset, editable."""
+class ProbeForm(VerticalScroll):
+    """The probe settings of the current preset, editable (scrolling in a short window)."""
 
     def __init__(self, preset: presets.Preset):
         super().__init__()
@@ -134,9 +134,10 @@ class ProbeForm(Vertical):
             yield Select([(t, t) for t in needle_probe.MODES], value=n.mode, allow_blank=False, id="f-mode")
         yield Label("lengths (tokens)")
         yield Input(" ".join(map(str, n.lengths)), id="f-lengths")
-        yield Label("depths (%) / trials / new tokens")
+        yield Label("depths (%)")
+        yield Input(" ".join(f"{d:g}" for d in n.depths), id="f-depths")
+        yield Label("trials / new tokens")
         with Horizontal(classes="row"):
-            yield Input(" ".join(f"{d:g}" for d in n.depths), id="f-depths")
             yield Input(str(n.trials), id="f-trials", type="integer")
             yield Input(str(n.max_new_tokens), id="f-new", type="integer")
         yield Label("mmlu source / shots / limit per subject")
