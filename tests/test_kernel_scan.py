@@ -95,3 +95,32 @@ def test_the_rg_lru_kernel_keeps_the_states_before_the_taps():
     torch.testing.assert_close(kept, torch.cat(states), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, torch.cat(outs, 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(last, states[-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_decoding_step_updates_the_state_as_transformers_does(dtype):
+    """Jamba's one-token step (mamba_selective_state_update): lab's kernel against transformers' torch code, the
+    state updated in place in its own dtype (the fixed-buffer decoder keeps the prefill's)."""
+    from transformers.models.jamba import modeling_jamba
+
+    from lab.fast import mamba, triton_mamba
+
+    reference = mamba._originals.get("update", modeling_jamba.mamba_selective_state_update)
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    batch, channels, size = 3, 48, 16
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device=DEVICE, generator=g) * scale).to(dtype)
+
+    x, dt, z = rand(batch, channels), rand(batch, channels, scale=0.5), rand(batch, channels)
+    B, C = rand(batch, size), rand(batch, size)
+    A = -torch.rand(channels, size, device=DEVICE, generator=g) - 0.1
+    D, bias = torch.randn(channels, device=DEVICE, generator=g), torch.randn(channels, device=DEVICE, generator=g) * 0.1
+    state = rand(batch, channels, size)
+    expected_state = state.clone()
+    expected = reference(expected_state, x, dt, A, B, C, D, dt_bias=bias, dt_softplus=True, z=z)
+    out = triton_mamba.selective_state_update(state, x, dt, A, B, C, D, bias, True, z)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(state.float(), expected_state.float(), **tolerance)
+    torch.testing.assert_close(out.float(), expected.float(), **tolerance)
+    assert out.dtype == expected.dtype

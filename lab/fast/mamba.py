@@ -4,7 +4,7 @@ causal-conv1d kernels are missing.
 transformers' fallback loops over time in Python. On a GPU without gradients, lab.fast.triton_mamba's
 fused kernel scans in registers; otherwise this discretises the whole sequence at once and runs the
 doubling scan of lab.fast.scan over the (channel, state) pairs. On a GPU only: on a CPU the reference
-loop is faster.
+loop is faster. A decoding step's state update is one kernel there too.
 """
 
 from __future__ import annotations
@@ -82,6 +82,19 @@ def _scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, initial)
     return out.to(input_dtype), states[:, -1]
 
 
+def selective_state_update(state, hidden_states, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None,
+                           **kwargs):
+    """transformers' Jamba mamba_selective_state_update (one decoding step, the state updated in place): on a GPU,
+    for mixers lab.fast acts on, lab's one-kernel step (lab.fast.triton_mamba); else the reference."""
+    if not (_mixer_fast.get() and not _has_mamba_ssm() and state.is_contiguous()
+            and A.shape[-1] & (A.shape[-1] - 1) == 0 and triton_applies(hidden_states, state, dt, B, C, z)):
+        return _originals["update"](state, hidden_states, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                    z=z, **kwargs)
+    from lab.fast import triton_mamba
+
+    return triton_mamba.selective_state_update(state, hidden_states, dt, A, B, C, D, dt_bias, dt_softplus, z)
+
+
 def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
     """transformers' Jamba causal_conv1d_fn (inputs (batch, channels, time)): on a GPU, for mixers lab.fast acts
     on, lab's causal-convolution kernel with the silu fused, reading the projection's (batch, time, channels)
@@ -124,13 +137,13 @@ def _mixer_forward(self, hidden_states, *args, **kwargs):
 
 
 def install() -> None:
-    """Route Jamba's mixer forward and its module's mamba_selective_scan and causal_conv1d_fn through the
-    functions above (once)."""
+    """Route Jamba's mixer forward and its module's mamba_selective_scan, mamba_selective_state_update and
+    causal_conv1d_fn through the functions above (once)."""
     from transformers.models.jamba import modeling_jamba as jamba
 
     if _originals:
         return
     _originals["mixer"], _originals["scan"] = jamba.JambaMambaMixer.forward, jamba.mamba_selective_scan
-    _originals["conv"] = jamba.causal_conv1d_fn
+    _originals["conv"], _originals["update"] = jamba.causal_conv1d_fn, jamba.mamba_selective_state_update
     jamba.JambaMambaMixer.forward, jamba.mamba_selective_scan = _mixer_forward, selective_scan
-    jamba.causal_conv1d_fn = causal_conv1d_fn
+    jamba.causal_conv1d_fn, jamba.mamba_selective_state_update = causal_conv1d_fn, selective_state_update

@@ -163,3 +163,52 @@ def scan_steps(x, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=F
     out = torch.empty((x.shape[0], x.shape[2], x.shape[1]), dtype=x.dtype, device=x.device)
     last = _launch(_scan_steps_kernel, STEPS_CONFIG, out, x, dt, A, B, C, D, z, delta_bias, delta_softplus, initial)
     return out.transpose(1, 2), last
+
+
+@triton.jit
+def _state_update_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, state_ptr, out_ptr, channels,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                         STATE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One decoding step of BLOCK_D channels of one sequence, its state (B, D, N) read and written in place; x, dt,
+    z and the output (B, D) and B, C (B, N) contiguous. As the reference, the state is contracted with C after
+    rounding to C's dtype, and the contraction rounded to it before D and the gate."""
+    row, chans, inside, a_matrix, bias, skip, h = _prologue(a_ptr, bias_ptr, d_ptr, state_ptr, channels, HAS_BIAS,
+                                                            HAS_D, True, STATE, BLOCK_D)
+    states = tl.arange(0, STATE)
+    x = tl.load(x_ptr + row * channels + chans, mask=inside, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + row * channels + chans, mask=inside, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt = dt + bias
+    if SOFTPLUS:
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+    b = tl.load(b_ptr + row * STATE + states).to(tl.float32)
+    c = tl.load(c_ptr + row * STATE + states)
+    h = h * tl.exp(dt[:, None] * a_matrix) + (dt * x)[:, None] * b[None, :]
+    at = row * channels * STATE + chans[:, None] * STATE + states[None, :]
+    tl.store(state_ptr + at, h.to(state_ptr.dtype.element_ty), mask=inside[:, None])
+    y = tl.sum(h.to(c.dtype).to(tl.float32) * c.to(tl.float32)[None, :], axis=1).to(c.dtype).to(tl.float32)
+    if HAS_D:
+        y = y + x * skip
+    if HAS_Z:
+        z = tl.load(z_ptr + row * channels + chans, mask=inside, other=0.0).to(tl.float32)
+        y = y * z * tl.sigmoid(z)
+    tl.store(out_ptr + row * channels + chans, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+STATE_UPDATE_CONFIG = dict(BLOCK_D=32, num_warps=4)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None):
+    """transformers' mamba_selective_state_update contract: one decoding step of x, dt, z (batch, channels) with
+    B, C (batch, state), the state (batch, channels, state), contiguous, updated in place; returns the output
+    (batch, channels) in x's dtype. One kernel: the reference's eight (batch, channels, state) tensors are never
+    written."""
+    batch, channels = x.shape
+    x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
+    z = z.contiguous() if z is not None else None
+    out = torch.empty_like(x)
+    _state_update_kernel[(batch, triton.cdiv(channels, STATE_UPDATE_CONFIG["BLOCK_D"]))](
+        x, dt, A.float().contiguous(), B, C, D if D is not None else x, z if z is not None else x,
+        dt_bias if dt_bias is not None else x, state, out, channels, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, STATE=A.shape[-1], **STATE_UPDATE_CONFIG)
+    return out
