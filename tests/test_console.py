@@ -229,7 +229,7 @@ def write_keymap(tmp_path, monkeypatch, text: str):
 
 
 async def test_keymap_with_dotted_ids_as_the_help_shows(tmp_path, monkeypatch):
-    write_keymap(tmp_path, monkeypatch, 'probe.needle = "f"\n"plan.attention" = "y"\n')
+    write_keymap(tmp_path, monkeypatch, 'probe.needle = "N"\n"plan.attention" = "y"\n')
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await ready(app, pilot)
@@ -239,7 +239,7 @@ async def test_keymap_with_dotted_ids_as_the_help_shows(tmp_path, monkeypatch):
         await pilot.pause()
         table = app.screen.query_one("#help-box")
         keys = {table.get_row_at(i)[1]: table.get_row_at(i)[0] for i in range(table.row_count)}
-        assert keys["probe.needle"] == "f" and keys["plan.attention"] == "y"
+        assert keys["probe.needle"] == "N" and keys["plan.attention"] == "y"
         assert keys["app.help"] == "F1 ?" and keys["plan.k_down"] == "-" and keys["grid.toggle"] == "space enter"
 
 
@@ -910,3 +910,22 @@ async def test_probe_fields_show_their_values_whole_at_80_columns(tmp_path, fiel
         limit.focus()
         await pilot.pause()
         assert limit.region.height > 0 and app.screen.find_widget(limit).region.bottom <= 23  # above the footer
+
+
+async def test_f_shows_the_tabs_across_the_whole_window(tmp_path):
+    """At 80 columns the Runs tab showed id, figures and a cut plan; its status and later columns needed
+    scrolling. f gives the tabs the whole window; f again gives the grid back its keys."""
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("4")
+        runs = app.screen.query_one("#runs")
+        assert runs.region.width < 40
+        await pilot.press("f")
+        await pilot.pause()
+        assert runs.region.width >= 78 and app.focused is runs
+        await pilot.press("f")
+        await pilot.pause()
+        assert runs.region.width < 40 and isinstance(app.focused, LayerGrid)
+        await pilot.press("space")
+        assert app.screen.plan != Plan()  # the grid's keys act again

@@ -104,6 +104,12 @@ class ConfirmDialog(ModalScreen[bool]):
         self.dismiss(yes)
 
 
+class RightPane(Vertical):
+    """Status, progress and the tabs; f shows it across the whole window."""
+
+    ALLOW_MAXIMIZE = True
+
+
 class ProbeForm(VerticalScroll):
     """The probe settings of the current preset, editable (scrolling in a short window)."""
 
@@ -189,6 +195,9 @@ class MainScreen(Screen):
                 tooltip="Show a stored sweep's effect map and chart by its id (lab sweeps lists them)"),
         Binding("v", "all_runs", "All runs", show=False, tooltip="Runs tab: every model's runs or this model's",
                 id="runs.all"),
+        Binding("f", "full_width", "Full width", show=False,
+                tooltip="The tabs across the whole window (every column of the Runs tab at 80 columns), or back",
+                id="view.full_width"),
         *(Binding(str(n), f"tab({n - 1})", TABS[n - 1][4:].title(), show=False, tooltip="Switch to this tab",
                   id=f"view.{TABS[n - 1][4:]}") for n in range(1, len(TABS) + 1)),
     ]
@@ -240,7 +249,7 @@ class MainScreen(Screen):
             with Vertical(id="left"):
                 yield Static("", id="plan")
                 yield LoadingIndicator(id="loading")
-            with Vertical(id="right"):
+            with RightPane(id="right"):
                 yield StatusLine("no probe running", id="status")
                 yield ProgressBar(total=1, id="progress", show_eta=False)
                 with TabbedContent(id="tabs"):
@@ -480,6 +489,14 @@ class MainScreen(Screen):
 
     def action_tab(self, index: int) -> None:
         self.query_one("#tabs", TabbedContent).active = TABS[index]
+
+    def action_full_width(self) -> None:
+        if self.maximized is not None:
+            self.minimize()
+            self.query_one(LayerGrid).focus()
+        else:
+            self.maximize(self.query_one("#right"), container=False)
+            self.query_one("#tabs", TabbedContent).active_pane.focus()  # its first focusable child
 
     def action_all_runs(self) -> None:
         self.all_runs = not self.all_runs
