@@ -100,9 +100,12 @@ def test_forked_prefill_decodes_as_whole_prompts(plan, arch, monkeypatch):
     assert torch.equal(tokens, whole_tokens)
 
 
-def test_forked_rows_shorter_than_recurrentgemmas_window(monkeypatch):
+@pytest.mark.parametrize("config", [dict(attention_window_size=256), dict(conv1d_width=1)],
+                         ids=["window longer than the prompts", "no conv state"])
+def test_forked_recurrentgemma_configs(config, monkeypatch):
     """A window (256) longer than every prompt: each row's window reaches before position 0, where the ring
-    buffer must hold no key while decoding."""
+    buffer must hold no key while decoding. A convolution of width 1 keeps no inputs (a reviewing helper:
+    its rows kept every input, decoding off by 0.28, and groups of several widths crashed)."""
     from transformers import AutoModelForCausalLM
 
     import lab.fast
@@ -110,7 +113,7 @@ def test_forked_rows_shorter_than_recurrentgemmas_window(monkeypatch):
 
     _small(monkeypatch)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("recurrent_gemma", attention_window_size=256)).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config("recurrent_gemma", **config)).eval()
     lab.fast.apply(model)
     rows = _needle_rows()
     forks = fork.plan(rows)

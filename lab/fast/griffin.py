@@ -119,7 +119,7 @@ def _from_states(self, input_states, position_ids, cache, tapping):
             if tapping is not None:
                 tapping.keep(self, "lru", end, state.clone())
         out = torch.cat(outs, 1)
-    self.conv1d_state = inputs[:, -kernel:].transpose(1, 2)
+    self.conv1d_state = inputs[:, inputs.shape[1] - kernel:].transpose(1, 2)  # (kernel 0: none, not all)
     self.rg_lru.recurrent_states = state
     return self.linear_out(out), None
 
