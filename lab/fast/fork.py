@@ -3,9 +3,10 @@ depth), prefilled from that trunk's states instead of each from its first token:
 (`supports`).
 
 The trunk runs once (batch 1) and keeps its keys and values and, at every position where some prompt will
-start, its recurrent (Mamba, RG-LRU) and conv states (lab.fast.taps). The prompts then run in groups whose rows each compute the
-same number of tokens, the last ones of the prompt, from their own start inside the prefix they share with the
-trunk: one forward per group, without padding, each row's attention seeing the trunk's keys before its start.
+start, its recurrent (Mamba, RG-LRU) and conv states (lab.fast.taps). The prompts then run in groups whose rows
+each compute the same number of tokens, the last ones of the prompt, from their own start inside the prefix they
+share with the trunk: one forward per group, without padding, each row's attention seeing the trunk's keys
+before its start.
 A row whose shared prefix is longer than its group needs recomputes part of it; the groups are chosen to cost
 the fewest tokens, counting OVERHEAD tokens per forward (weights read, launches, a scan's latency). The
 fixed-buffer decoders (lab.fast.decode, lab.fast.jamba_decode) take the states from there as from a whole
