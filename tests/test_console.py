@@ -929,3 +929,18 @@ async def test_f_shows_the_tabs_across_the_whole_window(tmp_path):
         assert runs.region.width < 40 and isinstance(app.focused, LayerGrid)
         await pilot.press("space")
         assert app.screen.plan != Plan()  # the grid's keys act again
+
+
+async def test_a_run_cancelled_before_any_trial_reads_as_no_result(tmp_path):
+    """n then x at once: the status read 'needle run 3 cancelled: 0.0 %' for a run with no trials, as if the
+    plan had scored nothing (a new-user pass)."""
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        app.screen.post_message(ProbeEvent("needle", Finished(7, "cancelled", {})))
+        await pilot.pause()
+        status = str(app.screen.query_one("#status").render())
+        assert "%" not in status and "no trial finished" in status, status
+        app.screen.post_message(ProbeEvent("needle", Finished(8, "cancelled", {"needle": {"accuracy": 0.5}})))
+        await pilot.pause()
+        assert "needle run 8 cancelled: 50.0 %" in str(app.screen.query_one("#status").render())

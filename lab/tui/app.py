@@ -394,7 +394,8 @@ class MainScreen(Screen):
                     self._set_overlay(self.overlay)  # the effect overlay follows the last run
                 elif self._overlay_values("effect") is not None:
                     hint = " · o colours heads by their effect"
-            self._status(f"{probe} run {event.run_id} {event.status}: {100 * summary.get('accuracy', 0):.1f} %", hint)
+            result = f"{100 * summary['accuracy']:.1f} %" if "accuracy" in summary else "no trial finished"
+            self._status(f"{probe} run {event.run_id} {event.status}: {result}", hint)
             self._refresh_runs()
             self._replot()
 
