@@ -5,6 +5,7 @@ import json
 import pytest
 
 from lab import presets
+from lab.errors import LabError
 from lab.interventions import BlocksOff, Plan
 from lab.models import ModelSpec
 from lab.probes.mmlu import MMLUSpec
@@ -894,10 +895,11 @@ async def test_edited_probe_settings_count_as_unsaved(tmp_path, monkeypatch):
         assert exits
 
 
-@pytest.mark.parametrize("field", ["#f-lengths", "#f-depths", "#f-source"])
+@pytest.mark.parametrize("field", ["#f-lengths", "#f-depths", "#f-source", "#f-trials", "#f-new", "#f-shots",
+                                   "#f-limit"])
 async def test_probe_fields_show_their_values_whole_at_80_columns(tmp_path, field):
     """The console's default depths ('0 25 50 75 100') showed as '0 25 50 7' at 80 columns: the field shared its
-    row equally with the trials and token counts."""
+    row equally with the trials and token counts; shots and limit, beside the MMLU source, showed nothing."""
     spec = ModelSpec("random:jamba")
     app = LabApp(spec, presets.Preset(name="t", model=spec), Store(tmp_path / "r.sqlite"))
     async with app.run_test(size=(80, 24)) as pilot:
@@ -909,6 +911,7 @@ async def test_probe_fields_show_their_values_whole_at_80_columns(tmp_path, fiel
         limit = app.screen.query_one("#f-limit")  # the last field: reached by scrolling where it does not fit
         limit.focus()
         await pilot.pause()
+        await pilot.wait_for_animation()  # focus scrolls it into view
         assert limit.region.height > 0 and app.screen.find_widget(limit).region.bottom <= 23  # above the footer
 
 
@@ -944,3 +947,22 @@ async def test_a_run_cancelled_before_any_trial_reads_as_no_result(tmp_path):
         app.screen.post_message(ProbeEvent("needle", Finished(8, "cancelled", {"needle": {"accuracy": 0.5}})))
         await pilot.pause()
         assert "needle run 8 cancelled: 50.0 %" in str(app.screen.query_one("#status").render())
+
+
+async def test_probe_lists_are_summarised_and_bad_fields_named(tmp_path):
+    """At 80 columns a preset's eight lengths showed as '256 512 768 1024 1280 153' (a new-user pass): the title
+    gives the count and range; a field that is not a number is named in the error (it named every field)."""
+    app = make_app(tmp_path, lengths=(256, 512, 768, 1024, 1280, 1536, 1792, 2048))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        screen = app.screen
+        assert str(screen.query_one("#l-f-lengths").render()) == "lengths (tokens): 8, 256 to 2048"
+        screen.query_one("#f-depths").value = "0 50 x"
+        await pilot.pause()
+        assert str(screen.query_one("#l-f-depths").render()) == "depths (%): not numbers"
+        with pytest.raises(LabError, match="depths must be numbers, not '0 50 x'"):
+            screen.current_preset()
+        screen.query_one("#f-depths").value = "0 50"
+        screen.query_one("#f-shots").value = "-"
+        with pytest.raises(LabError, match="shots must be a whole number, not '-'"):
+            screen.current_preset()

@@ -138,19 +138,39 @@ class ProbeForm(VerticalScroll):
         with Horizontal(classes="row"):
             yield Select([(t, t) for t in needle_probe.TASKS], value=n.task, allow_blank=False, id="f-task")
             yield Select([(t, t) for t in needle_probe.MODES], value=n.mode, allow_blank=False, id="f-mode")
-        yield Label("lengths (tokens)")
-        yield Input(" ".join(map(str, n.lengths)), id="f-lengths")
-        yield Label("depths (%)")
-        yield Input(" ".join(f"{d:g}" for d in n.depths), id="f-depths")
+        for field, values in (("f-lengths", " ".join(map(str, n.lengths))),
+                              ("f-depths", " ".join(f"{d:g}" for d in n.depths))):
+            yield Label(list_summary(LISTS[field], values), id=f"l-{field}")
+            yield Input(values, id=field)
         yield Label("trials / new tokens")
         with Horizontal(classes="row"):
             yield Input(str(n.trials), id="f-trials", type="integer")
             yield Input(str(n.max_new_tokens), id="f-new", type="integer")
-        yield Label("mmlu source / shots / limit per subject")
+        yield Label("mmlu source")
+        yield Input(m.source, id="f-source")
+        yield Label("mmlu shots / limit per subject (0: all)")
         with Horizontal(classes="row"):
-            yield Input(m.source, id="f-source")
             yield Input(str(m.shots), id="f-shots", type="integer")
             yield Input(str(m.limit), id="f-limit", type="integer")
+
+    @on(Input.Changed, "#f-lengths, #f-depths")
+    def _summarize(self, event: Input.Changed) -> None:
+        """A list's count and range beside its title: the whole grid, where the field is too narrow to show it."""
+        self.query_one(f"#l-{event.input.id}", Label).update(list_summary(LISTS[event.input.id], event.value))
+
+
+LISTS = {"f-lengths": "lengths (tokens)", "f-depths": "depths (%)"}
+
+
+def list_summary(title: str, text: str) -> Text:
+    """'lengths (tokens): 8, 256 to 2048' (plain text), or the title and what is wrong with the list."""
+    try:
+        values = [float(v) for v in text.split()]
+    except ValueError:
+        return Text(f"{title}: not numbers")
+    if not values:
+        return Text(f"{title}: none")
+    return Text(f"{title}: {len(values)}, {min(values):g} to {max(values):g}")
 
 
 class MainScreen(Screen):
@@ -475,7 +495,7 @@ class MainScreen(Screen):
         try:
             preset = self.current_preset()
         except LabError as error:
-            self.notify(str(error), title="probe settings", severity="error")
+            self.notify(str(error), title="probe settings", severity="error", markup=False)
             return
         if not self._start(probe, replace(preset, mmlu=None) if probe == "needle" else replace(preset, needle=None)):
             return  # refused: the tab of the job that runs stays in front
@@ -667,7 +687,7 @@ class MainScreen(Screen):
                 try:
                     saved = presets.save(self.current_preset(), path)
                 except (LabError, OSError) as error:
-                    self.notify(str(error), title="save failed", severity="error")
+                    self.notify(str(error), title="save failed", severity="error", markup=False)
                     return
                 self.preset_path, self.saved_plan = str(saved), self.plan
                 self.query_one(ProbeForm).mark_saved()
@@ -703,18 +723,27 @@ class MainScreen(Screen):
 
     # ---- helpers --------------------------------------------------------------------------------
     def current_preset(self) -> presets.Preset:
-        """The preset as edited: current model, plan and probe form."""
-        def ints(widget_id: str) -> tuple[int, ...]:
-            return tuple(int(v) for v in self.query_one(widget_id, Input).value.split())
-        try:
-            needle = replace(self.preset.needle or CONSOLE_NEEDLE, task=self.query_one("#f-task", Select).value,
-                             mode=self.query_one("#f-mode", Select).value, lengths=ints("#f-lengths"),
-                             depths=tuple(float(v) for v in self.query_one("#f-depths", Input).value.split()),
-                             trials=ints("#f-trials")[0], max_new_tokens=ints("#f-new")[0]).validate()
-            mmlu = replace(self.preset.mmlu or MMLUSpec(), source=self.query_one("#f-source", Input).value.strip(),
-                           shots=ints("#f-shots")[0], limit=ints("#f-limit")[0]).validate()
-        except (ValueError, IndexError):
-            raise LabError("probe settings: lengths, depths, trials, tokens, shots and limit must be numbers") from None
+        """The preset as edited: current model, plan and probe form; a field that is not what it must be is
+        named in the error."""
+        def numbers(widget_id: str, name: str, kind=int, many: bool = False):
+            text = self.query_one(widget_id, Input).value
+            try:
+                values = tuple(kind(v) for v in text.split())
+            except ValueError:
+                values = ()
+            if not values or (len(values) > 1 and not many):
+                what = "numbers" if many else "a whole number"
+                raise LabError(f"probe settings: {name} must be {what}, not {text.strip()[:40]!r}")
+            return values if many else values[0]
+
+        needle = replace(self.preset.needle or CONSOLE_NEEDLE, task=self.query_one("#f-task", Select).value,
+                         mode=self.query_one("#f-mode", Select).value,
+                         lengths=numbers("#f-lengths", "lengths", many=True),
+                         depths=numbers("#f-depths", "depths", float, many=True),
+                         trials=numbers("#f-trials", "trials"), max_new_tokens=numbers("#f-new", "new tokens"))
+        mmlu = replace(self.preset.mmlu or MMLUSpec(), source=self.query_one("#f-source", Input).value.strip(),
+                       shots=numbers("#f-shots", "shots"), limit=numbers("#f-limit", "limit"))
+        needle, mmlu = needle.validate(), mmlu.validate()
         model = self.loaded.spec if self.loaded else self.spec
         return replace(self.preset, model=model, plan=self.plan.to_dict(), needle=needle, mmlu=mmlu)
 
