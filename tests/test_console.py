@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from textual.widgets import Input
 
 from lab import presets
 from lab.errors import LabError
@@ -966,3 +967,23 @@ async def test_probe_lists_are_summarised_and_bad_fields_named(tmp_path):
         screen.query_one("#f-shots").value = "-"
         with pytest.raises(LabError, match="shots must be a whole number, not '-'"):
             screen.current_preset()
+
+
+async def test_f_twice_on_the_probe_tab_comes_back(tmp_path):
+    """On the Probe tab the first f put the focus in a field, which took the second f as text (a new-user
+    pass); there the tab bar takes the focus. Esc in a field there also gives the window back to the grid."""
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("5", "f")
+        await pilot.pause()
+        assert app.screen.maximized is not None and not isinstance(app.focused, Input)
+        await pilot.press("f")
+        await pilot.pause()
+        assert app.screen.maximized is None and isinstance(app.focused, LayerGrid)
+        assert app.screen.query_one("#f-trials").value == "1"
+        await pilot.press("f")
+        app.screen.query_one("#f-trials").focus()
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.screen.maximized is None and isinstance(app.focused, LayerGrid)

@@ -17,7 +17,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import (DataTable, Footer, Header, Input, Label, LoadingIndicator, ProgressBar, Select, Static,
-                             TabbedContent, TabPane)
+                             TabbedContent, TabPane, Tabs)
 from textual.worker import Worker, WorkerState
 
 from lab import presets
@@ -216,7 +216,7 @@ class MainScreen(Screen):
         Binding("v", "all_runs", "All runs", show=False, tooltip="Runs tab: every model's runs or this model's",
                 id="runs.all"),
         Binding("f", "full_width", "Full width", show=False,
-                tooltip="The tabs across the whole window (every column of the Runs tab at 80 columns), or back",
+                tooltip="The tabs across the whole window (the Runs table, heatmap and charts at full width), or back",
                 id="view.full_width"),
         *(Binding(str(n), f"tab({n - 1})", TABS[n - 1][4:].title(), show=False, tooltip="Switch to this tab",
                   id=f"view.{TABS[n - 1][4:]}") for n in range(1, len(TABS) + 1)),
@@ -514,10 +514,22 @@ class MainScreen(Screen):
     def action_full_width(self) -> None:
         if self.maximized is not None:
             self.minimize()
-            self.query_one(LayerGrid).focus()
         else:
             self.maximize(self.query_one("#right"), container=False)
-            self.query_one("#tabs", TabbedContent).active_pane.focus()  # its first focusable child
+            self._focus_tabs()
+
+    def minimize(self) -> None:
+        """Back from the whole-window tabs (f, or Esc: Textual's binding), the grid taking the keys again."""
+        super().minimize()
+        if self.query(LayerGrid):
+            self.query_one(LayerGrid).focus()
+
+    def _focus_tabs(self) -> None:
+        """The active tab's first widget (the Runs table), or its tab bar where that is a field, which would take
+        the keys as text."""
+        tabs = self.query_one("#tabs", TabbedContent)
+        first = next((w for w in tabs.active_pane.query("*") if w.focusable), None)
+        (tabs.query_one(Tabs) if first is None or isinstance(first, (Input, Select)) else first).focus()
 
     def action_all_runs(self) -> None:
         self.all_runs = not self.all_runs
