@@ -987,3 +987,15 @@ async def test_f_twice_on_the_probe_tab_comes_back(tmp_path):
         await pilot.press("escape")
         await pilot.pause()
         assert app.screen.maximized is None and isinstance(app.focused, LayerGrid)
+
+
+async def test_the_needle_legend_sits_above_100_percent(tmp_path):
+    """With three runs at 80 x 24 the legend's third line sat on the 100 % row, over the base run's line (a
+    new-user pass): the y range leaves the legend's rows above 100 %, as the sweep chart's does."""
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        chart = app.screen.query_one(NeedleChart)
+        chart.show([(f"run {i}", {"300": 1.0, "400": 0.5}) for i in range(3)])
+        rows = chart.size.height - 5  # less the title, the x axis and its labels
+        assert rows > 4 and chart.top - 100 >= 4 * (chart.top + 5) / rows

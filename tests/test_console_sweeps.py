@@ -344,7 +344,7 @@ async def test_a_real_detached_sweep_charts_live_and_is_cancelled_with_x_keeping
 
 def test_the_sweep_charts_legend_sits_above_100_percent():
     """Points at 100 % were drawn over the legend."""
-    from lab.tui.sweep_view import legend_room
+    from lab.tui.charts import legend_room
 
     for lines, height in ((1, 12), (3, 12), (3, 30)):
         top, rows = legend_room(lines, height), height - 5

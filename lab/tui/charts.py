@@ -19,16 +19,29 @@ def _fresh(widget: PlotextPlot, title: str):
     return plt
 
 
+def legend_room(lines: int, height: int) -> float:
+    """The top of the y range (%) that keeps 100 % below the legend's rows (one per line, plus a margin), for a
+    chart `height` rows high: points at 100 % were drawn over the legend."""
+    rows, taken = max(height - 5, 4), lines + 1  # the plot's rows, less title, x axis and its labels
+    if taken >= rows:
+        return 125.0
+    return max(125.0, (100 + 5 * taken / rows) / (1 - taken / rows) + 5)
+
+
 class NeedleChart(PlotextPlot):
     """One line per run: accuracy (%) against context length."""
 
     labels: list[str] = []
+    series: list[tuple[str, dict[str, float]]] = []
+    top = 125.0  # the y range's top: room above 100 % for the legend
 
     def show(self, series: list[tuple[str, dict[str, float]]]) -> None:
+        self.series = series
         self.labels = [name for name, by_length in series if by_length]
         plt = _fresh(self, "needle accuracy by context length")
         plt.xlabel("tokens")
-        plt.ylim(-5, 125)  # head room for the legend
+        self.top = legend_room(len(self.labels), self.size.height)
+        plt.ylim(-5, self.top)
         plt.yticks([0, 25, 50, 75, 100])
         for name, by_length in series:
             if by_length:
@@ -38,6 +51,9 @@ class NeedleChart(PlotextPlot):
         if lengths:
             plt.xticks(lengths)  # the lengths actually run
         self.refresh()
+
+    def on_resize(self) -> None:
+        self.show(self.series)  # the legend's room depends on the height
 
 
 class MMLUChart(PlotextPlot):

@@ -23,6 +23,7 @@ from lab.store import Store
 from lab.sweeps import Options, detach, result
 from lab.sweeps.axes import AXES, BLOCK_AXES
 from lab.sweeps.report import condition_label, difference
+from lab.tui.charts import legend_room
 from lab.tui.effects import Curve, curve, legend, probe_of, thinned
 
 POLL_S = 1.0  # how often a followed sweep's rows are read
@@ -60,15 +61,6 @@ def grid_sweep(what: str, anatomy: Anatomy, layer: int, kind: str | None) -> tup
     if axis is None:
         raise LabError(f"no sweep over {kind} blocks (attention, ssm and mlp blocks can be swept)")
     return Options(axis), f"each {kind} block off alone"
-
-
-def legend_room(lines: int, height: int) -> float:
-    """The top of the y range (%) that keeps 100 % below the legend's rows (one per line, plus a margin), for a
-    chart `height` rows high: points at 100 % were drawn over the legend."""
-    rows, taken = max(height - 5, 4), lines + 1  # the plot's rows, less title, x axis and its labels
-    if taken >= rows:
-        return 125.0
-    return max(125.0, (100 + 5 * taken / rows) / (1 - taken / rows) + 5)
 
 
 class SweepChart(PlotextPlot):
