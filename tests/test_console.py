@@ -1,6 +1,7 @@
 """The console, driven by Textual's Pilot on a tiny random model (no GPU, no download)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from textual.widgets import Input
@@ -999,3 +1000,28 @@ async def test_the_needle_legend_sits_above_100_percent(tmp_path):
         chart.show([(f"run {i}", {"300": 1.0, "400": 0.5}) for i in range(3)])
         rows = chart.size.height - 5  # less the title, the x axis and its labels
         assert rows > 4 and chart.top - 100 >= 4 * (chart.top + 5) / rows
+
+
+async def test_a_preset_saved_as_a_new_file_is_named_after_it(tmp_path, monkeypatch):
+    """ctrl+s to k1.toml wrote name = "untitled" (or the opened preset's name) while the console showed k1.toml,
+    and later runs were named after the old name (a new-user pass). The dialog offers a path in the current
+    folder, said whole."""
+    from lab.tui.app import PathDialog
+
+    monkeypatch.chdir(tmp_path)
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        await pilot.press("a", "ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, PathDialog)
+        assert app.screen.query_one("#path").value == str(tmp_path / "my-preset.toml")
+        app.screen.dismiss(str(tmp_path / "k1.toml"))
+        await pilot.pause()
+        assert presets.load(str(tmp_path / "k1.toml")).name == "k1" and app.screen.current_preset().name == "k1"
+        app.screen.preset = replace(app.screen.preset, name="kept")  # as if k1.toml had said so
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        app.screen.dismiss(str(tmp_path / "k1.toml"))  # the same file: its name stays
+        await pilot.pause()
+        assert presets.load(str(tmp_path / "k1.toml")).name == "kept"

@@ -694,18 +694,23 @@ class MainScreen(Screen):
         self.load_model(preset.model, preset, path)
 
     def action_save_preset(self) -> None:
+        """Save the preset as edited; saved as another file, it takes that file's name (runs are named after it)."""
         def chosen(path: str | None) -> None:
             if path:
                 try:
-                    saved = presets.save(self.current_preset(), path)
+                    preset, target = self.current_preset(), Path(path).expanduser().resolve()
+                    if self.preset_path is None or target != Path(self.preset_path).resolve():
+                        preset = replace(preset, name=target.stem)
+                    saved = presets.save(preset, path)
                 except (LabError, OSError) as error:
                     self.notify(str(error), title="save failed", severity="error", markup=False)
                     return
-                self.preset_path, self.saved_plan = str(saved), self.plan
+                self.preset, self.preset_path, self.saved_plan = preset, str(saved), self.plan
                 self.query_one(ProbeForm).mark_saved()
                 self._show_plan()
-                self.notify(f"saved {saved}")
-        self.app.push_screen(PathDialog("save preset as", self.preset_path or "my-preset.toml"), chosen)
+                self.notify(f"saved {saved}", markup=False)
+        self.app.push_screen(PathDialog("save preset as", self.preset_path or str(Path.cwd() / "my-preset.toml")),
+                             chosen)
 
     def open_preset(self, path: str) -> None:
         try:
