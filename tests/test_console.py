@@ -1025,3 +1025,26 @@ async def test_a_preset_saved_as_a_new_file_is_named_after_it(tmp_path, monkeypa
         app.screen.dismiss(str(tmp_path / "k1.toml"))  # the same file: its name stays
         await pilot.pause()
         assert presets.load(str(tmp_path / "k1.toml")).name == "kept"
+
+
+async def test_a_heatmap_wider_than_its_pane_shows_the_lengths_that_fit_and_says_so(tmp_path):
+    """Eight lengths at 80 x 24 wrapped every row onto two lines (a new-user pass): the first lengths that fit,
+    and a line saying how many are shown and that f shows them all."""
+    from lab.tui.charts import Heatmap
+
+    lengths, depths = [256 * (i + 1) for i in range(8)], [0, 50, 100]
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("2")
+        heatmap = app.screen.query_one(Heatmap)
+        heatmap.show(lengths, depths, [[d / 100 for _ in lengths] for d in depths])
+        await pilot.pause()
+        lines = heatmap.render().plain.splitlines()
+        assert max(map(len, lines)) <= heatmap.size.width and len(lines) == len(depths) + 3
+        shown = len(lines[2].split()) - 1
+        assert 1 <= shown < len(lengths) and lines[-1] == f"{shown} of 8 lengths shown; f shows all"
+        await pilot.press("f")
+        await pilot.pause()
+        lines = heatmap.render().plain.splitlines()
+        assert len(lines[2].split()) == 9 and len(lines) == len(depths) + 2

@@ -8,6 +8,7 @@ from textual_plotext import PlotextPlot
 
 from lab.tui.effects import effect_colour
 from lab.tui.grid import heat
+from lab.tui.status import clip
 
 
 def _fresh(widget: PlotextPlot, title: str):
@@ -97,8 +98,9 @@ def delta_grid(current: Grid, base: Grid) -> list[list[float | None]]:
 
 class Heatmap(Static):
     """Needle score by depth (rows) and context length (columns), as in the paper's figures; the cells narrow
-    and the lengths turn into thousands of tokens so that a row fits the widget's width. In delta mode the
-    cells are differences to another run (points, on a diverging scale with a legend)."""
+    and the lengths turn into thousands of tokens so that a row fits the widget's width (where even so not all
+    fit, the first lengths and a line saying so). In delta mode the cells are differences to another run
+    (points, on a diverging scale with a legend)."""
 
     LABEL = 6  # "100% "
     LEGEND = (-1.0, -0.5, 0.0, 0.5, 1.0)
@@ -121,18 +123,24 @@ class Heatmap(Static):
         if not lengths:
             return Text(self.empty)
         cell = max(4, min(6, (width - self.LABEL) // len(lengths)))
+        fit = min(len(lengths), max(1, (width - self.LABEL) // cell)) if width > 0 else len(lengths)
         thousands = any(len(str(n)) >= cell for n in lengths)
-        names = [f"{n / 1000:.1f}" if thousands else str(n) for n in lengths]
+        names = [f"{n / 1000:.1f}" if thousands else str(n) for n in lengths[:fit]]
         what = f"Δ points vs {self.against}" if self.against else "score % by depth and length"
-        text = Text(f"{what}{' (k tokens)' if thousands else ''}\n", style="bold")
+        title = f"{what}{' (k tokens)' if thousands else ''}"
+        if width > 0 and len(title) > width:  # the units matter more than the words
+            title = clip(f"{'Δ points' if self.against else 'score %'}{', k tokens' if thousands else ''}", width)
+        text = Text(f"{title}\n", style="bold")
         text.append("depth".ljust(self.LABEL) + "".join(name.rjust(cell) for name in names) + "\n", style="bold")
         for depth, row in zip(depths, grid):
             text.append(f"{depth:>4g}% ")
-            for value in row:
+            for value in row[:fit]:
                 shown = Text("·") if value is None else self._value(value, cell)
                 text.append(" " * (cell - len(shown)))
                 text.append_text(shown)
             text.append("\n")
+        if fit < len(lengths):
+            text.append(f"{fit} of {len(lengths)} lengths shown; f shows all\n")
         if self.against:
             for value in self.LEGEND:
                 text.append(" ")
