@@ -435,8 +435,11 @@ async def test_runs_tab_shows_this_models_runs_with_accuracies(tmp_path):
         assert row["id"] == "2" and row["plan"] == "attn off" and row["needle"].endswith("%") and row["MMLU"] == ""
         await pilot.press("4")
         assert app.screen.query_one("#tabs").active == "tab-runs"
-        await pilot.press("v")  # every model
+        await pilot.press("v")  # every model: which model a run is of comes second (it was the ninth column)
         assert table.row_count == 2
+        labels = [str(c.label) for c in table.columns.values()]
+        assert labels[:3] == ["id", "model", "needle"] and labels.count("model") == 1
+        assert str(table.get_row_at(1)[1]) == "random:bamba"
 
 
 def test_lab_runs_lists_accuracies_at_80_columns(tmp_path, capsys, monkeypatch):

@@ -799,12 +799,17 @@ class MainScreen(Screen):
     def _refresh_runs(self) -> None:
         table = self.query_one("#runs", DataTable)
         table.clear(columns=True)  # widths from the rows shown now, not from every row shown before
-        table.add_columns(*RUN_COLUMNS)
+        # every model's runs: the model second, where the pane shows it
+        order = list(range(len(RUN_COLUMNS)))
+        if self.all_runs:
+            model = RUN_COLUMNS.index("model")
+            order = [0, model] + [i for i in order[1:] if i != model]
+        table.add_columns(*(RUN_COLUMNS[i] for i in order))
         for run in reversed(self.store.runs()):
             if self.all_runs or run["model"] == self.model_name:
                 cells = run_cells(run, self._summary(run))
                 cells[0] = ("▶ " if run["id"] in self.compare else "") + cells[0]
-                table.add_row(*(Text(c) for c in cells), key=str(run["id"]))
+                table.add_row(*(Text(cells[i]) for i in order), key=str(run["id"]))
 
     def _compared(self, probe: str) -> list[dict]:
         """The runs every chart shows besides the current one: the base run (same model, empty plan), the
