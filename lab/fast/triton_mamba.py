@@ -42,6 +42,16 @@ def _prologue(a_ptr, bias_ptr, d_ptr, init_ptr, channels, HAS_BIAS: tl.constexpr
     return row, chans, inside, a_matrix, bias, skip, h
 
 
+@triton.jit
+def _step_size(dt, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """dt (float32) plus its bias, through softplus where asked (linear above 20, as torch's): every kernel's."""
+    if HAS_BIAS:
+        dt = dt + bias
+    if SOFTPLUS:
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+    return dt
+
+
 @triton.jit(do_not_specialize=["steps"])  # strides keep their alignment hints (unhinted loads cost 4.6x in griffin)
 def _scan_tiles_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, init_ptr, out_ptr, last_ptr,
                            steps, channels, sx_b, sx_d, sx_t, sdt_b, sdt_d, sdt_t, sb_b, sb_n, sb_t,
@@ -59,11 +69,7 @@ def _scan_tiles_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_pt
         x = tl.load(x_ptr + row * sx_b + chans[None, :] * sx_d + t[:, None] * sx_t, mask=inside, other=0.0)
         x = x.to(tl.float32)
         dt = tl.load(dt_ptr + row * sdt_b + chans[None, :] * sdt_d + t[:, None] * sdt_t, mask=inside, other=0.0)
-        dt = dt.to(tl.float32)
-        if HAS_BIAS:
-            dt = dt + bias[None, :]
-        if SOFTPLUS:
-            dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+        dt = _step_size(dt.to(tl.float32), bias[None, :], HAS_BIAS, SOFTPLUS)
         b = tl.load(b_ptr + row * sb_b + states[None, :] * sb_n + t[:, None] * sb_t, mask=(t < steps)[:, None],
                     other=0.0).to(tl.float32)  # (T, N)
         c = tl.load(c_ptr + row * sc_b + states[None, :] * sc_n + t[:, None] * sc_t, mask=(t < steps)[:, None],
@@ -137,10 +143,7 @@ def _scan_steps_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_pt
     for t in tl.range(0, steps):
         x = tl.load(x_ptr + row * sx_b + chans * sx_d + t * sx_t, mask=inside, other=0.0).to(tl.float32)
         dt = tl.load(dt_ptr + row * sdt_b + chans * sdt_d + t * sdt_t, mask=inside, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt = dt + bias
-        if SOFTPLUS:
-            dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+        dt = _step_size(dt, bias, HAS_BIAS, SOFTPLUS)
         b = tl.load(b_ptr + row * sb_b + states * sb_n + t * sb_t).to(tl.float32)
         c = tl.load(c_ptr + row * sc_b + states * sc_n + t * sc_t).to(tl.float32)
         h = h * tl.exp(dt[:, None] * a_matrix) + (dt * x)[:, None] * b[None, :]
@@ -176,11 +179,8 @@ def _state_update_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_
                                                             HAS_D, True, STATE, BLOCK_D)
     states = tl.arange(0, STATE)
     x = tl.load(x_ptr + row * channels + chans, mask=inside, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + row * channels + chans, mask=inside, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dt = dt + bias
-    if SOFTPLUS:
-        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+    dt = _step_size(tl.load(dt_ptr + row * channels + chans, mask=inside, other=0.0).to(tl.float32), bias, HAS_BIAS,
+                    SOFTPLUS)
     b = tl.load(b_ptr + row * STATE + states).to(tl.float32)
     c = tl.load(c_ptr + row * STATE + states)
     h = h * tl.exp(dt[:, None] * a_matrix) + (dt * x)[:, None] * b[None, :]
