@@ -96,20 +96,17 @@ def _from_states(self, input_states, position_ids, cache, tapping):
     else:
         prior, state = cache.start_states(self)
     inputs = torch.cat([prior.transpose(1, 2).to(x.dtype), x], 1)  # (B, kernel + T, W)
-    fast = _kernels_apply(self, input_states)
-    if fast:
+    if _kernels_apply(self, input_states):  # one pass, the RG-LRU kernel keeping the states at the taps
         from lab.fast import triton_griffin
 
         conv = triton_griffin.causal_conv(inputs, self.conv_1d.weight, self.conv_1d.bias)[:, kernel:]
-    else:
-        conv = F.conv1d(inputs.transpose(1, 2), self.conv_1d.weight, self.conv_1d.bias,
-                        groups=self.lru_width).transpose(1, 2)
-    if fast:  # one pass, the kernel keeping the states at the taps
         keep = tuple(p for p in tapping.positions if p <= steps) if tapping is not None else ()
         out, state, kept = _rglru(self, conv, y, position_ids, state, keep)
         for p, kept_state in zip(keep, kept if keep else ()):
             tapping.keep(self, "lru", p, kept_state[None])
-    else:  # the reference's RG-LRU, in segments ending at the taps
+    else:  # the reference's convolution and RG-LRU, in segments ending at the taps
+        conv = F.conv1d(inputs.transpose(1, 2), self.conv_1d.weight, self.conv_1d.bias,
+                        groups=self.lru_width).transpose(1, 2)
         outs = []
         for begin, end in tapping.segments(steps) if tapping is not None else [(0, steps)]:
             part = slice(begin, end)
