@@ -165,7 +165,7 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
     state = RecurrentState(model)
     positions = torch.empty((batch, 1), device=device, dtype=torch.long)
     # per row, in row order: where its tokens start in its prompt (0: the whole prompt)
-    starts = [forks.starts[i] for group in forks.groups for i in group] if forks is not None else [0] * batch
+    starts = forks.row_starts() if forks is not None else [0] * batch
     trunk = fork.run_trunk(model, forks, device) if forks is not None else None
 
     def prefill(group: torch.Tensor, rows: slice) -> torch.Tensor:

@@ -6,10 +6,9 @@ The trunk runs once (batch 1) and keeps its keys and values and, at every positi
 start, its recurrent (Mamba, RG-LRU) and conv states (lab.fast.taps). The prompts then run in groups whose rows
 each compute the same number of tokens, the last ones of the prompt, from their own start inside the prefix they
 share with the trunk: one forward per group, without padding, each row's attention seeing the trunk's keys
-before its start.
-A row whose shared prefix is longer than its group needs recomputes part of it; the groups are chosen to cost
-the fewest tokens, counting OVERHEAD tokens per forward (weights read, launches, a scan's latency). The
-fixed-buffer decoders (lab.fast.decode, lab.fast.jamba_decode) take the states from there as from a whole
+before its start. A row whose shared prefix is longer than its group needs recomputes part of it; the groups
+are chosen to cost the fewest tokens, counting OVERHEAD tokens per forward (weights read, launches, a scan's
+latency). The fixed-buffer decoders (lab.fast.decode, lab.fast.jamba_decode) take the states from there as from a whole
 prefill. RecurrentGemma's windowed attention over the trunk's keys runs in lab's window kernel on a GPU
 (attention.Continued: each row's first key, no mask).
 """
@@ -64,6 +63,10 @@ class Forks:
     def taps(self) -> tuple[int, ...]:
         """Positions whose states the trunk keeps."""
         return tuple(sorted({s for s in self.starts if s}))
+
+    def row_starts(self) -> list[int]:
+        """Each prompt's start in the decoders' row order (the groups', one after another)."""
+        return [self.starts[i] for group in self.groups for i in group]
 
     @property
     def saved(self) -> int:

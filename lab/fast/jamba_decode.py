@@ -104,7 +104,7 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
     batch = sum(group.shape[0] for group in prompts)
     device = prompts[0].device
     # per row, in row order: where its tokens start in its prompt (0: the whole prompt)
-    starts = [forks.starts[i] for group in forks.groups for i in group] if forks is not None else [0] * batch
+    starts = forks.row_starts() if forks is not None else [0] * batch
     widths = [group.shape[1] for group in prompts for _ in range(group.shape[0])]
     length = max(start + width for start, width in zip(starts, widths)) + max_new_tokens
     cache = FixedCache(model, batch, length, device, model.dtype)
