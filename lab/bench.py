@@ -70,10 +70,12 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int, haystac
     was = fast.enabled(loaded.model)
     try:
         fast.apply(loaded.model, True)
+        # batches as the runner makes them: by length, spanning lengths
+        batches = [trials[i:i + batch_size] for i in range(0, len(trials), batch_size)]
         with apply_plan(loaded.model, loaded.anatomy, Plan()) as tracker:
-            def grid():  # batches as the runner makes them: by length, spanning lengths
-                for i in range(0, len(trials), batch_size):
-                    needle_probe.run_batch(loaded, spec, trials[i:i + batch_size], tracker)
+            def grid():
+                for batch in batches:
+                    needle_probe.run_batch(loaded, spec, batch, tracker)
             first, lab_s = _two_passes(loaded, grid)
             out = {"prompts": len(trials), "new_tokens": spec.max_new_tokens, "lab_s": round(lab_s, 3),
                    "lab_first_pass_s": round(first, 3),
@@ -81,7 +83,6 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int, haystac
             if haystack_per == "trial":
                 with fork.disabled():
                     whole_s = _two_passes(loaded, grid)[1]
-                batches = [trials[i:i + batch_size] for i in range(0, len(trials), batch_size)]
                 plans = [fork.plan([t.ids for t in b]) for b in batches] if shares_prefixes(loaded.model) else []
                 saved = sum(forks.saved for forks in plans if forks is not None)
                 out.update(whole_prompts_s=round(whole_s, 3),

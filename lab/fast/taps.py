@@ -1,8 +1,10 @@
-"""States a forward keeps at chosen positions (lab.fast.fork's trunk), for the Mamba mixers lab.fast acts on.
+"""States a forward keeps at chosen positions (lab.fast.fork's trunk), for the Mamba mixers and RecurrentGemma
+blocks lab.fast acts on.
 
-Inside `recording(taps)`, a batch-1 prompt forward runs each selective scan in segments that end at the tapped
-positions (lab.fast.mamba) and keeps, per layer and position, the state there; the trunk's cache keeps the
-convolution's inputs before each (keep_inputs). Imports nothing from lab.fast.
+Inside `recording(taps)`, a batch-1 prompt forward keeps, per layer and position, the recurrent state there:
+Jamba's selective scans run in segments that end at the tapped positions (lab.fast.mamba), RecurrentGemma's
+RG-LRU kernel stores them in one pass (lab.fast.griffin); the convolution's inputs before each position are
+kept too (keep_inputs). Imports nothing from lab.fast.
 """
 
 from __future__ import annotations
