@@ -1,5 +1,8 @@
 """Prompts that share a prefix with one of them, prefilled from that trunk's states (lab.fast.fork)."""
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -120,6 +123,29 @@ def test_forked_recurrentgemma_configs(config, monkeypatch):
     whole = [torch.tensor([rows[i]]) for group in forks.groups for i in group]
     tokens, logits = decode.greedy(model, _groups(forks, rows), 6, return_logits=True, forks=forks)
     whole_tokens, whole_logits = decode.greedy(model, whole, 6, return_logits=True)
+    torch.testing.assert_close(logits, whole_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, whole_tokens)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="lab's Triton kernels on the CPU: Triton's interpreter (TRITON_INTERPRET=1)")
+def test_forked_recurrent_blocks_in_labs_kernels(monkeypatch):
+    """RecurrentGemma's recurrent blocks through lab's kernels (the convolution reading each row's conv inputs
+    at its start, the RG-LRU from its state, the trunk's states kept at the taps): logits of whole prefills."""
+    from lab.fast import griffin
+
+    _small(monkeypatch)
+    loaded = tiny("recurrent_gemma")
+    monkeypatch.setattr(griffin, "triton_applies", lambda *tensors: True)
+    rows = _needle_rows()
+    forks = fork.plan(rows)
+    whole = [torch.tensor([rows[i]]) for group in forks.groups for i in group]
+    calls = []
+    kernel = griffin._rglru
+    monkeypatch.setattr(griffin, "_rglru", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    tokens, logits = decode.greedy(loaded.model, _groups(forks, rows), 4, return_logits=True, forks=forks)
+    assert calls  # the kernels ran
+    whole_tokens, whole_logits = decode.greedy(loaded.model, whole, 4, return_logits=True)
     torch.testing.assert_close(logits, whole_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens, whole_tokens)
 

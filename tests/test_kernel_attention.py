@@ -209,3 +209,28 @@ def test_jambas_causal_convolution_in_labs_kernel_matches_transformers(monkeypat
     assert calls and got.shape == expected.shape  # lab's kernel ran
     # bf16: transformers rounds the convolution before its silu, lab once after it (a bf16 step apart at most)
     assert torch.allclose(got.float(), expected, rtol=2e-2 if ON_GPU else 1e-5, atol=2e-2 if ON_GPU else 1e-5)
+
+
+@kernel
+@pytest.mark.parametrize("steps", [2, 37])
+def test_recurrentgemmas_rotary_embedding_in_labs_kernel_matches_transformers(steps, monkeypatch):
+    """RecurrentGemma's attention with queries and keys rotated in lab's kernel (half of each head's dims)
+    against transformers' forward."""
+    from lab.fast import griffin, triton_griffin
+
+    loaded = load(ModelSpec("random:recurrent_gemma", device=DEVICE, dtype="float32"))
+    module = loaded.model.model.layers[2].temporal_block
+    assert type(module).__name__ == "RecurrentGemmaAttention"
+    if not ON_GPU:
+        monkeypatch.setattr(griffin, "triton_applies", lambda *tensors: True)
+    calls = []
+    rotary = triton_griffin.rotary
+    monkeypatch.setattr(triton_griffin, "rotary", lambda *a: calls.append(1) or rotary(*a))
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, steps, loaded.model.config.hidden_size, generator=g).to(DEVICE)
+    positions = (torch.arange(steps) + 5).expand(2, -1).to(DEVICE)
+    with torch.no_grad():
+        got, _ = type(module).forward(module, hidden, positions, None)
+        expected, _ = griffin._originals["attention"](module, hidden, positions, None)
+    assert len(calls) == 2  # queries and keys
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -70,9 +70,11 @@ def test_many_programs_step_few_scan_in_tiles(monkeypatch):
     assert calls == ["scan_steps", "scan_tiles"]
 
 
-def test_the_rg_lru_kernel_keeps_the_states_before_the_taps():
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_the_rg_lru_kernel_keeps_the_states_before_the_taps(chunk):
     """RecurrentGemma's RG-LRU kernel on a batch-1 trunk (lab.fast.fork): the states it keeps before positions
-    1, 17 and 37 are those of the same kernel run in segments ending there, its output and last state unchanged."""
+    1, 17 and 37 are those of the same kernel run in segments ending there, its output and last state unchanged,
+    time scanned whole or in chunks."""
     from lab.fast import triton_griffin
 
     g = torch.Generator(device=DEVICE).manual_seed(3)
@@ -84,7 +86,7 @@ def test_the_rg_lru_kernel_keeps_the_states_before_the_taps():
     param = torch.randn(width, device=DEVICE, generator=g)
     reset = (torch.arange(steps, device=DEVICE) == 0)[None]
     args = (bias_x, bias_a, param)
-    out, last, kept = triton_griffin.rglru(x, gates, *args, reset, y, None, keep=(1, 17, 37))
+    out, last, kept = triton_griffin.rglru(x, gates, *args, reset, y, None, keep=(1, 17, 37), chunk=chunk)
     state, outs, states = None, [], []
     for begin, end in ((0, 1), (1, 17), (17, 37)):
         part = slice(begin, end)
@@ -95,6 +97,53 @@ def test_the_rg_lru_kernel_keeps_the_states_before_the_taps():
     torch.testing.assert_close(kept, torch.cat(states), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, torch.cat(outs, 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(last, states[-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [None, 16, 48])
+@pytest.mark.parametrize("start", [False, True])
+def test_the_rg_lru_kernel_matches_transformers_in_chunks_of_time_or_not(chunk, start):
+    """lab's RG-LRU kernel (gates, scan, gelu output gate) against transformers' module, from zeros or a state,
+    across a reset in the middle of a row, whether time is scanned whole or in chunks side by side (None: a
+    chunk of every time, as at these sizes)."""
+    from transformers import RecurrentGemmaConfig
+    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaRglru
+
+    from lab.fast import triton_griffin
+
+    g = torch.Generator().manual_seed(4)
+    config = RecurrentGemmaConfig(hidden_size=32, lru_width=32, num_attention_heads=2)
+    lru = RecurrentGemmaRglru(config)
+    for parameter in lru.parameters():
+        parameter.data = torch.randn(parameter.shape, generator=g) * 0.5
+    lru.to(DEVICE)
+    batch, steps = 3, 75
+    conv, y = (torch.randn(batch, steps, 32, generator=g).to(DEVICE) for _ in range(2))
+    positions = torch.arange(steps).expand(batch, -1).clone()
+    positions[1, 40:] = torch.arange(steps - 40)  # a second document in row 1
+    h0 = torch.randn(batch, 32, generator=g).to(DEVICE) if start else None
+    assert chunk is None or triton_griffin.rglru_chunk(batch, steps, 32) == 80  # whole: the split is forced
+    gate_weights = torch.cat([lru.input_gate_weight, lru.recurrent_gate_weight], -1)
+    gates = torch.bmm(conv.reshape(batch * steps, 2, 16).transpose(0, 1), gate_weights)
+    out, last, _ = triton_griffin.rglru(conv, gates, lru.input_gate_bias, lru.recurrent_gate_bias,
+                                        lru.recurrent_param, positions.to(DEVICE) == 0, y, h0, chunk=chunk)
+    lru.recurrent_states = h0
+    with torch.no_grad():
+        expected = lru(conv, positions.to(DEVICE)) * torch.nn.functional.gelu(y, approximate="tanh")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, lru.recurrent_states, atol=1e-5, rtol=1e-5)
+
+
+def test_few_rows_scan_time_in_chunks():
+    """Rows x channel blocks under RGLRU_PROGRAMS split a long prompt into chunks (of whole tiles, at least
+    RGLRU_MIN_CHUNK times); many rows, or few times, keep one chunk."""
+    from lab.fast import triton_griffin
+
+    tile = triton_griffin.RGLRU_CONFIG["BLOCK_T"]
+    rows = -(-triton_griffin.RGLRU_PROGRAMS * triton_griffin.RGLRU_CONFIG["BLOCK_D"] // 2560)  # RecurrentGemma-2B
+    chunk = triton_griffin.rglru_chunk(1, 3949, 2560)
+    assert triton_griffin.RGLRU_MIN_CHUNK <= chunk < 3949 and chunk % tile == 0
+    assert triton_griffin.rglru_chunk(1, 300, 2560) >= 300  # one chunk: at least RGLRU_MIN_CHUNK times each
+    assert triton_griffin.rglru_chunk(rows, 4096, 2560) >= 4096  # enough programs: one chunk
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

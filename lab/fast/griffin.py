@@ -1,10 +1,11 @@
 """RecurrentGemma's prefill with lab's GPU kernels (lab.fast.triton_griffin), for models lab.fast acts on.
 
-The recurrent block, the RMSNorm and the MLP get forwards that use the kernels when the input is on a
-GPU, no gradient is wanted and Triton is importable; otherwise (CPU, training, one-token decoding)
-they call transformers' own. Hooks on these modules fire as before. Its windowed attention is in
-lab.fast.attention. A recurrent block in a forward of lab.fast.fork (a trunk keeping its states, or rows
-continuing them) runs here on every device.
+The recurrent block, the attention's rotary embedding, the RMSNorm and the MLP get forwards that use the
+kernels when the input is on a GPU, no gradient is wanted and Triton is importable; otherwise (CPU,
+training, and for the recurrent block one-token decoding) they call transformers' own. Hooks on these
+modules and their projections fire as before. Its windowed attention is in lab.fast.attention. A recurrent
+block in a forward of lab.fast.fork (a trunk keeping its states, or rows continuing them) runs here on every
+device.
 """
 
 from __future__ import annotations
@@ -33,6 +34,31 @@ def _mlp_forward(self, hidden_states):
     from lab.fast import triton_griffin
 
     return self.down_proj(triton_griffin.gelu_mul(self.gate_proj(hidden_states), self.up_proj(hidden_states)))
+
+
+def _attention_forward(self, hidden_states, position_ids=None, attention_mask=None, cache=None, **kwargs):
+    """transformers' RecurrentGemma attention with the rotary embedding of queries and keys in one kernel each
+    (the reference: a dozen small ops and copies); the projections, cache and attention entry as there."""
+    if not (acts_on(self) and triton_applies(hidden_states, self.q_proj.weight)):
+        return _originals["attention"](self, hidden_states, position_ids, attention_mask, cache, **kwargs)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import eager_attention_forward
+
+    from lab.fast import triton_griffin
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = self.rotary_emb(value, position_ids)
+    query, key = (triton_griffin.rotary(projection(hidden_states).view(hidden_shape), cos, sin).transpose(1, 2)
+                  for projection in (self.q_proj, self.k_proj))
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    out, weights = interface(self, query, key, value, attention_mask,
+                             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+                             sliding_window=self.sliding_window, **kwargs)
+    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
 def _kernels_apply(self, input_states) -> bool:
@@ -95,18 +121,18 @@ def _from_states(self, input_states, position_ids, cache, tapping):
         tapping.keep_inputs(self, x.transpose(1, 2), kernel)
     else:
         prior, state = cache.start_states(self)
-    inputs = torch.cat([prior.transpose(1, 2).to(x.dtype), x], 1)  # (B, kernel + T, W)
     if _kernels_apply(self, input_states):  # one pass, the RG-LRU kernel keeping the states at the taps
         from lab.fast import triton_griffin
 
-        conv = triton_griffin.causal_conv(inputs, self.conv_1d.weight, self.conv_1d.bias)[:, kernel:]
+        conv = triton_griffin.causal_conv(x, self.conv_1d.weight, self.conv_1d.bias,
+                                          prior=None if tapping is not None else prior)  # the trunk's: zeros
         keep = tuple(p for p in tapping.positions if p <= steps) if tapping is not None else ()
         out, state, kept = _rglru(self, conv, y, position_ids, state, keep)
         for p, kept_state in zip(keep, kept if keep else ()):
             tapping.keep(self, "lru", p, kept_state[None])
     else:  # the reference's convolution and RG-LRU, in segments ending at the taps
-        conv = F.conv1d(inputs.transpose(1, 2), self.conv_1d.weight, self.conv_1d.bias,
-                        groups=self.lru_width).transpose(1, 2)
+        inputs = torch.cat([prior.to(x.dtype), x.transpose(1, 2)], 2)  # (B, W, kernel + T)
+        conv = F.conv1d(inputs, self.conv_1d.weight, self.conv_1d.bias, groups=self.lru_width).transpose(1, 2)
         outs = []
         for begin, end in tapping.segments(steps) if tapping is not None else [(0, steps)]:
             part = slice(begin, end)
@@ -116,7 +142,8 @@ def _from_states(self, input_states, position_ids, cache, tapping):
             if tapping is not None:
                 tapping.keep(self, "lru", end, state.clone())
         out = torch.cat(outs, 1)
-    self.conv1d_state = inputs[:, inputs.shape[1] - kernel:].transpose(1, 2)  # (kernel 0: none, not all)
+    recent = x[:, max(0, steps - kernel):].transpose(1, 2)
+    self.conv1d_state = torch.cat([prior.to(x.dtype), recent], 2)[..., recent.shape[2]:]  # the last kernel inputs
     self.rg_lru.recurrent_states = state
     return self.linear_out(out), None
 
@@ -128,7 +155,8 @@ def install() -> None:
     if _originals:
         return
     targets = {"norm": (rg.RecurrentGemmaRMSNorm, _rms_norm_forward), "mlp": (rg.RecurrentGemmaMlp, _mlp_forward),
-               "block": (rg.RecurrentGemmaRecurrentBlock, _recurrent_block_forward)}
+               "block": (rg.RecurrentGemmaRecurrentBlock, _recurrent_block_forward),
+               "attention": (rg.RecurrentGemmaAttention, _attention_forward)}
     for key, (cls, fast_forward) in targets.items():
         _originals[key] = cls.forward
         cls.forward = fast_forward

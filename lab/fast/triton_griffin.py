@@ -48,8 +48,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit(do_not_specialize=["steps", "width"])
-def _causal_conv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, steps, width, sx_b, sx_t,
-                        TAPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SILU: tl.constexpr):
+def _causal_conv_kernel(x_ptr, w_ptr, b_ptr, prior_ptr, out_ptr, steps, width, sx_b, sx_t, sp_b, sp_w, sp_k,
+                        TAPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SILU: tl.constexpr,
+                        PRIOR: tl.constexpr):
+    """PRIOR: the TAPS - 1 inputs before time 0 come from prior (B, D, TAPS - 1) (any strides), else zeros."""
     row = tl.program_id(0).to(tl.int64)
     times = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -61,6 +63,15 @@ def _causal_conv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, steps, width, sx_b, sx_t,
         x = tl.load(x_ptr + row * sx_b + source[:, None].to(tl.int64) * sx_t + cols[None, :], mask=ok, other=0.0)
         w = tl.load(w_ptr + cols * TAPS + tap, mask=in_width, other=0.0)
         acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
+    if PRIOR:
+        if tl.program_id(1) == 0:  # the first tile of times reads the inputs before time 0
+            for tap in tl.static_range(TAPS - 1):
+                source = times - (TAPS - 1) + tap
+                before = (source < 0)[:, None] & in_width[None, :]
+                x = tl.load(prior_ptr + row * sp_b + cols[None, :] * sp_w + (source + TAPS - 1)[:, None] * sp_k,
+                            mask=before, other=0.0)
+                w = tl.load(w_ptr + cols * TAPS + tap, mask=in_width, other=0.0)
+                acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
     inside = (times < steps)[:, None] & in_width[None, :]
@@ -68,76 +79,170 @@ def _causal_conv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, steps, width, sx_b, sx_t,
              acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, silu: bool = False) -> torch.Tensor:
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, silu: bool = False,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise causal convolution over time of (B, T, D) x (channels contiguous, rows of any stride) with a
-    Conv1d's (D, 1, taps) or (D, taps) weight, then silu if asked; returns a contiguous (B, T, D)."""
+    Conv1d's (D, 1, taps) or (D, taps) weight, then silu if asked; the taps - 1 inputs before x are `prior`
+    (B, D, taps - 1), as a cache keeps them, or zeros. Returns a contiguous (B, T, D)."""
     batch, steps, width = x.shape
     taps = weight.shape[-1]
     out = torch.empty((batch, steps, width), dtype=x.dtype, device=x.device)
     grid = (batch, triton.cdiv(steps, 64), triton.cdiv(width, 64))
-    _causal_conv_kernel[grid](x, weight, bias, out, steps, width, x.stride(0), x.stride(1), TAPS=taps, BLOCK_T=64,
-                              BLOCK_D=64, SILU=silu)
+    prior_strides = prior.stride() if prior is not None else (0, 0, 0)
+    _causal_conv_kernel[grid](x, weight, bias, x if prior is None else prior, out, steps, width, x.stride(0),
+                              x.stride(1), *prior_strides, TAPS=taps, BLOCK_T=64, BLOCK_D=64, SILU=silu,
+                              PRIOR=prior is not None)
     return out
 
 
-@triton.jit(do_not_specialize=["steps", "width", "block_width", "head_stride"])
-def _rglru_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, reset_ptr, y_ptr, h0_ptr,
-                  out_ptr, last_ptr, slot_ptr, kept_ptr, steps, width, block_width, head_stride,
-                  HAS_H0: tl.constexpr, KEEP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """KEEP: the state after each time t whose slot (slot_ptr, per time of row 0) is >= 0 goes to that row of
-    kept (slots, width) float32: a batch-1 trunk's states at its taps (lab.fast.fork)."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+@triton.jit
+def _rglru_load(x_ptr, gates_ptr, reset_ptr, row, t, cols, gate_cols, steps, width, block_width):
+    """One tile's raw inputs (times t (BLOCK_T, 1), channels cols): conv output, the two gates' pre-activations
+    (gates: (heads, batch * steps, 2 * block_width), input gate first) and the reset flags."""
+    inside = (t < steps) & (cols < width)[None, :]
+    x = tl.load(x_ptr + row * steps * width + t * width + cols[None, :], mask=inside, other=0.0)
+    gate_offsets = gate_cols[None, :] + (row * steps + t) * (2 * block_width)
+    gate_x = tl.load(gates_ptr + gate_offsets, mask=inside, other=0.0)
+    gate_a = tl.load(gates_ptr + gate_offsets + block_width, mask=inside, other=0.0)
+    reset = tl.load(reset_ptr + row * steps + t, mask=t < steps, other=0)
+    return x, gate_x, gate_a, reset
+
+
+@triton.jit
+def _rglru_terms(x, gate_x, gate_a, reset, t, cols, steps, width, bias_x, bias_a, softplus):
+    """A loaded tile as h = a h + x: (a, x, inside); padding keeps the state (a = 1, x = 0), a reset forgets it
+    (a = 0)."""
+    inside = (t < steps) & (cols < width)[None, :]
+    gate_x = tl.sigmoid(gate_x.to(tl.float32) + bias_x[None, :])
+    log_a = -8.0 * tl.sigmoid(gate_a.to(tl.float32) + bias_a[None, :]) * softplus[None, :]
+    reset = reset != 0
+    scale = tl.where(reset, 1.0, tl.sqrt(1.0 - tl.exp(2.0 * log_a)))
+    a = tl.where(inside, tl.where(reset, 0.0, tl.exp(log_a)), 1.0)
+    return a, tl.where(inside, x.to(tl.float32) * gate_x * scale, 0.0), inside
+
+
+@triton.jit
+def _rglru_params(gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, cols, width, block_width):
+    """Per channel: (the input gate's bias, the recurrence gate's, softplus of the recurrent parameter, the
+    channel's column in its head's gates)."""
     in_width = cols < width
-    head, within = cols // block_width, cols % block_width
     param = tl.load(param_ptr + cols, mask=in_width, other=0.0).to(tl.float32)
     softplus = tl.where(param > 20.0, param, tl.log(1.0 + tl.exp(param)))
     bias_x = tl.load(gate_x_bias_ptr + cols, mask=in_width, other=0.0).to(tl.float32)
     bias_a = tl.load(gate_a_bias_ptr + cols, mask=in_width, other=0.0).to(tl.float32)
+    return bias_x, bias_a, softplus, cols % block_width
+
+
+@triton.jit(do_not_specialize=["steps", "width", "block_width", "head_stride", "chunk"])
+def _rglru_chunk_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, reset_ptr, summary_ptr,
+                        steps, width, block_width, head_stride, chunk,
+                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Each chunk of `chunk` times as one step h = A h + X (summary (2, B, chunks, width) float32: A, then X).
+    The next tile's loads are issued before this tile's arithmetic."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    part, parts = tl.program_id(2), tl.num_programs(2)
+    bias_x, bias_a, softplus, within = _rglru_params(gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, cols, width,
+                                                     block_width)
+    gate_cols = (cols // block_width).to(tl.int64) * head_stride + within
+    total_a = tl.full([BLOCK_D], 1.0, dtype=tl.float32)
+    total_x = tl.zeros([BLOCK_D], dtype=tl.float32)
+    times = tl.arange(0, BLOCK_T)
+    t = (part * chunk + times)[:, None].to(tl.int64)
+    x, gate_x, gate_a, reset = _rglru_load(x_ptr, gates_ptr, reset_ptr, row, t, cols, gate_cols, steps, width,
+                                           block_width)
+    for start in tl.range(part * chunk, part * chunk + chunk, BLOCK_T):
+        t = (start + times)[:, None].to(tl.int64)
+        x_next, gate_x_next, gate_a_next, reset_next = _rglru_load(x_ptr, gates_ptr, reset_ptr, row, t + BLOCK_T,
+                                                                   cols, gate_cols, steps, width, block_width)
+        a, x, _ = _rglru_terms(x, gate_x, gate_a, reset, t, cols, steps, width, bias_x, bias_a, softplus)
+        a_run, x_run = tl.associative_scan((a, x), axis=0, combine_fn=combine)
+        last = times[:, None] == BLOCK_T - 1
+        tile_a = tl.sum(tl.where(last, a_run, 0.0), axis=0)
+        total_x = tl.sum(tl.where(last, x_run, 0.0), axis=0) + tile_a * total_x
+        total_a = total_a * tile_a
+        x, gate_x, gate_a, reset = x_next, gate_x_next, gate_a_next, reset_next
+    at = (row * parts + part) * width + cols
+    tl.store(summary_ptr + at, total_a, mask=cols < width)
+    tl.store(summary_ptr + tl.num_programs(0) * parts * width + at, total_x, mask=cols < width)
+
+
+@triton.jit(do_not_specialize=["steps", "width", "block_width", "head_stride", "chunk"])
+def _rglru_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, reset_ptr, y_ptr, h0_ptr,
+                  out_ptr, last_ptr, slot_ptr, kept_ptr, summary_ptr, steps, width, block_width, head_stride, chunk,
+                  HAS_H0: tl.constexpr, KEEP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The scan of one chunk of `chunk` times (program 2), from the state the chunks before it leave (their
+    summaries, _rglru_chunk_kernel's); the next tile's loads are issued before this tile's arithmetic. KEEP: the
+    state after each time t whose slot (slot_ptr, per time of row 0) is >= 0 goes to that row of kept
+    (slots, width) float32: a batch-1 trunk's states at its taps (lab.fast.fork)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    part, parts = tl.program_id(2), tl.num_programs(2)
+    in_width = cols < width
+    bias_x, bias_a, softplus, within = _rglru_params(gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, cols, width,
+                                                     block_width)
+    gate_cols = (cols // block_width).to(tl.int64) * head_stride + within
     if HAS_H0:
         h = tl.load(h0_ptr + row * width + cols, mask=in_width, other=0.0).to(tl.float32)
     else:
         h = tl.zeros([BLOCK_D], dtype=tl.float32)
+    summaries = tl.num_programs(0) * parts * width
+    for before in tl.range(0, part):
+        at = (row * parts + before) * width + cols
+        h = tl.load(summary_ptr + summaries + at, mask=in_width, other=0.0) + \
+            tl.load(summary_ptr + at, mask=in_width, other=1.0) * h
     times = tl.arange(0, BLOCK_T)
-    # gates: (heads, batch * steps, 2 * block_width), input gate first, then the recurrence gate
-    gate_cols = head.to(tl.int64) * head_stride + within
-    for start in tl.range(0, steps, BLOCK_T):
+    t = (part * chunk + times)[:, None].to(tl.int64)
+    x, gate_x, gate_a, reset = _rglru_load(x_ptr, gates_ptr, reset_ptr, row, t, cols, gate_cols, steps, width,
+                                           block_width)
+    y = tl.load(y_ptr + row * steps * width + t * width + cols[None, :], mask=(t < steps) & in_width[None, :],
+                other=0.0)
+    for start in tl.range(part * chunk, part * chunk + chunk, BLOCK_T):
         t = (start + times)[:, None].to(tl.int64)
-        inside = (t < steps) & in_width[None, :]
+        x_next, gate_x_next, gate_a_next, reset_next = _rglru_load(x_ptr, gates_ptr, reset_ptr, row, t + BLOCK_T,
+                                                                   cols, gate_cols, steps, width, block_width)
         offsets = row * steps * width + t * width + cols[None, :]
-        gate_offsets = gate_cols[None, :] + (row * steps + t) * (2 * block_width)
-        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        gate_x = tl.sigmoid(tl.load(gates_ptr + gate_offsets, mask=inside, other=0.0).to(tl.float32) + bias_x[None, :])
-        gate_a = tl.sigmoid(tl.load(gates_ptr + gate_offsets + block_width, mask=inside, other=0.0).to(tl.float32)
-                            + bias_a[None, :])
-        reset = tl.load(reset_ptr + row * steps + t, mask=t < steps, other=0) != 0
-        log_a = -8.0 * gate_a * softplus[None, :]
-        a = tl.exp(log_a)
-        scale = tl.where(reset, 1.0, tl.sqrt(1.0 - tl.exp(2.0 * log_a)))
-        a = tl.where(inside, tl.where(reset, 0.0, a), 1.0)  # a reset forgets; padding keeps the state
-        x = tl.where(inside, x * gate_x * scale, 0.0)
+        y_next = tl.load(y_ptr + offsets + BLOCK_T * width, mask=(t + BLOCK_T < steps) & in_width[None, :],
+                         other=0.0)
+        a, x, inside = _rglru_terms(x, gate_x, gate_a, reset, t, cols, steps, width, bias_x, bias_a, softplus)
         a_run, x_run = tl.associative_scan((a, x), axis=0, combine_fn=combine)
         states = x_run + a_run * h[None, :]
-        y = tl.load(y_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offsets, (states * _gelu_tanh(y)).to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(out_ptr + offsets, (states * _gelu_tanh(y.to(tl.float32))).to(out_ptr.dtype.element_ty),
+                 mask=inside)
         if KEEP:
             slot = tl.load(slot_ptr + t, mask=t < steps, other=-1)
             tl.store(kept_ptr + slot * width + cols[None, :], states, mask=(slot >= 0) & in_width[None, :])
         h = tl.sum(tl.where(times[:, None] == BLOCK_T - 1, states, 0.0), axis=0)
-    tl.store(last_ptr + row * width + cols, h, mask=in_width)
+        x, gate_x, gate_a, reset, y = x_next, gate_x_next, gate_a_next, reset_next, y_next
+    if part == parts - 1:
+        tl.store(last_ptr + row * width + cols, h, mask=in_width)
 
 
 RGLRU_CONFIG = dict(BLOCK_T=16, BLOCK_D=16, num_warps=4)  # fastest of 27 on an H100 (2B shapes): many programs
+RGLRU_PROGRAMS = 512  # (rows, channel blocks) under this split time into chunks scanned side by side (H200: 512 of
+# 0 / 256 / 512 / 1024 over the 2B needle grid's shapes; more chunks cost their summaries' extra pass)
+RGLRU_MIN_CHUNK = 256  # times a chunk holds at least
+
+
+def rglru_chunk(batch: int, steps: int, width: int) -> int:
+    """Times per chunk: all of them where rows x channel blocks fill the GPU, else chunks of at least
+    RGLRU_MIN_CHUNK times (a multiple of the tile) until they do."""
+    programs = batch * triton.cdiv(width, RGLRU_CONFIG["BLOCK_D"])
+    parts = max(1, min(triton.cdiv(RGLRU_PROGRAMS, programs), steps // RGLRU_MIN_CHUNK))
+    tile = RGLRU_CONFIG["BLOCK_T"]
+    return triton.cdiv(triton.cdiv(steps, parts), tile) * tile
 
 
 def rglru(x: torch.Tensor, gates: torch.Tensor, gate_x_bias: torch.Tensor, gate_a_bias: torch.Tensor,
           recurrent_param: torch.Tensor, reset: torch.Tensor, y: torch.Tensor, h0: torch.Tensor | None,
-          keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+          keep: tuple[int, ...] = (), chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor | None]:
     """The RG-LRU on (B, T, D) conv output x, times gelu(y): returns that product, the float32 last state and,
     for positions `keep` (batch 1, each in 1..T), the (len(keep), D) float32 states before each of them.
 
     gates: (heads, B*T, 2*block_width) pre-activations from x (input gate, then recurrence gate);
-    reset: (B, T) true where a document starts (position 0)."""
+    reset: (B, T) true where a document starts (position 0). Few rows scan time in chunks side by side
+    (chunk: times per chunk, a multiple of the tile; None: rglru_chunk's)."""
     batch, steps, width = x.shape
     block_width = gates.shape[-1] // 2
     gates = gates.contiguous()
@@ -149,11 +254,18 @@ def rglru(x: torch.Tensor, gates: torch.Tensor, gate_x_bias: torch.Tensor, gate_
         slots = torch.full((steps,), -1, dtype=torch.int32)
         slots[[p - 1 for p in keep]] = torch.arange(len(keep), dtype=torch.int32)  # the state after time p - 1
         slots = slots.to(x.device)
-    grid = (batch, triton.cdiv(width, RGLRU_CONFIG["BLOCK_D"]))
-    _rglru_kernel[grid](x, gates, gate_x_bias, gate_a_bias, recurrent_param, reset.to(torch.int8).contiguous(), y,
-                        h0.contiguous() if h0 is not None else last, out, last, last if slots is None else slots,
-                        last if kept is None else kept, steps, width, block_width, gates.stride(0),
-                        HAS_H0=h0 is not None, KEEP=bool(keep), **RGLRU_CONFIG)
+    chunk = chunk or rglru_chunk(batch, steps, width)
+    grid = (batch, triton.cdiv(width, RGLRU_CONFIG["BLOCK_D"]), triton.cdiv(steps, chunk))
+    reset = reset.to(torch.int8).contiguous()
+    params = (gate_x_bias, gate_a_bias, recurrent_param, reset)
+    summary = last
+    if grid[2] > 1:
+        summary = torch.empty((2, batch, grid[2], width), dtype=torch.float32, device=x.device)
+        _rglru_chunk_kernel[grid](x, gates, *params, summary, steps, width, block_width, gates.stride(0), chunk,
+                                  **RGLRU_CONFIG)
+    _rglru_kernel[grid](x, gates, *params, y, h0.contiguous() if h0 is not None else last, out, last,
+                        last if slots is None else slots, last if kept is None else kept, summary, steps, width,
+                        block_width, gates.stride(0), chunk, HAS_H0=h0 is not None, KEEP=bool(keep), **RGLRU_CONFIG)
     return out, last, kept
 
 
@@ -170,6 +282,43 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(gate) * up in one pass."""
     out = torch.empty_like(gate)
     _gelu_mul_kernel[(triton.cdiv(gate.numel(), 4096),)](gate, up, out, gate.numel(), BLOCK=4096)
+    return out
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, sx_t, sx_h, sc_t, so_t,
+                   ROTATED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One token's heads (B*T programs): the first ROTATED dims of each rotated by the token's angles (x cos +
+    rotate_half(x) sin), the rest passed through."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, HEAD_DIM)[None, :]
+    inside = (head < heads) & (dims < HEAD_DIM)
+    half = ROTATED // 2
+    turned = dims < ROTATED
+    partner = tl.where(dims < half, dims + half, dims - half)
+    row = x_ptr + token * sx_t + head * sx_h
+    x = tl.load(row + dims, mask=inside, other=0.0).to(tl.float32)
+    other = tl.load(row + partner, mask=inside & turned, other=0.0).to(tl.float32)
+    angle = tl.where(turned, dims, 0)
+    cos = tl.load(cos_ptr + token * sc_t + angle, mask=turned, other=1.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * sc_t + angle, mask=turned, other=0.0).to(tl.float32)
+    rotated = x * cos + tl.where(dims < half, -other, other) * sin
+    tl.store(out_ptr + token * so_t + head * HEAD_DIM + dims, tl.where(turned, rotated, x).to(out_ptr.dtype.element_ty),
+             mask=inside)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding of (B, T, H, D) x (head dims contiguous) by (B, T, R) cos and sin on its
+    first R dims (RecurrentGemma's partial rotary: R = D / 2), the rest unchanged: a (B, T, H, D) tensor."""
+    batch, steps, heads, dim = x.shape
+    if x.stride(3) != 1 or x.stride(1) != heads * x.stride(2) or x.stride(0) != steps * x.stride(1):
+        x = x.contiguous()
+    cos, sin = cos.expand(batch, -1, -1).contiguous(), sin.expand(batch, -1, -1).contiguous()
+    out = torch.empty((batch, steps, heads, dim), dtype=x.dtype, device=x.device)
+    _rotary_kernel[(batch * steps,)](x, cos, sin, out, heads, x.stride(1), x.stride(2), cos.stride(1),
+                                     out.stride(1), ROTATED=cos.shape[-1], HEAD_DIM=dim,
+                                     BLOCK_H=triton.next_power_of_2(heads), num_warps=4)
     return out
 
 
