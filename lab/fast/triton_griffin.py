@@ -2,9 +2,10 @@
 
 transformers runs the Griffin block as a chain of small elementwise ops, each a full pass over memory
 (Gemma's RMSNorm in float32, the convolution on transposed copies, a dozen gate ops, the scan, the
-gelu branch). Here each is one pass: an RMSNorm kernel, a causal depthwise convolution in the
-(batch, time, channel) layout, one kernel for the RG-LRU gates, the scan and the output gate, one for
-the MLP's gelu(gate) * up, and flash attention over each query's window only. Arithmetic in float32,
+gelu branch, the rotary embedding). Here each is one pass: an RMSNorm kernel, a causal depthwise
+convolution in the (batch, time, channel) layout, one kernel for the RG-LRU gates, the scan and the output
+gate (few rows: time in chunks side by side), one for the rotary embedding, one for the MLP's
+gelu(gate) * up, and flash attention over each query's window only. Arithmetic in float32,
 as the reference's norms and scan are.
 """
 
