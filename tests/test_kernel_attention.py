@@ -234,3 +234,90 @@ def test_recurrentgemmas_rotary_embedding_in_labs_kernel_matches_transformers(st
         expected, _ = griffin._originals["attention"](module, hidden, positions, None)
     assert len(calls) == 2  # queries and keys
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@kernel
+def test_the_rotary_kernel_stands_aside_where_it_cannot_act(monkeypatch):
+    """Head dims not a power of two (the kernel's range), a projection that wants a gradient (the kernel has no
+    backward), the deprecated past_key_values keyword: transformers' results, its cache filled."""
+    from transformers import DynamicCache
+    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaAttention
+
+    from lab import fast
+    from lab.fast import griffin, triton_griffin
+    from lab.models.tiny import tiny_config
+
+    fast.install()
+    if not ON_GPU:
+        monkeypatch.setattr(griffin, "triton_applies",  # as lab.fast.state's, the device aside
+                            lambda *tensors: not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+    calls = []
+    rotary = triton_griffin.rotary
+    monkeypatch.setattr(triton_griffin, "rotary", lambda *a: calls.append(1) or rotary(*a))
+    g = torch.Generator().manual_seed(0)
+    for config, trained in ((tiny_config("recurrent_gemma", num_attention_heads=4, head_dim=24), None),
+                            (tiny_config("recurrent_gemma"), "k_proj")):
+        module = RecurrentGemmaAttention(config, layer_idx=0).to(DEVICE)
+        for name, parameter in module.named_parameters():
+            parameter.requires_grad_(name.startswith(trained or "-"))
+        hidden = torch.randn(2, 9, config.hidden_size, generator=g).to(DEVICE)
+        positions = torch.arange(9).expand(2, -1).to(DEVICE)
+        got, _ = type(module).forward(module, hidden, positions, None)
+        expected, _ = griffin._originals["attention"](module, hidden, positions, None)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert got.requires_grad == (trained is not None)
+    assert not calls
+    cache = DynamicCache()
+    with torch.no_grad():
+        type(module).forward(module, hidden, positions, None, past_key_values=cache)
+    assert calls and cache.get_seq_length(0) == 9
+
+
+@kernel
+def test_recurrentgemma_decodes_through_labs_kernels_as_transformers_does(monkeypatch):
+    """Greedy decoding from fixed buffers with RecurrentGemma's prefill and one-token steps in lab's kernels
+    (the recurrent block's step: the convolution over its conv inputs, the RG-LRU from its state; the attention
+    over the ring buffers in the decode kernel) against the same decoder on transformers' code: the same
+    logits."""
+    from lab.fast import decode, griffin, triton_griffin
+
+    loaded = load(ModelSpec("random:recurrent_gemma", device=DEVICE, dtype="float32"))
+    prompts = [ids(2, 40, seed=1).to(DEVICE), ids(1, 23, seed=3).to(DEVICE)]  # two lengths, one batch
+    monkeypatch.setattr(griffin, "triton_applies", lambda *tensors: False)
+    tokens, logits = decode.greedy(loaded.model, prompts, 6, return_logits=True)
+    monkeypatch.undo()
+    if not ON_GPU:
+        monkeypatch.setattr(griffin, "triton_applies", lambda *tensors: True)
+        monkeypatch.setattr(attention, "_kernel_applies", lambda *tensors: True)
+    steps, attended = [], []
+    step, decoding = griffin._step, triton_griffin.decode_attention
+    monkeypatch.setattr(griffin, "_step", lambda *a: steps.append(1) or step(*a))
+    monkeypatch.setattr(triton_griffin, "decode_attention", lambda *a: attended.append(1) or decoding(*a))
+    kernel_tokens, kernel_logits = decode.greedy(loaded.model, prompts, 6, return_logits=True)
+    assert steps and (attended or ON_GPU)  # the steps ran in lab's kernels (on a GPU: attention in bf16 only)
+    torch.testing.assert_close(kernel_logits, logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(kernel_tokens, tokens)
+
+
+@kernel
+@pytest.mark.parametrize("programs", [1, 10_000], ids=["keys in one chunk", "keys in chunks side by side"])
+def test_the_decode_kernel_matches_eager_attention(programs, monkeypatch):
+    """One query token per row against a decoder's buffers (two query heads per key head, 150 slots, an
+    additive mask hiding some of them, a row with a mask of its own): eager attention's output."""
+    from lab.fast import triton_griffin
+
+    monkeypatch.setattr(triton_griffin, "DECODE_PROGRAMS", programs)
+    g = torch.Generator().manual_seed(5)
+    batch, heads, kv, keys, dim = 3, 4, 2, 150, 32
+    q = torch.randn(batch, heads, 1, dim, generator=g)
+    k, v = (torch.randn(batch, kv, keys, dim, generator=g) for _ in range(2))
+    hidden = torch.rand(batch, keys, generator=g) < 0.3
+    hidden[:, 7] = False  # every row sees a key
+    mask = torch.where(hidden, torch.finfo(torch.float32).min, 0.0)[:, None, None, :]
+    q, k, v, mask = (t.to(DEVICE, DTYPE) for t in (q, k, v, mask))
+    out = triton_griffin.decode_attention(q, k, v, mask, dim ** -0.5)
+    scores = q.float() @ k.float().repeat_interleave(2, 1).transpose(2, 3) * dim ** -0.5 + mask.float()
+    expected = (torch.softmax(scores, -1) @ v.float().repeat_interleave(2, 1)).transpose(1, 2)
+    assert out.shape == (batch, 1, heads, dim)
+    tolerance = 2e-2 if ON_GPU else 1e-5
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)

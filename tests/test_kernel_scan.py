@@ -102,9 +102,9 @@ def test_the_rg_lru_kernel_keeps_the_states_before_the_taps(chunk):
 @pytest.mark.parametrize("chunk", [None, 16, 48])
 @pytest.mark.parametrize("start", [False, True])
 def test_the_rg_lru_kernel_matches_transformers_in_chunks_of_time_or_not(chunk, start):
-    """lab's RG-LRU kernel (gates, scan, gelu output gate) against transformers' module, from zeros or a state,
-    across a reset in the middle of a row, whether time is scanned whole or in chunks side by side (None: a
-    chunk of every time, as at these sizes)."""
+    """lab's RG-LRU kernel (gates, scan, gelu output gate) against transformers' module, from zeros or a state
+    (rows continuing a document), across a reset in the middle of a row, whether time is scanned whole or in
+    chunks side by side (None: a chunk of every time, as at these sizes); chunks of part of a tile refused."""
     from transformers import RecurrentGemmaConfig
     from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaRglru
 
@@ -118,7 +118,7 @@ def test_the_rg_lru_kernel_matches_transformers_in_chunks_of_time_or_not(chunk, 
     lru.to(DEVICE)
     batch, steps = 3, 75
     conv, y = (torch.randn(batch, steps, 32, generator=g).to(DEVICE) for _ in range(2))
-    positions = torch.arange(steps).expand(batch, -1).clone()
+    positions = (torch.arange(steps) + 7).expand(batch, -1).clone()  # no reset at 0: the start state counts
     positions[1, 40:] = torch.arange(steps - 40)  # a second document in row 1
     h0 = torch.randn(batch, 32, generator=g).to(DEVICE) if start else None
     assert chunk is None or triton_griffin.rglru_chunk(batch, steps, 32) == 80  # whole: the split is forced
@@ -131,6 +131,53 @@ def test_the_rg_lru_kernel_matches_transformers_in_chunks_of_time_or_not(chunk, 
         expected = lru(conv, positions.to(DEVICE)) * torch.nn.functional.gelu(y, approximate="tanh")
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(last, lru.recurrent_states, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple of"):
+        triton_griffin.rglru(conv, gates, lru.input_gate_bias, lru.recurrent_gate_bias, lru.recurrent_param,
+                             positions.to(DEVICE) == 0, y, h0, chunk=20)
+
+
+def test_a_decoding_step_of_the_rg_lru_kernel_matches_transformers():
+    """One token per row from each row's state (the decoding step's own kernel), a row starting a document:
+    transformers' RG-LRU step."""
+    from transformers import RecurrentGemmaConfig
+    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaRglru
+
+    from lab.fast import triton_griffin
+
+    g = torch.Generator().manual_seed(6)
+    lru = RecurrentGemmaRglru(RecurrentGemmaConfig(hidden_size=48, lru_width=48, num_attention_heads=3))
+    for parameter in lru.parameters():
+        parameter.data = torch.randn(parameter.shape, generator=g) * 0.5
+    lru.to(DEVICE)
+    conv, y = (torch.randn(4, 1, 48, generator=g).to(DEVICE) for _ in range(2))
+    positions = torch.tensor([[9], [0], [3], [12]], device=DEVICE)
+    h0 = torch.randn(4, 48, generator=g).to(DEVICE)
+    gates = torch.bmm(conv.reshape(4, 3, 16).transpose(0, 1),
+                      torch.cat([lru.input_gate_weight, lru.recurrent_gate_weight], -1))
+    out, last, _ = triton_griffin.rglru(conv, gates, lru.input_gate_bias, lru.recurrent_gate_bias,
+                                        lru.recurrent_param, positions == 0, y, h0)
+    lru.recurrent_states = h0
+    with torch.no_grad():
+        expected = lru(conv, positions) * torch.nn.functional.gelu(y, approximate="tanh")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, lru.recurrent_states, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("taps", [4, 1])
+def test_a_decoding_step_of_the_convolution_matches_transformers(taps):
+    """The step's convolution over the kept inputs (a state of any strides) and this token, and the inputs it
+    keeps: transformers' decoding step (cat, product, sum; the oldest input dropped); width 1 keeps none."""
+    from lab.fast import triton_griffin
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 1, 40, generator=g).to(DEVICE)
+    state = torch.randn(3, taps - 1, 40, generator=g).to(DEVICE).transpose(1, 2)  # (B, D, taps - 1), strided
+    weight, bias = torch.randn(40, 1, taps, generator=g).to(DEVICE), torch.randn(40, generator=g).to(DEVICE)
+    out, kept = triton_griffin.conv_step(x, weight, bias, state)
+    inputs = torch.cat([state, x.transpose(1, 2)], -1)
+    expected = (inputs * weight[:, 0, :]).sum(-1) + bias
+    torch.testing.assert_close(out[:, 0], expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(kept, inputs[:, :, 1:])
 
 
 def test_few_rows_scan_time_in_chunks():

@@ -6,7 +6,9 @@ those keys, instead of one masked product over every key; so do rows continuing 
 A plan's attention op (needle attention, sparsification: lab.fast.state.set_attention_op) takes a module's
 calls instead, for RecurrentGemma and Jamba: a whole prompt through the same kernel (for Jamba's global
 attention the window is the prompt), whose output it splits at the needle or whose heads it scores online,
-and one-token decoding steps through the model's own eager attention. Everything else gets transformers' sdpa.
+and one-token decoding steps through the model's own eager attention. Decoding steps against a decoder's fixed
+buffers (an additive mask over every slot) run in lab's decode kernel on a GPU. Everything else gets
+transformers' sdpa.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ def _whole_prompt(module, query, key, attention_mask, args, kwargs) -> bool:
     return (mask_fits and steps > 1 and key.shape[-2] == steps and not args and not kwargs.get("dropout", 0.0)
             and kwargs.get("softcap") is None and kwargs.get("is_causal") is not False
             and getattr(module, "is_causal", True))
+
+
+def _decode_step(query, key, attention_mask, args, kwargs) -> bool:
+    """Whether an attention call is one query token per row against a decoder's buffers, its additive mask
+    (B|1, 1, 1, keys) holding the window and the empty slots."""
+    return (query.shape[-2] == 1 and isinstance(attention_mask, torch.Tensor) and attention_mask.is_floating_point()
+            and attention_mask.shape[1:] == (1, 1, key.shape[-2]) and not args and not kwargs.get("dropout", 0.0)
+            and kwargs.get("softcap") is None)
 
 
 def _kernel_applies(query, key) -> bool:
@@ -89,6 +99,11 @@ def windowed_sdpa(module, query, key, value, attention_mask, *args, sliding_wind
     transformers' sdpa in chunks of queries against only the keys inside their window."""
     steps = query.shape[-2]
     original = _originals["sdpa"]
+    if _decode_step(query, key, attention_mask, args, kwargs) and _kernel_applies(query, key):
+        from lab.fast import triton_griffin
+
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        return triton_griffin.decode_attention(query, key, value, attention_mask, scale), None
     if isinstance(attention_mask, Continued):  # fork.continued passes one only where the kernel applies
         from lab.fast import triton_griffin
 

@@ -1,17 +1,17 @@
 """RecurrentGemma's prefill with lab's GPU kernels (lab.fast.triton_griffin), for models lab.fast acts on.
 
-The recurrent block, the attention's rotary embedding, the RMSNorm and the MLP get forwards that use the
-kernels when the input is on a GPU, no gradient is wanted and Triton is importable; otherwise (CPU,
-training, and for the recurrent block one-token decoding) they call transformers' own. Hooks on these
-modules and their projections fire as before. Its windowed attention is in lab.fast.attention. A recurrent
-block in a forward of lab.fast.fork (a trunk keeping its states, or rows continuing them) runs here on every
-device.
+The recurrent block (its one-token decoding steps too), the attention's rotary embedding, the RMSNorm and the
+MLP get forwards that use the kernels when the input is on a GPU, no gradient is wanted and Triton is
+importable; otherwise (CPU, training) they call transformers' own. Hooks on these modules and their
+projections fire as before. Its windowed attention is in lab.fast.attention. A recurrent block in a forward
+of lab.fast.fork (a trunk keeping its states, or rows continuing them) runs here on every device.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.utils.deprecation import deprecate_kwarg
 
 from lab.fast import fork, taps
 from lab.fast.state import acts_on, triton_applies
@@ -36,25 +36,32 @@ def _mlp_forward(self, hidden_states):
     return self.down_proj(triton_griffin.gelu_mul(self.gate_proj(hidden_states), self.up_proj(hidden_states)))
 
 
+@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as transformers' forward
 def _attention_forward(self, hidden_states, position_ids=None, attention_mask=None, cache=None, **kwargs):
     """transformers' RecurrentGemma attention with the rotary embedding of queries and keys in one kernel each
-    (the reference: a dozen small ops and copies); the projections, cache and attention entry as there."""
-    if not (acts_on(self) and triton_applies(hidden_states, self.q_proj.weight)):
+    (the reference: a dozen small ops and copies) where it applies (a GPU, no gradient wanted, head dims a power
+    of two); the projections, cache and attention entry as there."""
+    if not (acts_on(self) and self.head_dim & (self.head_dim - 1) == 0
+            and triton_applies(hidden_states, self.q_proj.weight)):
         return _originals["attention"](self, hidden_states, position_ids, attention_mask, cache, **kwargs)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import eager_attention_forward
+    from transformers.models.recurrent_gemma import modeling_recurrent_gemma as rg
 
     from lab.fast import triton_griffin
 
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
+    query = self.q_proj(hidden_states).view(hidden_shape)
+    key = self.k_proj(hidden_states).view(hidden_shape)
     value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = self.rotary_emb(value, position_ids)
-    query, key = (triton_griffin.rotary(projection(hidden_states).view(hidden_shape), cos, sin).transpose(1, 2)
-                  for projection in (self.q_proj, self.k_proj))
+    if triton_applies(query, key):
+        query, key = (triton_griffin.rotary(t, cos, sin).transpose(1, 2) for t in (query, key))
+    else:  # a projection (its weight, or a hook on it) wants a gradient
+        query, key = rg.apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
     if cache is not None:
         key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, rg.eager_attention_forward)
     out, weights = interface(self, query, key, value, attention_mask,
                              dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
                              sliding_window=self.sliding_window, **kwargs)
@@ -70,7 +77,11 @@ def _recurrent_block_forward(self, input_states, position_ids, attention_mask, u
     cache, tapping = kwargs.get("cache"), taps.active(steps, batch)
     if steps > 1 and acts_on(self) and (isinstance(cache, fork.Continuation) or tapping is not None):
         return _from_states(self, input_states, position_ids, cache, tapping)
-    if steps == 1 or not acts_on(self) or not _kernels_apply(self, input_states):
+    if not acts_on(self) or not _kernels_apply(self, input_states):
+        return _originals["block"](self, input_states, position_ids, attention_mask, use_cache=use_cache, **kwargs)
+    if steps == 1:
+        if use_cache and self.conv1d_state is not None and self.conv1d_state.shape[0] == batch:
+            return _step(self, input_states, position_ids)
         return _originals["block"](self, input_states, position_ids, attention_mask, use_cache=use_cache, **kwargs)
     from lab.fast import triton_griffin
 
@@ -88,6 +99,18 @@ def _recurrent_block_forward(self, input_states, position_ids, attention_mask, u
     out, last, _ = _rglru(self, conv, y, position_ids, start_state)
     if use_cache:
         lru.recurrent_states = last
+    return self.linear_out(out), None
+
+
+def _step(self, input_states, position_ids):
+    """One decoding step through lab's kernels, from the block's conv inputs and RG-LRU state (the reference: some
+    thirty small ops); leaves the new ones in the block, as the reference does."""
+    from lab.fast import triton_griffin
+
+    x = self.linear_x(input_states)
+    y = self.linear_y(input_states)
+    conv, self.conv1d_state = triton_griffin.conv_step(x, self.conv_1d.weight, self.conv_1d.bias, self.conv1d_state)
+    out, self.rg_lru.recurrent_states, _ = _rglru(self, conv, y, position_ids, self.rg_lru.recurrent_states)
     return self.linear_out(out), None
 
 

@@ -65,7 +65,7 @@ def _causal_conv_kernel(x_ptr, w_ptr, b_ptr, prior_ptr, out_ptr, steps, width, s
         w = tl.load(w_ptr + cols * TAPS + tap, mask=in_width, other=0.0)
         acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
     if PRIOR:
-        if tl.program_id(1) == 0:  # the first tile of times reads the inputs before time 0
+        if tl.program_id(1) * BLOCK_T < TAPS - 1:  # the tiles of times reading inputs before time 0
             for tap in tl.static_range(TAPS - 1):
                 source = times - (TAPS - 1) + tap
                 before = (source < 0)[:, None] & in_width[None, :]
@@ -87,6 +87,7 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, silu:
     (B, D, taps - 1), as a cache keeps them, or zeros. Returns a contiguous (B, T, D)."""
     batch, steps, width = x.shape
     taps = weight.shape[-1]
+    prior = prior if taps > 1 else None  # a width-1 convolution keeps no inputs
     out = torch.empty((batch, steps, width), dtype=x.dtype, device=x.device)
     grid = (batch, triton.cdiv(steps, 64), triton.cdiv(width, 64))
     prior_strides = prior.stride() if prior is not None else (0, 0, 0)
@@ -94,6 +95,46 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, silu:
                               x.stride(1), *prior_strides, TAPS=taps, BLOCK_T=64, BLOCK_D=64, SILU=silu,
                               PRIOR=prior is not None)
     return out
+
+
+@triton.jit
+def _conv_step_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, new_state_ptr, width, ss_b, ss_w, ss_k,
+                      TAPS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One time step of each row (program 0): the convolution over its kept inputs (state (B, D, TAPS - 1), any
+    strides) and this one (x (B, D)), and its new kept inputs (new_state, contiguous), the oldest dropped."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    inside = cols < width
+    x = tl.load(x_ptr + row * width + cols, mask=inside, other=0.0)
+    w = tl.load(w_ptr + cols * TAPS + TAPS - 1, mask=inside, other=0.0).to(tl.float32)
+    acc = tl.load(b_ptr + cols, mask=inside, other=0.0).to(tl.float32) + x.to(tl.float32) * w
+    kept = new_state_ptr + (row * width + cols) * (TAPS - 1)
+    for tap in tl.static_range(TAPS - 1):
+        before = tl.load(state_ptr + row * ss_b + cols * ss_w + tap * ss_k, mask=inside, other=0.0)
+        w = tl.load(w_ptr + cols * TAPS + tap, mask=inside, other=0.0).to(tl.float32)
+        acc += before.to(tl.float32) * w
+        if tap > 0:
+            tl.store(kept + tap - 1, before, mask=inside)
+    if TAPS > 1:
+        tl.store(kept + TAPS - 2, x.to(new_state_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + row * width + cols, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def conv_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+              state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoding step of the depthwise causal convolution: (B, 1, D) x after the inputs `state` (B, D, taps - 1)
+    keeps; returns the (B, 1, D) output and the new (B, D, taps - 1) state, as transformers' step computes them."""
+    batch, _, width = x.shape
+    taps = weight.shape[-1]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    new_state = torch.empty((batch, width, taps - 1), dtype=state.dtype, device=x.device)
+    placeholder = out if taps == 1 else None  # a width-1 convolution keeps no inputs
+    _conv_step_kernel[(batch, triton.cdiv(width, 256))](
+        x, placeholder if placeholder is not None else state, weight, bias, out,
+        placeholder if placeholder is not None else new_state, width, *state.stride(), TAPS=taps, BLOCK_D=256,
+        num_warps=4)
+    return out, new_state
 
 
 @triton.jit
@@ -219,6 +260,27 @@ def _rglru_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, param_ptr,
         tl.store(last_ptr + row * width + cols, h, mask=in_width)
 
 
+@triton.jit
+def _rglru_step_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, reset_ptr, y_ptr, h0_ptr,
+                       out_ptr, last_ptr, width, block_width, head_stride, BLOCK_D: tl.constexpr):
+    """One time step of each row (program 0) from its state h0 (a decoding step): _rglru_kernel's arithmetic."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_width = cols < width
+    bias_x, bias_a, softplus, within = _rglru_params(gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, cols, width,
+                                                     block_width)
+    gate_cols = (cols // block_width).to(tl.int64) * head_stride + within
+    t = tl.zeros([1, 1], dtype=tl.int64)
+    x, gate_x, gate_a, reset = _rglru_load(x_ptr, gates_ptr, reset_ptr, row, t, cols, gate_cols, 1, width,
+                                           block_width)
+    a, x, inside = _rglru_terms(x, gate_x, gate_a, reset, t, cols, 1, width, bias_x, bias_a, softplus)
+    h = tl.load(h0_ptr + row * width + cols, mask=in_width, other=0.0).to(tl.float32)
+    state = x + a * h[None, :]
+    y = tl.load(y_ptr + row * width + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * width + cols[None, :], (state * _gelu_tanh(y)).to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(last_ptr + row * width + cols, tl.sum(state, axis=0), mask=in_width)
+
+
 RGLRU_CONFIG = dict(BLOCK_T=16, BLOCK_D=16, num_warps=4)  # fastest of 27 on an H100 (2B shapes): many programs
 RGLRU_PROGRAMS = 512  # (rows, channel blocks) under this split time into chunks scanned side by side (H200: 512 of
 # 0 / 256 / 512 / 1024 over the 2B needle grid's shapes; more chunks cost their summaries' extra pass)
@@ -255,9 +317,16 @@ def rglru(x: torch.Tensor, gates: torch.Tensor, gate_x_bias: torch.Tensor, gate_
         slots = torch.full((steps,), -1, dtype=torch.int32)
         slots[[p - 1 for p in keep]] = torch.arange(len(keep), dtype=torch.int32)  # the state after time p - 1
         slots = slots.to(x.device)
-    chunk = chunk or rglru_chunk(batch, steps, width)
-    grid = (batch, triton.cdiv(width, RGLRU_CONFIG["BLOCK_D"]), triton.cdiv(steps, chunk))
     reset = reset.to(torch.int8).contiguous()
+    if steps == 1 and h0 is not None and not keep:  # a decoding step
+        grid = (batch, triton.cdiv(width, 256))
+        _rglru_step_kernel[grid](x, gates, gate_x_bias, gate_a_bias, recurrent_param, reset, y, h0.contiguous(), out,
+                                 last, width, block_width, gates.stride(0), BLOCK_D=256, num_warps=4)
+        return out, last, None
+    chunk = chunk or rglru_chunk(batch, steps, width)
+    if chunk % RGLRU_CONFIG["BLOCK_T"]:
+        raise ValueError(f"rglru: chunks of {chunk} times; give a multiple of {RGLRU_CONFIG['BLOCK_T']}")
+    grid = (batch, triton.cdiv(width, RGLRU_CONFIG["BLOCK_D"]), triton.cdiv(steps, chunk))
     params = (gate_x_bias, gate_a_bias, recurrent_param, reset)
     summary = last
     if grid[2] > 1:
@@ -465,6 +534,89 @@ def continued_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         window, scale, heads, heads // key.shape[1], *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
         0, 0, out.stride(0), out.stride(2), out.stride(1), out, 0, out, out,
         HEAD_DIM=dim, NEEDLE=False, METRIC=0, CONTINUED=True, **ATTENTION_CONFIG)
+    return out
+
+
+@triton.jit(do_not_specialize=["keys", "chunk"])
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, stats_ptr, keys, chunk, scale, heads, groups,
+                             sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b,
+                             HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query token's heads that share a key head (program 0: row x key head) over one chunk of the keys
+    (program 1), the mask (B, keys) added to the scores: each head's unnormalised output (part: (B, H, chunks,
+    D) float32) and its running max and sum (stats: (2, B, H, chunks))."""
+    batch, kv_head = tl.program_id(0) // (heads // groups), tl.program_id(0) % (heads // groups)
+    part, parts = tl.program_id(1), tl.num_programs(1)
+    member = tl.arange(0, BLOCK_G)
+    head = kv_head * groups + member
+    in_group = member < groups
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + batch * sq_b + head[:, None] * sq_h + dims[None, :], mask=in_group[:, None], other=0.0)
+    best = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    for start in tl.range(part * chunk, tl.minimum(part * chunk + chunk, keys), BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        inside = cols < tl.minimum(part * chunk + chunk, keys)
+        k = tl.load(k_ptr + batch * sk_b + kv_head * sk_h + cols[None, :].to(tl.int64) * sk_t + dims[:, None],
+                    mask=inside[None, :], other=0.0)
+        scores = tl.dot(q, k) * scale + tl.load(mask_ptr + batch * sm_b + cols, mask=inside, other=0.0)[None, :]
+        scores = tl.where(inside[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        p = tl.exp(scores - new_best[:, None])
+        rescale = tl.exp(best - new_best)
+        total = total * rescale + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + batch * sv_b + kv_head * sv_h + cols[:, None].to(tl.int64) * sv_t + dims[None, :],
+                    mask=inside[:, None], other=0.0)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        best = new_best
+    at = (batch * heads + head) * parts + part
+    tl.store(part_ptr + at[:, None] * HEAD_DIM + dims[None, :], acc, mask=in_group[:, None])
+    tl.store(stats_ptr + at, best, mask=in_group)
+    tl.store(stats_ptr + tl.num_programs(0) * groups * parts + at, total, mask=in_group)
+
+
+@triton.jit
+def _decode_combine_kernel(part_ptr, stats_ptr, out_ptr, parts, count, HEAD_DIM: tl.constexpr,
+                           BLOCK_S: tl.constexpr):
+    """Each (row, head)'s chunks joined: sum of exp(max_s - max) part_s over the same sum of totals."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, HEAD_DIM)
+    used = split < parts
+    best = tl.load(stats_ptr + row * parts + split, mask=used, other=float("-inf"))
+    total = tl.load(stats_ptr + count * parts + row * parts + split, mask=used, other=0.0)
+    weight = tl.where(used, tl.exp(best - tl.max(best, axis=0)), 0.0)
+    acc = tl.load(part_ptr + (row * parts + split)[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(total * weight, axis=0)
+    tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+
+
+DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+DECODE_PROGRAMS = 264  # rows x key heads x chunks: two programs a multiprocessor on an H100 / H200
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query token per row, (B, H, 1, D), against (B, KV, S, D) keys and values (a decoder's fixed buffers),
+    the additive mask (B, 1, 1, S) added to the scores; the keys are read in chunks side by side where rows x key
+    heads are few. Returns (B, 1, H, D), as transformers' attention functions do."""
+    batch, heads, _, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    block = DECODE_CONFIG["BLOCK_N"]
+    parts = max(1, min(triton.cdiv(DECODE_PROGRAMS, batch * kv_heads), triton.cdiv(keys, block)))
+    chunk = triton.cdiv(triton.cdiv(keys, parts), block) * block
+    parts = triton.cdiv(keys, chunk)
+    partial = torch.empty((batch, heads, parts, dim), dtype=torch.float32, device=query.device)
+    stats = torch.empty((2, batch, heads, parts), dtype=torch.float32, device=query.device)
+    mask = mask.reshape(mask.shape[0], keys)
+    _decode_attention_kernel[(batch * kv_heads, parts)](
+        query, key, value, mask, partial, stats, keys, chunk, scale, heads, groups, query.stride(0), query.stride(1),
+        *key.stride()[:3], *value.stride()[:3], mask.stride(0) if mask.shape[0] > 1 else 0,
+        HEAD_DIM=dim, BLOCK_G=max(16, triton.next_power_of_2(groups)), **DECODE_CONFIG)
+    out = torch.empty((batch, 1, heads, dim), dtype=query.dtype, device=query.device)
+    _decode_combine_kernel[(batch * heads,)](partial, stats, out, parts, batch * heads, HEAD_DIM=dim,
+                                             BLOCK_S=triton.next_power_of_2(parts))
     return out
 
 
