@@ -301,9 +301,11 @@ def test_recurrentgemma_decodes_through_labs_kernels_as_transformers_does(monkey
 
 @kernel
 @pytest.mark.parametrize("programs", [1, 10_000], ids=["keys in one chunk", "keys in chunks side by side"])
-def test_the_decode_kernel_matches_eager_attention(programs, monkeypatch):
+@pytest.mark.parametrize("hide", ["finfo.min", "-inf"])
+def test_the_decode_kernel_matches_eager_attention(programs, hide, monkeypatch):
     """One query token per row against a decoder's buffers (two query heads per key head, 150 slots, an
-    additive mask hiding some of them, a row with a mask of its own): eager attention's output."""
+    additive mask hiding some of them: the decoders' finite minimum, or -inf with a whole tile of keys hidden
+    in a row; a row with a mask of its own): eager attention's output."""
     from lab.fast import triton_griffin
 
     monkeypatch.setattr(triton_griffin, "DECODE_PROGRAMS", programs)
@@ -312,12 +314,51 @@ def test_the_decode_kernel_matches_eager_attention(programs, monkeypatch):
     q = torch.randn(batch, heads, 1, dim, generator=g)
     k, v = (torch.randn(batch, kv, keys, dim, generator=g) for _ in range(2))
     hidden = torch.rand(batch, keys, generator=g) < 0.3
-    hidden[:, 7] = False  # every row sees a key
-    mask = torch.where(hidden, torch.finfo(torch.float32).min, 0.0)[:, None, None, :]
-    q, k, v, mask = (t.to(DEVICE, DTYPE) for t in (q, k, v, mask))
+    hidden[1, :70] = True  # the first tile of keys (and chunk) of row 1
+    hidden[:, 100] = False  # every row sees a key
+    q, k, v = (t.to(DEVICE, DTYPE) for t in (q, k, v))
+    low = torch.finfo(DTYPE).min if hide == "finfo.min" else float("-inf")
+    mask = torch.where(hidden, low, 0.0).to(DEVICE, DTYPE)[:, None, None, :]
     out = triton_griffin.decode_attention(q, k, v, mask, dim ** -0.5)
     scores = q.float() @ k.float().repeat_interleave(2, 1).transpose(2, 3) * dim ** -0.5 + mask.float()
     expected = (torch.softmax(scores, -1) @ v.float().repeat_interleave(2, 1)).transpose(1, 2)
     assert out.shape == (batch, 1, heads, dim)
     tolerance = 2e-2 if ON_GPU else 1e-5
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@kernel
+def test_only_decoding_steps_lab_knows_take_the_decode_kernel(monkeypatch):
+    """The sdpa entry sends a one-token call to the decode kernel only where sdpa would do the same: not with a
+    mask for other rows or value heads of another size, nor for a model outside RecurrentGemma and Jamba (whose
+    calls lab knows); scaling 0 stays 0, a strided mask is read as it lies."""
+    from lab.fast import triton_griffin
+
+    loaded = load(ModelSpec("random:recurrent_gemma", device=DEVICE, dtype="float32"))
+    module = loaded.model.model.layers[2].temporal_block
+    monkeypatch.setattr(attention, "_kernel_applies", lambda *tensors: True)
+    calls = []
+    decoding = triton_griffin.decode_attention
+    monkeypatch.setattr(triton_griffin, "decode_attention", lambda *a: calls.append(a[-1]) or decoding(*a))
+    g = torch.Generator().manual_seed(8)
+    heads, kv, dim = module.num_attention_heads, module.num_key_value_heads, module.head_dim
+    q = torch.randn(2, heads, 1, dim, generator=g).to(DEVICE)
+    k, v = (torch.randn(2, kv, 40, dim, generator=g).to(DEVICE) for _ in range(2))
+    mask = torch.zeros(1, 1, 1, 1, device=DEVICE).expand(2, 1, 1, 40)  # strided
+    wider = torch.randn(2, kv, 40, 2 * dim, device=DEVICE)
+    for call, taken in [((q, k, v, mask), True), ((q, k, wider, mask), False)]:
+        calls.clear()
+        out, _ = attention.windowed_sdpa(module, *call, scaling=0.0)
+        expected, _ = attention._originals["sdpa"](module, *call, scaling=0.0)
+        assert bool(calls) == taken
+        tolerance = 2e-3 if ON_GPU else 1e-5  # float32 products on a GPU: TF32 inside the kernel
+        torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+    calls.clear()
+    with pytest.raises(RuntimeError):  # rows the mask does not have: sdpa's own error
+        attention.windowed_sdpa(module, q, k, v, mask[:1].expand(3, 1, 1, 40))
+    module.config.model_type = "bamba"
+    try:
+        attention.windowed_sdpa(module, q, k, v, mask)
+    finally:
+        module.config.model_type = "recurrent_gemma"
+    assert not calls

@@ -47,11 +47,14 @@ def _whole_prompt(module, query, key, attention_mask, args, kwargs) -> bool:
             and getattr(module, "is_causal", True))
 
 
-def _decode_step(query, key, attention_mask, args, kwargs) -> bool:
-    """Whether an attention call is one query token per row against a decoder's buffers, its additive mask
-    (B|1, 1, 1, keys) holding the window and the empty slots."""
-    return (query.shape[-2] == 1 and isinstance(attention_mask, torch.Tensor) and attention_mask.is_floating_point()
-            and attention_mask.shape[1:] == (1, 1, key.shape[-2]) and not args and not kwargs.get("dropout", 0.0)
+def _decode_step(module, query, key, value, attention_mask, args, kwargs) -> bool:
+    """Whether an attention call is RecurrentGemma's or Jamba's decoding step (whose arguments lab knows): one
+    query token per row against a decoder's buffers, its additive mask (B|1, 1, 1, keys) holding the window and
+    the empty slots."""
+    return (module.config.model_type in OPS_ON and query.shape[-2] == 1 and isinstance(attention_mask, torch.Tensor)
+            and attention_mask.is_floating_point() and attention_mask.shape[0] in (1, query.shape[0])
+            and attention_mask.shape[1:] == (1, 1, key.shape[-2]) and value.shape[-1] == query.shape[-1]
+            and query.shape[1] % key.shape[1] == 0 and not args and not kwargs.get("dropout", 0.0)
             and kwargs.get("softcap") is None)
 
 
@@ -99,10 +102,11 @@ def windowed_sdpa(module, query, key, value, attention_mask, *args, sliding_wind
     transformers' sdpa in chunks of queries against only the keys inside their window."""
     steps = query.shape[-2]
     original = _originals["sdpa"]
-    if _decode_step(query, key, attention_mask, args, kwargs) and _kernel_applies(query, key):
+    if _decode_step(module, query, key, value, attention_mask, args, kwargs) and _kernel_applies(query, key):
         from lab.fast import triton_griffin
 
-        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        scale = kwargs.get("scaling")
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
         return triton_griffin.decode_attention(query, key, value, attention_mask, scale), None
     if isinstance(attention_mask, Continued):  # fork.continued passes one only where the kernel applies
         from lab.fast import triton_griffin

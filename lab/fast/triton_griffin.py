@@ -544,7 +544,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, stats_ptr,
     """One query token's heads that share a key head (program 0: row x key head) over one chunk of the keys
     (program 1), the mask (B, keys) added to the scores: each head's unnormalised output (part: (B, H, chunks,
     D) float32) and its running max and sum (stats: (2, B, H, chunks))."""
-    batch, kv_head = tl.program_id(0) // (heads // groups), tl.program_id(0) % (heads // groups)
+    batch = (tl.program_id(0) // (heads // groups)).to(tl.int64)
+    kv_head = tl.program_id(0) % (heads // groups)
     part, parts = tl.program_id(1), tl.num_programs(1)
     member = tl.arange(0, BLOCK_G)
     head = kv_head * groups + member
@@ -562,8 +563,9 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, stats_ptr,
         scores = tl.dot(q, k) * scale + tl.load(mask_ptr + batch * sm_b + cols, mask=inside, other=0.0)[None, :]
         scores = tl.where(inside[None, :], scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, axis=1))
-        p = tl.exp(scores - new_best[:, None])
-        rescale = tl.exp(best - new_best)
+        shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # every key so far hidden (a -inf mask)
+        p = tl.exp(scores - shift[:, None])
+        rescale = tl.exp(best - shift)
         total = total * rescale + tl.sum(p, axis=1)
         v = tl.load(v_ptr + batch * sv_b + kv_head * sv_h + cols[:, None].to(tl.int64) * sv_t + dims[None, :],
                     mask=inside[:, None], other=0.0)
@@ -610,6 +612,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     partial = torch.empty((batch, heads, parts, dim), dtype=torch.float32, device=query.device)
     stats = torch.empty((2, batch, heads, parts), dtype=torch.float32, device=query.device)
     mask = mask.reshape(mask.shape[0], keys)
+    if mask.stride(1) != 1:
+        mask = mask.contiguous()
     _decode_attention_kernel[(batch * kv_heads, parts)](
         query, key, value, mask, partial, stats, keys, chunk, scale, heads, groups, query.stride(0), query.stride(1),
         *key.stride()[:3], *value.stride()[:3], mask.stride(0) if mask.shape[0] > 1 else 0,
