@@ -51,7 +51,8 @@ def _decode_step(module, query, key, value, attention_mask, args, kwargs) -> boo
     """Whether an attention call is RecurrentGemma's or Jamba's decoding step (whose arguments lab knows): one
     query token per row against a decoder's buffers, its additive mask (B|1, 1, 1, keys) holding the window and
     the empty slots."""
-    return (module.config.model_type in OPS_ON and query.shape[-2] == 1 and isinstance(attention_mask, torch.Tensor)
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    return (model_type in OPS_ON and query.shape[-2] == 1 and isinstance(attention_mask, torch.Tensor)
             and attention_mask.is_floating_point() and attention_mask.shape[0] in (1, query.shape[0])
             and attention_mask.shape[1:] == (1, 1, key.shape[-2]) and value.shape[-1] == query.shape[-1]
             and query.shape[1] % key.shape[1] == 0 and not args and not kwargs.get("dropout", 0.0)
