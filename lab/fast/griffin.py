@@ -77,12 +77,11 @@ def _recurrent_block_forward(self, input_states, position_ids, attention_mask, u
     cache, tapping = kwargs.get("cache"), taps.active(steps, batch)
     if steps > 1 and acts_on(self) and (isinstance(cache, fork.Continuation) or tapping is not None):
         return _from_states(self, input_states, position_ids, cache, tapping)
-    if not acts_on(self) or not _kernels_apply(self, input_states):
+    has_states = use_cache and self.conv1d_state is not None and self.conv1d_state.shape[0] == batch
+    if not acts_on(self) or not _kernels_apply(self, input_states) or (steps == 1 and not has_states):
         return _originals["block"](self, input_states, position_ids, attention_mask, use_cache=use_cache, **kwargs)
     if steps == 1:
-        if use_cache and self.conv1d_state is not None and self.conv1d_state.shape[0] == batch:
-            return _step(self, input_states, position_ids)
-        return _originals["block"](self, input_states, position_ids, attention_mask, use_cache=use_cache, **kwargs)
+        return _step(self, input_states, position_ids)
     from lab.fast import triton_griffin
 
     lru = self.rg_lru

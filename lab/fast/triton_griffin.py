@@ -129,11 +129,9 @@ def conv_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     x = x.contiguous()
     out = torch.empty_like(x)
     new_state = torch.empty((batch, width, taps - 1), dtype=state.dtype, device=x.device)
-    placeholder = out if taps == 1 else None  # a width-1 convolution keeps no inputs
-    _conv_step_kernel[(batch, triton.cdiv(width, 256))](
-        x, placeholder if placeholder is not None else state, weight, bias, out,
-        placeholder if placeholder is not None else new_state, width, *state.stride(), TAPS=taps, BLOCK_D=256,
-        num_warps=4)
+    kept, keeps = (out, out) if taps == 1 else (state, new_state)  # a width-1 convolution keeps no inputs
+    _conv_step_kernel[(batch, triton.cdiv(width, 256))](x, kept, weight, bias, out, keeps, width, *state.stride(),
+                                                        TAPS=taps, BLOCK_D=256, num_warps=4)
     return out, new_state
 
 
@@ -164,15 +162,15 @@ def _rglru_terms(x, gate_x, gate_a, reset, t, cols, steps, width, bias_x, bias_a
 
 
 @triton.jit
-def _rglru_params(gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, cols, width, block_width):
+def _rglru_params(gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, cols, width, block_width, head_stride):
     """Per channel: (the input gate's bias, the recurrence gate's, softplus of the recurrent parameter, the
-    channel's column in its head's gates)."""
+    channel's column in the gates (heads, batch * steps, 2 * block_width), head_stride apart)."""
     in_width = cols < width
     param = tl.load(param_ptr + cols, mask=in_width, other=0.0).to(tl.float32)
     softplus = tl.where(param > 20.0, param, tl.log(1.0 + tl.exp(param)))
     bias_x = tl.load(gate_x_bias_ptr + cols, mask=in_width, other=0.0).to(tl.float32)
     bias_a = tl.load(gate_a_bias_ptr + cols, mask=in_width, other=0.0).to(tl.float32)
-    return bias_x, bias_a, softplus, cols % block_width
+    return bias_x, bias_a, softplus, (cols // block_width).to(tl.int64) * head_stride + cols % block_width
 
 
 @triton.jit(do_not_specialize=["steps", "width", "block_width", "head_stride", "chunk"])
@@ -184,9 +182,8 @@ def _rglru_chunk_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, para
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     part, parts = tl.program_id(2), tl.num_programs(2)
-    bias_x, bias_a, softplus, within = _rglru_params(gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, cols, width,
-                                                     block_width)
-    gate_cols = (cols // block_width).to(tl.int64) * head_stride + within
+    bias_x, bias_a, softplus, gate_cols = _rglru_params(gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, cols, width,
+                                                        block_width, head_stride)
     total_a = tl.full([BLOCK_D], 1.0, dtype=tl.float32)
     total_x = tl.zeros([BLOCK_D], dtype=tl.float32)
     times = tl.arange(0, BLOCK_T)
@@ -221,9 +218,8 @@ def _rglru_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, param_ptr,
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     part, parts = tl.program_id(2), tl.num_programs(2)
     in_width = cols < width
-    bias_x, bias_a, softplus, within = _rglru_params(gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, cols, width,
-                                                     block_width)
-    gate_cols = (cols // block_width).to(tl.int64) * head_stride + within
+    bias_x, bias_a, softplus, gate_cols = _rglru_params(gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, cols, width,
+                                                        block_width, head_stride)
     if HAS_H0:
         h = tl.load(h0_ptr + row * width + cols, mask=in_width, other=0.0).to(tl.float32)
     else:
@@ -267,9 +263,8 @@ def _rglru_step_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, param
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_width = cols < width
-    bias_x, bias_a, softplus, within = _rglru_params(gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, cols, width,
-                                                     block_width)
-    gate_cols = (cols // block_width).to(tl.int64) * head_stride + within
+    bias_x, bias_a, softplus, gate_cols = _rglru_params(gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, cols, width,
+                                                        block_width, head_stride)
     t = tl.zeros([1, 1], dtype=tl.int64)
     x, gate_x, gate_a, reset = _rglru_load(x_ptr, gates_ptr, reset_ptr, row, t, cols, gate_cols, 1, width,
                                            block_width)
@@ -555,9 +550,10 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, stats_ptr,
     best = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-    for start in tl.range(part * chunk, tl.minimum(part * chunk + chunk, keys), BLOCK_N):
+    end = tl.minimum(part * chunk + chunk, keys)
+    for start in tl.range(part * chunk, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        inside = cols < tl.minimum(part * chunk + chunk, keys)
+        inside = cols < end
         k = tl.load(k_ptr + batch * sk_b + kv_head * sk_h + cols[None, :].to(tl.int64) * sk_t + dims[:, None],
                     mask=inside[None, :], other=0.0)
         scores = tl.dot(q, k) * scale + tl.load(mask_ptr + batch * sm_b + cols, mask=inside, other=0.0)[None, :]
