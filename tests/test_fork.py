@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lab.fast import decode, fork, jamba_decode
+from lab.fast.host import on_device
 from lab.interventions import BlocksOff, Plan, Sparsify, apply_plan
 from lab.models import ModelSpec, load
 from lab.models.generation import greedy
@@ -173,6 +174,33 @@ def test_forked_prefill_on_the_gpu_kernels(arch, dtype, atol, monkeypatch):
     diff = (logits - whole).abs().max().item()
     assert diff <= atol, diff
     assert (logits[:, 0].argmax(-1) == whole[:, 0].argmax(-1)).float().mean().item() >= 0.9
+
+
+@gpu
+@pytest.mark.parametrize("arch", list(DECODERS))
+def test_the_forked_prefill_and_decoding_never_wait_for_the_gpu(arch, monkeypatch):
+    """From the trunk to the decoding steps' graph the host queues work without waiting for the GPU (each wait
+    leaves it idle while the host queues more: torch.tensor(list, device=...) in every attention layer did, and
+    torch.cuda.graph before its capture)."""
+    _small(monkeypatch)
+    loaded = load(ModelSpec(f"random:{arch}", device="cuda", dtype="bfloat16"))
+    rows = _needle_rows()
+    forks = fork.plan(rows)
+    groups = [g.cuda() for g in _groups(forks, rows)]
+    with apply_plan(loaded.model, loaded.anatomy, Plan()):
+        DECODERS[arch].greedy(loaded.model, groups, 4, forks=forks)  # Triton compiles its kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            DECODERS[arch].greedy(loaded.model, groups, 4, forks=forks)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+def test_values_reach_the_device_as_given(device):
+    assert on_device([[3, 1], [4, 1]], device).tolist() == [[3, 1], [4, 1]]
+    assert on_device(torch.tensor([5, 9, 2], dtype=torch.int32), device).tolist() == [5, 9, 2]
 
 
 @pytest.mark.parametrize("plan, shares", [(Plan(), True), (Plan(heads_off=((2, 1),)), True),

@@ -179,7 +179,7 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
         else:
             prefilled, logits = fork.continued(model, trunk, group, own)
             ring.fill_continued(prefilled, rows)
-            positions[rows] = torch.tensor(own, device=device)[:, None] + group.shape[1]
+            positions[rows] = prefilled.begin[:, None] + group.shape[1]
         state.take()
         return logits
 
@@ -233,15 +233,21 @@ def run_steps(step, tokens: torch.Tensor, first_logits: torch.Tensor, step_logit
 
 
 def _graph(step):
-    """Run `step` once (warm-up, a real step) and return a function replaying it as a CUDA graph."""
+    """Run `step` once (warm-up, a real step) and return a function replaying it as a CUDA graph. The capture
+    does not wait for the GPU to finish the prefill (torch.cuda.graph synchronises and empties the allocator's
+    cache first: the GPU then idled while the host captured, about 25 ms a batch on RecurrentGemma-2B)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    with torch.cuda.stream(side):
+        graph.capture_begin()
+        try:
+            step()
+        finally:
+            graph.capture_end()
     first = [True]
 
     def replay() -> None:

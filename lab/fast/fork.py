@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from lab.fast import attention, taps
+from lab.fast.host import on_device
 
 OVERHEAD = 1024  # tokens a forward costs beyond its own, as groups are chosen (H200: 1024 beat 512 on Jamba)
 OWN = 2  # tokens a prompt computes itself at least: a one-token forward is a decoding step
@@ -170,8 +171,9 @@ class _Recording(DynamicCache):
         self.tapped, self.recorded = tapped, {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """A trunk's forward has no past: its attention sees the keys given (the cache's layers are never read)."""
         self.recorded[layer_idx] = (key_states, value_states)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        return key_states, value_states
 
     def update_conv_state(self, conv_states, layer_idx, *args, conv_kernel_size=None, **kwargs):
         self.tapped.keep_inputs(layer_idx, conv_states, conv_kernel_size)
@@ -185,7 +187,7 @@ def run_trunk(model, forks: Forks, device) -> Trunk:
     if hasattr(model, "_setup_cache"):  # RecurrentGemma keeps its states in its blocks
         model._setup_cache(model.config, 1, device, model.dtype)
     with taps.recording(tapped):
-        model(input_ids=torch.tensor([forks.trunk], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=on_device([forks.trunk], device), cache=cache, use_cache=True, logits_to_keep=1)
     return Trunk(cache.recorded, tapped)
 
 
@@ -194,17 +196,18 @@ class Continuation:
     them, right-aligned, masked before position 0) then its own; recurrent and conv states start from the
     trunk's at each row's start. history() and recent() give each row's keys for the decoders' buffers."""
 
-    def __init__(self, trunk: Trunk, starts: list[int], span: int):
+    def __init__(self, trunk: Trunk, starts: list[int], span: int, device):
         self.trunk, self.starts, self.span = trunk, starts, span
+        self.begin = on_device(starts, device)  # (B,) each row's start
+        before = self.begin[:, None] - span + torch.arange(span, device=self.begin.device)
+        self._before = before.clamp(min=0)  # (B, span) the trunk's positions each row sees before its start
         self.own: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.conv: dict[int, torch.Tensor] = {}
         self.ssm: dict[int, torch.Tensor] = {}
 
     def _prefix(self, tensor: torch.Tensor) -> torch.Tensor:
         """(rows, heads, span, head dim): the trunk's `tensor` (1, heads, T, head dim) before each row's start."""
-        at = torch.tensor(self.starts, device=tensor.device)[:, None] - self.span + torch.arange(self.span,
-                                                                                                device=tensor.device)
-        return tensor[0][:, at.clamp(min=0)].transpose(0, 1)
+        return tensor[0][:, self._before].transpose(0, 1)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.own[layer_idx] = (key_states, value_states)
@@ -219,7 +222,7 @@ class Continuation:
         n = min(count, self.span + own_keys.shape[2])
         keys, values = (torch.cat([self._prefix(t), o], 2)[:, :, -n:] for t, o in ((keys, own_keys),
                                                                                     (values, own_values)))
-        ends = torch.tensor(self.starts, device=keys.device)[:, None] + own_keys.shape[2]
+        ends = self.begin[:, None] + own_keys.shape[2]
         return keys, values, ends - n + torch.arange(n, device=keys.device)
 
     def start_states(self, block) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,8 +267,8 @@ def continued(model, trunk: Trunk, ids: torch.Tensor, starts: list[int]) -> tupl
     config, device = model.config, ids.device
     window = getattr(config, "attention_window_size", None)  # RecurrentGemma's; Jamba's attention is global
     span = max(starts) if window is None else min(max(starts), window - 1)
-    cache = Continuation(trunk, starts, span)
-    begin = torch.tensor(starts, device=device)[:, None]
+    cache = Continuation(trunk, starts, span, device)
+    begin = cache.begin[:, None]
     queries = begin + torch.arange(ids.shape[1], device=device)
     if window is not None and attention.takes_attention_ops(model):  # lab's kernel: no mask, each row's first key
         mask = attention.Continued((span - begin[:, 0]).clamp(min=0))

@@ -120,7 +120,7 @@ def greedy(model, prompts: list[torch.Tensor], max_new_tokens: int, eos_id: int 
             positions[rows] = group.shape[1]
         else:
             prefilled, logits = fork.continued(model, trunk, group, own)
-            positions[rows] = torch.tensor(own, device=device)[:, None] + group.shape[1]
+            positions[rows] = prefilled.begin[:, None] + group.shape[1]
         cache.fill(prefilled, rows)
         return logits
 

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lab.fast.host import on_device
 from lab.fast.triton_scan import combine
 
 
@@ -311,7 +312,7 @@ def rglru(x: torch.Tensor, gates: torch.Tensor, gate_x_bias: torch.Tensor, gate_
         kept = torch.empty((len(keep), width), dtype=torch.float32, device=x.device)
         slots = torch.full((steps,), -1, dtype=torch.int32)
         slots[[p - 1 for p in keep]] = torch.arange(len(keep), dtype=torch.int32)  # the state after time p - 1
-        slots = slots.to(x.device)
+        slots = on_device(slots, x.device)
     reset = reset.to(torch.int8).contiguous()
     if steps == 1 and h0 is not None and not keep:  # a decoding step
         grid = (batch, triton.cdiv(width, 256))

@@ -10,6 +10,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lab.fast import decode, fork
+from lab.fast.host import on_device
 
 
 class Stopped(Exception):
@@ -85,7 +86,7 @@ def greedy(loaded, prompts: list[list[int]], max_new_tokens: int, static: bool =
     forks = fork.plan(prompts) if shared else None
     groups = forks.groups if forks is not None else _by_length(prompts)
     starts = forks.starts if forks is not None else [0] * len(prompts)
-    tensors = [torch.tensor([prompts[i][starts[i]:] for i in group], device=loaded.device) for group in groups]
+    tensors = [on_device([prompts[i][starts[i]:] for i in group], loaded.device) for group in groups]
     if static and decoder is not None:
         with tracker.decoding(loaded.device) if tracker is not None else nullcontext():
             args = (model, tensors, max_new_tokens, tok.eos_token_id)

@@ -1,0 +1,15 @@
+"""Values from the host on a device without waiting for the device's queue."""
+
+from __future__ import annotations
+
+import torch
+
+
+def on_device(values, device) -> torch.Tensor:
+    """`values` (ints, nested lists of them, or a CPU tensor) as a tensor on `device`; on a GPU copied from pinned
+    memory without waiting for the work queued there (torch.tensor(values, device=...) waits for it, and the GPU
+    idles while the host queues more)."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
