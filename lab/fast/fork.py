@@ -123,7 +123,7 @@ def _trunk(prompts: list[list[int]]) -> tuple[int, list[int]] | None:
     where no two share MIN_SHARED. In sorted order the prefix two prompts share is the least shared by the
     neighbours between them."""
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
-    arrays = [np.asarray(prompts[i]) for i in order]
+    arrays = [np.asarray(prompts[i], dtype=np.int64) for i in order]
     neighbours = np.array([_common(a, b) for a, b in zip(arrays, arrays[1:])])
     if neighbours.max() < MIN_SHARED:
         return None

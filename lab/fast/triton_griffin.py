@@ -49,7 +49,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out.view(x.shape)
 
 
-@triton.jit(do_not_specialize=["steps", "width"])
+@triton.jit(do_not_specialize=["steps"])  # the width keeps its alignment hint: vector loads and stores
 def _causal_conv_kernel(x_ptr, w_ptr, b_ptr, prior_ptr, out_ptr, steps, width, sx_b, sx_t, sp_b, sp_w, sp_k,
                         TAPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SILU: tl.constexpr,
                         PRIOR: tl.constexpr):
@@ -174,7 +174,7 @@ def _rglru_params(gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, cols, width, bloc
     return bias_x, bias_a, softplus, (cols // block_width).to(tl.int64) * head_stride + cols % block_width
 
 
-@triton.jit(do_not_specialize=["steps", "width", "block_width", "head_stride", "chunk"])
+@triton.jit(do_not_specialize=["steps", "chunk"])  # widths and strides keep their alignment hints
 def _rglru_chunk_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, reset_ptr, summary_ptr,
                         steps, width, block_width, head_stride, chunk,
                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -207,7 +207,7 @@ def _rglru_chunk_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, para
     tl.store(summary_ptr + tl.num_programs(0) * parts * width + at, total_x, mask=cols < width)
 
 
-@triton.jit(do_not_specialize=["steps", "width", "block_width", "head_stride", "chunk"])
+@triton.jit(do_not_specialize=["steps", "chunk"])  # widths and strides keep their alignment hints
 def _rglru_kernel(x_ptr, gates_ptr, gate_x_bias_ptr, gate_a_bias_ptr, param_ptr, reset_ptr, y_ptr, h0_ptr,
                   out_ptr, last_ptr, slot_ptr, kept_ptr, summary_ptr, steps, width, block_width, head_stride, chunk,
                   HAS_H0: tl.constexpr, KEEP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
