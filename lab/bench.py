@@ -83,7 +83,9 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int, haystac
             if haystack_per == "trial":
                 with fork.disabled():
                     whole_s = _two_passes(loaded, grid)[1]
-                plans = [fork.plan([t.ids for t in b]) for b in batches] if shares_prefixes(loaded.model) else []
+                model_type = loaded.model.config.model_type
+                plans = [fork.plan([t.ids for t in b], model_type) for b in batches] if shares_prefixes(loaded.model) \
+                    else []
                 saved = sum(forks.saved for forks in plans if forks is not None)
                 out.update(whole_prompts_s=round(whole_s, 3),
                            shared_tokens=round(saved / sum(len(t.ids) for t in trials), 4))

@@ -25,11 +25,11 @@ def test_bench_reports_every_measure(capsys, monkeypatch):
     assert data["mmlu"]["questions"] == 16 and data["prefill"]["tokens_per_s"] > 0
     # lab's paths are timed on their second pass over every batch: the first compiles kernels for their shapes
     assert grid["lab_first_pass_s"] > 0 and data["mmlu"]["lab_first_pass_qps"] > 0
-    # one haystack per trial (the paper's): timed as lab runs it and with every prompt whole, which is how
-    # RecurrentGemma runs it (lab.fast.fork shares a trunk on Jamba only)
+    # one haystack per trial (the paper's): timed as lab runs it (prompts continuing a trunk: lab.fast.fork) and
+    # with every prompt whole
     shared = data["needle_grid_shared"]
     assert shared["prompts"] == 12 and shared["lab_s"] > 0 and shared["whole_prompts_s"] > 0
-    assert shared["shared_tokens"] == 0
+    assert 0.1 < shared["shared_tokens"] < 0.5
     # 12 prompts in batches of 8, two passes (the shared grid: two each way), 16 questions in batches of 8
     assert batches == {"needle": 2 * 2 + 2 * 2 * 2, "mmlu": 2 * 2}
     assert [plan["batch"] for plan in data["plan_overhead"]] == [1]  # a GPU adds a batch of 8
@@ -40,7 +40,7 @@ def test_bench_shared_haystack_row_on_jamba(monkeypatch):
     from lab import bench
     from lab.fast import fork
 
-    monkeypatch.setattr(fork, "OVERHEAD", 64)  # the CPU grid's prompts are short: a forward costs less
+    monkeypatch.setattr(fork, "OVERHEAD", dict.fromkeys(fork.OVERHEAD, 64))  # the CPU grid's prompts are short
     row = bench.bench_needle(load(ModelSpec("random:jamba", device="cpu")), (256, 512, 768), (0, 50, 100), 0,
                              haystack_per="trial")
     assert row["prompts"] == 9 and row["lab_s"] > 0 and row["whole_prompts_s"] > 0

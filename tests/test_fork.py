@@ -35,9 +35,9 @@ def _needle_rows(lengths=(90, 130), depths=(0, 40, 45, 75, 100)) -> list[list[in
 
 def test_plan_starts_each_prompt_inside_the_prefix_it_shares(monkeypatch):
     monkeypatch.setattr(fork, "MIN_SHARED", 16)
-    monkeypatch.setattr(fork, "OVERHEAD", 16)
+    monkeypatch.setattr(fork, "OVERHEAD", dict.fromkeys(fork.OVERHEAD, 16))
     rows = _needle_rows()
-    forks = fork.plan(rows)
+    forks = fork.plan(rows, "recurrent_gemma")
     assert forks is not None
     assert sorted(i for group in forks.groups for i in group) == list(range(len(rows)))
     for group in forks.groups:
@@ -48,32 +48,30 @@ def test_plan_starts_each_prompt_inside_the_prefix_it_shares(monkeypatch):
     assert forks.saved == sum(forks.starts) - len(forks.trunk) > sum(map(len, rows)) // 3  # needles at 0-100 %
 
 
-def test_groups_cost_the_fewest_tokens(monkeypatch):
+def test_groups_cost_the_fewest_tokens():
     """Rows that must compute 10, 12 and 100 tokens, 16 tokens a forward: the first two together (12 each),
     the third alone; all in one forward where a forward costs 512. A row too short to compute the widest's
     tokens is never in its group."""
-    monkeypatch.setattr(fork, "OVERHEAD", 512)
-    assert fork._groups([10, 12, 100], [200, 200, 200]) == ([[0, 1, 2]], 512 + 3 * 100)
-    monkeypatch.setattr(fork, "OVERHEAD", 16)
-    assert fork._groups([10, 12, 100], [200, 200, 200]) == ([[0, 1], [2]], 2 * 16 + 2 * 12 + 100)
-    groups, _ = fork._groups([10, 90, 100], [200, 95, 200])
+    assert fork._groups([10, 12, 100], [200, 200, 200], 512) == ([[0, 1, 2]], 512 + 3 * 100)
+    assert fork._groups([10, 12, 100], [200, 200, 200], 16) == ([[0, 1], [2]], 2 * 16 + 2 * 12 + 100)
+    groups, _ = fork._groups([10, 90, 100], [200, 95, 200], 16)
     assert [1, 2] not in groups
 
 
 def test_no_forks_where_little_is_shared(monkeypatch):
     monkeypatch.setattr(fork, "MIN_SHARED", 16)
-    monkeypatch.setattr(fork, "OVERHEAD", 16)
-    assert fork.plan([_stream(100, seed=s) for s in range(4)]) is None  # nothing shared
-    assert fork.plan([[1] * 10 + _stream(100, seed=s) for s in range(4)]) is None  # too little
-    assert fork.plan([_stream(100)]) is None  # one prompt
+    monkeypatch.setattr(fork, "OVERHEAD", dict.fromkeys(fork.OVERHEAD, 16))
+    assert fork.plan([_stream(100, seed=s) for s in range(4)], "recurrent_gemma") is None  # nothing shared
+    assert fork.plan([[1] * 10 + _stream(100, seed=s) for s in range(4)], "recurrent_gemma") is None  # too little
+    assert fork.plan([_stream(100)], "recurrent_gemma") is None  # one prompt
     with fork.disabled():
-        assert fork.plan(_needle_rows()) is None
+        assert fork.plan(_needle_rows(), "recurrent_gemma") is None
 
 
 def _small(monkeypatch):
     """Thresholds for prompts of a hundred tokens."""
     monkeypatch.setattr(fork, "MIN_SHARED", 16)
-    monkeypatch.setattr(fork, "OVERHEAD", 16)
+    monkeypatch.setattr(fork, "OVERHEAD", dict.fromkeys(fork.OVERHEAD, 16))
 
 
 def _groups(forks, rows):
@@ -93,7 +91,7 @@ def test_forked_prefill_decodes_as_whole_prompts(plan, arch, monkeypatch):
     _small(monkeypatch)
     loaded = tiny(arch)
     rows = _needle_rows()
-    forks = fork.plan(rows)
+    forks = fork.plan(rows, arch)
     assert forks is not None and any(len({forks.starts[i] for i in group}) > 1 for group in forks.groups)
     whole = [torch.tensor([rows[i]]) for group in forks.groups for i in group]  # each alone, in the same order
     with apply_plan(loaded.model, loaded.anatomy, plan):
@@ -120,7 +118,7 @@ def test_forked_recurrentgemma_configs(config, monkeypatch):
     model = AutoModelForCausalLM.from_config(tiny_config("recurrent_gemma", **config)).eval()
     lab.fast.apply(model)
     rows = _needle_rows()
-    forks = fork.plan(rows)
+    forks = fork.plan(rows, "recurrent_gemma")
     whole = [torch.tensor([rows[i]]) for group in forks.groups for i in group]
     tokens, logits = decode.greedy(model, _groups(forks, rows), 6, return_logits=True, forks=forks)
     whole_tokens, whole_logits = decode.greedy(model, whole, 6, return_logits=True)
@@ -139,7 +137,7 @@ def test_forked_recurrent_blocks_in_labs_kernels(monkeypatch):
     loaded = tiny("recurrent_gemma")
     monkeypatch.setattr(griffin, "triton_applies", lambda *tensors: True)
     rows = _needle_rows()
-    forks = fork.plan(rows)
+    forks = fork.plan(rows, "recurrent_gemma")
     whole = [torch.tensor([rows[i]]) for group in forks.groups for i in group]
     calls = []
     kernel = griffin._rglru
@@ -165,7 +163,7 @@ def test_forked_prefill_on_the_gpu_kernels(arch, dtype, atol, monkeypatch):
     loaded = load(ModelSpec(f"random:{arch}", device="cuda", dtype=dtype))
     assert fork.supports(loaded.model)
     rows = _needle_rows()
-    forks = fork.plan(rows)
+    forks = fork.plan(rows, arch)
     groups = [g.cuda() for g in _groups(forks, rows)]
     full = [torch.tensor([rows[i]]).cuda() for group in forks.groups for i in group]
     with apply_plan(loaded.model, loaded.anatomy, Plan()):
@@ -185,7 +183,7 @@ def test_the_forked_prefill_and_decoding_never_wait_for_the_gpu(arch, monkeypatc
     _small(monkeypatch)
     loaded = load(ModelSpec(f"random:{arch}", device="cuda", dtype="bfloat16"))
     rows = _needle_rows()
-    forks = fork.plan(rows)
+    forks = fork.plan(rows, arch)
     groups = [g.cuda() for g in _groups(forks, rows)]
     with apply_plan(loaded.model, loaded.anatomy, Plan()):
         DECODERS[arch].greedy(loaded.model, groups, 4, forks=forks)  # Triton compiles its kernels
@@ -213,7 +211,7 @@ def test_greedy_forks_only_where_the_plan_acts_alike_everywhere(plan, shares, mo
     _small(monkeypatch)
     planned = []
     real = fork.plan
-    monkeypatch.setattr(fork, "plan", lambda rows: planned.append(real(rows)) or planned[-1])
+    monkeypatch.setattr(fork, "plan", lambda rows, model_type: planned.append(real(rows, model_type)) or planned[-1])
     for arch in DECODERS:
         loaded = tiny(arch)
         with apply_plan(loaded.model, loaded.anatomy, plan) as tracker:
@@ -231,7 +229,7 @@ def test_needle_grid_with_one_haystack_scores_the_same_forked(arch, monkeypatch)
                       max_new_tokens=6)
     builder = PromptBuilder(loaded.tokenizer, spec)
     trials = [builder.build(*cell) for cell in spec.cells()]
-    assert fork.plan([t.ids for t in trials]) is not None
+    assert fork.plan([t.ids for t in trials], arch) is not None
     with apply_plan(loaded.model, loaded.anatomy, Plan()) as tracker:
         forked = needle.run_batch(loaded, spec, trials, tracker)
         with fork.disabled():
@@ -247,7 +245,7 @@ def test_forked_prefill_on_eager_attention(arch, monkeypatch):
     loaded = load(ModelSpec(f"random:{arch}", device="cpu", attn_implementation="eager"))
     assert DECODERS[arch].supports(loaded.model) and fork.supports(loaded.model)
     rows = _needle_rows()
-    forks = fork.plan(rows)
+    forks = fork.plan(rows, arch)
     whole = [torch.tensor([rows[i]]) for group in forks.groups for i in group]
     _, logits = DECODERS[arch].greedy(loaded.model, _groups(forks, rows), 4, return_logits=True, forks=forks)
     _, whole_logits = DECODERS[arch].greedy(loaded.model, whole, 4, return_logits=True)
@@ -265,7 +263,7 @@ def test_prompts_too_short_to_share_run_whole(arch):
         with fork.disabled():
             whole = greedy(loaded, rows, 3, static=True)
         assert greedy(loaded, rows, 3, static=True) == whole
-        forks = fork.plan(rows)
+        forks = fork.plan(rows, arch)
         assert forks is None or len(forks.trunk) >= fork.OWN
 
 
@@ -285,7 +283,7 @@ def test_a_group_that_runs_out_of_memory_continues_in_halves(arch, monkeypatch):
     _small(monkeypatch)
     loaded = tiny(arch)
     rows = _needle_rows()
-    forks = fork.plan(rows)
+    forks = fork.plan(rows, arch)
     assert any(len(group) > 1 and any(forks.starts[i] for i in group) for group in forks.groups)
     real, failed = fork.continued, []
 

@@ -7,8 +7,8 @@ start, its recurrent (Mamba, RG-LRU) and conv states (lab.fast.taps). The prompt
 each compute the same number of tokens, the last ones of the prompt, from their own start inside the prefix they
 share with the trunk: one forward per group, without padding, each row's attention seeing the trunk's keys
 before its start. A row whose shared prefix is longer than its group needs recomputes part of it; the groups
-are chosen to cost the fewest tokens, counting OVERHEAD tokens per forward (weights read, launches, a scan's
-latency). The fixed-buffer decoders (lab.fast.decode, lab.fast.jamba_decode) take the states from there as from a whole
+are chosen to cost the fewest tokens, counting OVERHEAD tokens (per model type) per forward (weights read,
+launches, a scan's latency). The fixed-buffer decoders (lab.fast.decode, lab.fast.jamba_decode) take the states from there as from a whole
 prefill. RecurrentGemma's windowed attention over the trunk's keys runs in lab's window kernel on a GPU
 (attention.Continued: each row's first key, no mask).
 """
@@ -26,7 +26,9 @@ from transformers import DynamicCache
 from lab.fast import attention, taps
 from lab.fast.host import on_device
 
-OVERHEAD = 1024  # tokens a forward costs beyond its own, as groups are chosen (H200: 1024 beat 512 on Jamba)
+# tokens a forward costs beyond its own, as groups are chosen (H200: Jamba 1024 beat 512; RecurrentGemma-9B's grid
+# 3.45 / 3.47 / 3.54 s at 256 / 512 / 1024, 2B's within its noise)
+OVERHEAD = {"jamba": 1024, "recurrent_gemma": 256}
 OWN = 2  # tokens a prompt computes itself at least: a one-token forward is a decoding step
 MIN_SHARED = 128  # tokens two prompts share at least for a trunk to be tried
 MIN_SAVED = 0.1  # share of the cost of whole prompts the trunk must save, else every prompt prefills whole
@@ -75,8 +77,9 @@ class Forks:
         return sum(self.starts) - len(self.trunk)
 
 
-def plan(prompts: list[list[int]]) -> Forks | None:
-    """How `prompts` share one trunk, or None where that saves under MIN_SAVED of the cost (or is off)."""
+def plan(prompts: list[list[int]], model_type: str) -> Forks | None:
+    """How `prompts` share one trunk on a model of `model_type`, or None where that saves under MIN_SAVED of the
+    cost (or is off)."""
     if not _enabled.get() or len(prompts) < 2:
         return None
     found = _trunk(prompts)
@@ -85,21 +88,22 @@ def plan(prompts: list[list[int]]) -> Forks | None:
     trunk, shared = found
     lengths = [len(p) for p in prompts]
     own = [n - max(0, min(s, n - OWN)) for n, s in zip(lengths, shared)]  # a prompt under OWN tokens: all
-    groups, cost = _groups(own, lengths)
+    overhead = OVERHEAD[model_type]
+    groups, cost = _groups(own, lengths, overhead)
     starts = [0] * len(prompts)
     for group in groups:
         width = max(own[i] for i in group)
         for i in group:
             starts[i] = lengths[i] - width
-    whole = sum(OVERHEAD + lengths.count(n) * n for n in set(lengths))
-    if max(starts) < OWN or cost + OVERHEAD + max(starts) > (1 - MIN_SAVED) * whole:
+    whole = sum(overhead + lengths.count(n) * n for n in set(lengths))
+    if max(starts) < OWN or cost + overhead + max(starts) > (1 - MIN_SAVED) * whole:
         return None  # (a one-token trunk would be a decoding step, which keeps no states)
     return Forks(prompts[trunk][:max(starts)], starts, groups)
 
 
-def _groups(own: list[int], lengths: list[int]) -> tuple[list[list[int]], int]:
+def _groups(own: list[int], lengths: list[int], overhead: int) -> tuple[list[list[int]], int]:
     """Prompts in groups (contiguous in order of `own`, the tokens each must compute) that each compute their
-    largest `own`, with every prompt at least that long, at the least cost: OVERHEAD + tokens per group."""
+    largest `own`, with every prompt at least that long, at the least cost: overhead + tokens per group."""
     order = sorted(range(len(own)), key=lambda i: (own[i], lengths[i]))
     best, cut = [0] + [None] * len(order), [0] * (len(order) + 1)
     for end in range(1, len(order) + 1):
@@ -108,7 +112,7 @@ def _groups(own: list[int], lengths: list[int]) -> tuple[list[list[int]], int]:
             shortest = min(shortest, lengths[order[begin]])
             if shortest < width:
                 break
-            cost = best[begin] + OVERHEAD + (end - begin) * width
+            cost = best[begin] + overhead + (end - begin) * width
             if best[end] is None or cost < best[end]:
                 best[end], cut[end] = cost, begin
     groups, end = [], len(order)
