@@ -362,3 +362,26 @@ def test_only_decoding_steps_lab_knows_take_the_decode_kernel(monkeypatch):
     finally:
         module.config.model_type = "recurrent_gemma"
     assert not calls
+
+
+@kernel
+def test_the_window_kernel_routes_keep_a_scaling_of_zero(monkeypatch):
+    """A scaling of 0 (every allowed key weighted alike) is a scale like any other: a whole prompt's windowed
+    attention and rows continuing a trunk's keys keep it, as sdpa does."""
+    loaded = load(ModelSpec("random:recurrent_gemma", device=DEVICE, dtype="float32"))
+    module = loaded.model.model.layers[2].temporal_block
+    monkeypatch.setattr(attention, "_kernel_applies", lambda *tensors: True)
+    (q, k, v, mask, _), window = _inputs(heads=module.num_attention_heads, kv=module.num_key_value_heads,
+                                         dim=module.head_dim)
+    out, _ = attention.windowed_sdpa(module, q, k, v, mask, sliding_window=window, scaling=0.0)
+    expected, _ = attention._originals["sdpa"](module, q, k, v, mask, sliding_window=window, scaling=0.0)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    span, steps = 60, q.shape[2] - 60
+    first = torch.tensor([0, 25], device=DEVICE)
+    at, cols = torch.arange(steps)[:, None] + span, torch.arange(span + steps)[None]
+    seen = ((cols <= at) & (cols > at - window))[None] & (cols[None] >= first.cpu()[:, None, None])
+    out, _ = attention.windowed_sdpa(module, q[:, :, span:], k, v, attention.Continued(first), sliding_window=window,
+                                     scaling=0.0)
+    expected, _ = attention._originals["sdpa"](module, q[:, :, span:], k, v, seen[:, None].to(DEVICE),
+                                               sliding_window=window, scaling=0.0)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

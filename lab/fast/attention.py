@@ -59,6 +59,12 @@ def _decode_step(module, query, key, value, attention_mask, args, kwargs) -> boo
             and kwargs.get("softcap") is None)
 
 
+def _scale(query, kwargs) -> float:
+    """The call's softmax scale: its `scaling` (0 too), else sdpa's 1 / sqrt(head dim)."""
+    scaling = kwargs.get("scaling")
+    return query.shape[-1] ** -0.5 if scaling is None else scaling
+
+
 def _kernel_applies(query, key) -> bool:
     return (query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] in (16, 32, 64, 128, 256)
             and triton_applies(query, key))
@@ -77,8 +83,7 @@ def window_parts(module, query, key, value, attention_mask, *args, sliding_windo
     if attention_mask is None:
         attention_mask = torch.ones((1, 1, steps, steps), dtype=torch.bool, device=query.device)
     window = sliding_window if isinstance(sliding_window, int) else steps
-    scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-    return triton_griffin.window_attention_parts(query, key, value, attention_mask, window, scale,
+    return triton_griffin.window_attention_parts(query, key, value, attention_mask, window, _scale(query, kwargs),
                                                  needle=needle, metric=metric)
 
 
@@ -106,14 +111,12 @@ def windowed_sdpa(module, query, key, value, attention_mask, *args, sliding_wind
     if _decode_step(module, query, key, value, attention_mask, args, kwargs) and _kernel_applies(query, key):
         from lab.fast import triton_griffin
 
-        scale = kwargs.get("scaling")
-        scale = query.shape[-1] ** -0.5 if scale is None else scale
-        return triton_griffin.decode_attention(query, key, value, attention_mask, scale), None
+        return triton_griffin.decode_attention(query, key, value, attention_mask, _scale(query, kwargs)), None
     if isinstance(attention_mask, Continued):  # fork.continued passes one only where the kernel applies
         from lab.fast import triton_griffin
 
-        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        return triton_griffin.continued_attention(query, key, value, attention_mask.first, sliding_window, scale), None
+        return triton_griffin.continued_attention(query, key, value, attention_mask.first, sliding_window,
+                                                  _scale(query, kwargs)), None
     if not (isinstance(sliding_window, int) and isinstance(attention_mask, torch.Tensor)
             and _whole_prompt(module, query, key, attention_mask, args, kwargs)):
         return original(module, query, key, value, attention_mask, *args, sliding_window=sliding_window, **kwargs)
