@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from statistics import median
 
 import torch
 
@@ -59,11 +60,12 @@ def _reference_generate(loaded: Loaded, trial, new_tokens: int) -> None:
     needle_probe.greedy(loaded, [trial.ids], new_tokens)
 
 
-def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int, haystack_per: str = "cell") -> dict:
-    """Grid time for lab's needle probe versus one-prompt-at-a-time generate() on the reference recurrences.
-    haystack_per="trial" (the paper's protocol: one haystack cut to every length and depth) also times lab's
-    path with every prompt prefilled whole, and gives the share of prompt tokens a shared trunk saved
-    (lab.fast.fork; 0 where the model prefills every prompt whole)."""
+def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int, haystack_per: str = "cell",
+                 passes: int = 1) -> dict:
+    """Grid time for lab's needle probe (the median of `passes` passes after the first) versus one-prompt-at-a-time
+    generate() on the reference recurrences. haystack_per="trial" (the paper's protocol: one haystack cut to every
+    length and depth) also times lab's path with every prompt prefilled whole, and gives the share of prompt
+    tokens a shared trunk saved (lab.fast.fork; 0 where the model prefills every prompt whole)."""
     spec, trials = _needle_trials(loaded, lengths, depths, haystack_per)
     tokens = max(spec.lengths) + spec.max_new_tokens
     batch_size = auto_batch_size(spec.batch_size, loaded, tokens, decode_row_bytes(loaded.model, tokens))  # as the runner
@@ -76,18 +78,19 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int, haystac
             def grid():
                 for batch in batches:
                     needle_probe.run_batch(loaded, spec, batch, tracker)
-            first, lab_s = _two_passes(loaded, grid)
-            out = {"prompts": len(trials), "new_tokens": spec.max_new_tokens, "lab_s": round(lab_s, 3),
+            first, times = _passes(loaded, grid, passes)
+            lab_s = median(times)
+            out = {"prompts": len(trials), "new_tokens": spec.max_new_tokens, **_seconds("lab_s", times),
                    "lab_first_pass_s": round(first, 3),
                    "reference_s": None, "reference_measured_prompts": 0, "speedup": None}
             if haystack_per == "trial":
                 with fork.disabled():
-                    whole_s = _two_passes(loaded, grid)[1]
+                    whole = _passes(loaded, grid, passes)[1]
                 model_type = loaded.model.config.model_type
                 plans = [fork.plan([t.ids for t in b], model_type) for b in batches] if shares_prefixes(loaded.model) \
                     else []
                 saved = sum(forks.saved for forks in plans if forks is not None)
-                out.update(whole_prompts_s=round(whole_s, 3),
+                out.update(**_seconds("whole_prompts_s", whole),
                            shared_tokens=round(saved / sum(len(t.ids) for t in trials), 4))
         if not reference_sample:
             return out
@@ -106,7 +109,7 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int, haystac
 
 
 @torch.inference_mode()
-def bench_mmlu(loaded: Loaded, questions: int, batch_size: int, reference: bool = True) -> dict:
+def bench_mmlu(loaded: Loaded, questions: int, batch_size: int, reference: bool = True, passes: int = 1) -> dict:
     qs, dev = mmlu_probe.load_questions(mmlu_probe.MMLUSpec(shots=5))
     qs = qs[:questions]
     scorer = mmlu_probe.Scorer(loaded.tokenizer, 5)
@@ -115,9 +118,12 @@ def bench_mmlu(loaded: Loaded, questions: int, batch_size: int, reference: bool 
         def every_question():
             for i in range(0, len(items), batch_size):
                 mmlu_probe.run_batch(loaded, scorer, items[i:i + batch_size], tracker)
-        first, lab_s = _two_passes(loaded, every_question)
-    lab_qps = round(len(items) / lab_s, 2)
-    out = {"questions": len(items), "lab_qps": lab_qps, "lab_first_pass_qps": round(len(items) / first, 2)}
+        first, times = _passes(loaded, every_question, passes)
+    lab_s = median(times)
+    out = {"questions": len(items), "lab_qps": round(len(items) / lab_s, 2),
+           "lab_first_pass_qps": round(len(items) / first, 2)}
+    if len(times) > 1:
+        out["lab_qps_range"] = [round(len(items) / max(times), 2), round(len(items) / min(times), 2)]
     if not reference:
         return {**out, "per_choice_qps": None, "speedup": None}
     with Timer(loaded.device) as per_choice:
@@ -128,11 +134,19 @@ def bench_mmlu(loaded: Loaded, questions: int, batch_size: int, reference: bool 
             "speedup": round(per_choice.seconds / lab_s, 2)}
 
 
-def _two_passes(loaded: Loaded, run) -> tuple[float, float]:
-    """Seconds of run()'s first and second pass. The second is the measure: the first compiles the kernels of
+def _passes(loaded: Loaded, run, timed: int) -> tuple[float, list[float]]:
+    """Seconds of run()'s first pass and of `timed` passes after it, the measure: the first compiles the kernels of
     every shape it meets (Triton compiles a kernel per class of shapes on first use)."""
     first = _timed(loaded, run)
-    return first, _timed(loaded, run)
+    return first, [_timed(loaded, run) for _ in range(timed)]
+
+
+def _seconds(key: str, times: list[float]) -> dict:
+    """{key: the median of `times`}, and with several {key_range: [fastest, slowest]}."""
+    out = {key: round(median(times), 3)}
+    if len(times) > 1:
+        out[f"{key[:-2]}_range_s"] = [round(min(times), 3), round(max(times), 3)]
+    return out
 
 
 def _timed(loaded: Loaded, fn) -> float:
@@ -247,9 +261,11 @@ def parse_rows(text: str | None) -> tuple[str, ...]:
 
 
 def run_bench(loaded: Loaded, quick: bool, rows: tuple[str, ...] = ROWS, progress=None,
-              reference: int | None = None) -> dict:
+              reference: int | None = None, passes: int = 1) -> dict:
     """Every measure of `rows`, each on its own (see _measured); progress(label) before each. reference: needle
-    prompts the reference path times (None: 10 on a GPU, 4 on a CPU; 0: no reference path, MMLU's neither)."""
+    prompts the reference path times (None: 10 on a GPU, 4 on a CPU; 0: no reference path, MMLU's neither).
+    passes: lab's needle and MMLU paths are timed over this many passes after the first (the median, and the
+    range where more than one)."""
     if loaded.device.type == "meta":
         raise LabError("a model on the meta device has no weights to time: use it with lab inspect only")
     on_gpu = loaded.device.type == "cuda"
@@ -260,15 +276,16 @@ def run_bench(loaded: Loaded, quick: bool, rows: tuple[str, ...] = ROWS, progres
     measures = []  # (key, label, shape, measure)
     if "needle" in rows:
         measures.append(("needle_grid", "needle grid", f"{len(lengths) * len(depths)} prompts",
-                         lambda: bench_needle(loaded, lengths, depths, reference_sample=sample)))
+                         lambda: bench_needle(loaded, lengths, depths, reference_sample=sample, passes=passes)))
     if "needle-shared" in rows:  # the paper's protocol: prompts share the haystack up to their needle
         measures.append(("needle_grid_shared", "needle grid, one haystack", f"{len(lengths) * len(depths)} prompts",
-                         lambda: bench_needle(loaded, lengths, depths, reference_sample=0, haystack_per="trial")))
+                         lambda: bench_needle(loaded, lengths, depths, reference_sample=0, haystack_per="trial",
+                                              passes=passes)))
     if "mmlu" in rows:
         questions, batch = (128, 64) if on_gpu else (16, 8)
         measures.append(("mmlu", "MMLU", f"{questions} questions, batch {batch}",
                          lambda batch=batch: bench_mmlu(loaded, questions=questions, batch_size=batch,
-                                                        reference=sample > 0)))
+                                                        reference=sample > 0, passes=passes)))
     if "plans" in rows:
         # one prompt (on a GPU bound by launching kernels from Python, so hook code counts) and a probe-sized batch
         for batch in (1, 8) if on_gpu else (1,):

@@ -302,6 +302,8 @@ def cmd_bench(args) -> int:
     rows = parse_rows(args.rows)
     if args.reference is not None and args.reference < 0:
         raise LabError(f"--reference {args.reference}: give a number of prompts >= 0 (0: lab's paths only)")
+    if args.passes < 1:
+        raise LabError(f"--passes {args.passes}: give a number of timed passes >= 1")
     loaded = load_for_bench(args.model, args.device, args.dtype)
     status = None
     if not args.json and sys.stderr.isatty():
@@ -310,7 +312,7 @@ def cmd_bench(args) -> int:
         status = Console(stderr=True).status("measuring")
         status.start()
     try:
-        results = run_bench(loaded, quick=args.quick, rows=rows, reference=args.reference,
+        results = run_bench(loaded, quick=args.quick, rows=rows, reference=args.reference, passes=args.passes,
                             progress=None if status is None else lambda label: status.update(f"measuring {label}"))
     finally:
         if status is not None:
@@ -481,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=int, metavar="N",
                    help="needle prompts the reference path times (default 10 on a GPU, 4 on a CPU); "
                         "0: lab's paths only")
+    p.add_argument("--passes", type=int, default=1, metavar="N",
+                   help="time lab's needle and MMLU paths over N passes after the first (compiling) one: the median "
+                        "and the range (default 1)")
     p.add_argument("--json", action="store_true", help="print the measures as JSON")
     p.set_defaults(func=cmd_bench)
     for choice in sub._choices_actions:  # each command's --help opens with what the command list says of it

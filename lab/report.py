@@ -163,8 +163,8 @@ def _shared_table(n: dict) -> Table:
     table = _table("needle grid, one haystack per trial (the paper's protocol)",
                    {"measure": "left", "shared trunk": "right", "whole prompts": "right", "tokens shared": "right"})
     if not _skipped(table, "needle, one haystack", n):
-        _row(table, f"needle, {n['prompts']} prompts x {n['new_tokens']} tokens", f"{n['lab_s']:.2f} s",
-             f"{n['whole_prompts_s']:.2f} s", f"{100 * n['shared_tokens']:.0f} %")
+        _row(table, f"needle, {n['prompts']} prompts x {n['new_tokens']} tokens", _seconds(n, "lab"),
+             _seconds(n, "whole_prompts"), f"{100 * n['shared_tokens']:.0f} %")
     return table
 
 
@@ -175,7 +175,7 @@ def _speed_table(results: dict) -> Table:
     n = results.get("needle_grid")
     if n is not None and not _skipped(table, "needle grid", n):
         timed = n["reference_s"] is not None
-        _row(table, f"needle, {n['prompts']} prompts x {n['new_tokens']} tokens", f"{n['lab_s']:.2f} s",
+        _row(table, f"needle, {n['prompts']} prompts x {n['new_tokens']} tokens", _seconds(n, "lab"),
              f"{n['reference_s']:.2f} s" if timed else "not timed", f"{n['speedup']:.1f}x" if timed else "")
         if timed:
             notes.append(f"needle reference: generate(), one prompt at a time ({n['reference_measured_prompts']} "
@@ -183,13 +183,20 @@ def _speed_table(results: dict) -> Table:
     m = results.get("mmlu")
     if m is not None and not _skipped(table, "MMLU 5-shot", m):
         timed = m["per_choice_qps"] is not None
-        _row(table, f"MMLU 5-shot, {m['questions']} questions", f"{m['lab_qps']:.1f} q/s",
+        spread = f" ({m['lab_qps_range'][0]:.1f}-{m['lab_qps_range'][1]:.1f})" if "lab_qps_range" in m else ""
+        _row(table, f"MMLU 5-shot, {m['questions']} questions", f"{m['lab_qps']:.1f} q/s{spread}",
              f"{m['per_choice_qps']:.1f} q/s" if timed else "not timed", f"{m['speedup']:.1f}x" if timed else "")
         if timed:
             notes.append("MMLU reference: one forward per choice")
     table.caption = text("; ".join(["speedup: reference time / lab time", *notes]))
     table.caption_justify = "left"
     return table
+
+
+def _seconds(row: dict, key: str) -> str:
+    """A timed path's seconds: the median, and the range where several passes were timed."""
+    spread = row.get(f"{key}_range_s")
+    return f"{row[f'{key}_s']:.2f} s" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
 
 
 def _skipped(table: Table, label: str, row: dict) -> bool:

@@ -169,6 +169,31 @@ def test_bench_without_the_reference_paths(capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == "lab: --reference -1: give a number of prompts >= 0 (0: lab's paths only)"
 
 
+def test_bench_passes_report_the_median_and_the_range(capsys, monkeypatch):
+    """--passes N times lab's needle and MMLU paths over N passes after the first (compiling) one: the median is
+    the figure, the fastest and slowest beside it; 0 passes fail before any model loads."""
+    from lab import bench
+
+    seconds = iter([9.0, 3.0, 1.0, 2.0,  9.0, 5.0, 4.0, 6.0,  9.0, 0.5, 0.25, 1.0])  # first pass, then three
+    monkeypatch.setattr(bench, "_timed", lambda loaded, run: next(seconds))
+    assert main(["bench", "random:recurrent_gemma", "--device", "cpu", "--rows", "needle-shared,mmlu",
+                 "--reference", "0", "--passes", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    shared, mmlu = data["needle_grid_shared"], data["mmlu"]
+    assert (shared["lab_s"], shared["lab_range_s"], shared["lab_first_pass_s"]) == (2.0, [1.0, 3.0], 9.0)
+    assert (shared["whole_prompts_s"], shared["whole_prompts_range_s"]) == (5.0, [4.0, 6.0])
+    assert (mmlu["lab_qps"], mmlu["lab_qps_range"]) == (32.0, [16.0, 64.0])  # 16 questions
+    assert next(seconds, None) is None
+    seconds = iter([9.0, 3.0, 1.0, 2.0,  9.0, 5.0, 4.0, 6.0])
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["bench", "random:recurrent_gemma", "--device", "cpu", "--rows", "needle-shared", "--reference", "0",
+                 "--passes", "3"]) == 0
+    assert "2.00 s (1.00-3.00)" in capsys.readouterr().out
+    monkeypatch.setattr("lab.bench.load_for_bench", lambda *a: pytest.fail("loaded a model"))
+    assert main(["bench", "random:jamba", "--passes", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "lab: --passes 0: give a number of timed passes >= 1"
+
+
 @pytest.mark.parametrize("row", ["prefill", "plans"])
 def test_prefill_and_plan_rows_time_the_prompt_pass_probes_run(row):
     """Probes keep the logits of a prompt's last position only; a 256k-token output layer over every position
