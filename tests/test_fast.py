@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -281,11 +283,47 @@ def test_a_plan_of_one_phase_decodes_in_one_graph(plan, arch, device, monkeypatc
         with apply_plan(loaded.model, loaded.anatomy, plan) as tracker:
             return [r["output"] for r in needle.run_batch(loaded, spec, trials, tracker)]
 
-    monkeypatch.setattr(decode, "_graph", lambda step: captured.append(1) or graph(step))
+    monkeypatch.setattr(decode, "_graph", lambda step, room: captured.append(1) or graph(step, room))
     first = answers()
     if device == "cuda":
-        monkeypatch.setattr(decode, "_graph", lambda step: step)
+        monkeypatch.setattr(decode, "_graph", lambda step, room: step)
     else:
         fast.apply(loaded.model, False)  # generate(), one length at a time
     assert captured == ([1] if device == "cuda" else [])
     assert any(first) and first == answers()
+
+
+@pytest.mark.parametrize("free, emptied", [(3 << 30, False), (1 << 20, True)])
+def test_the_decoding_graph_is_captured_without_waiting_unless_memory_is_short(free, emptied, monkeypatch):
+    """The capture does not wait for the GPU (no synchronise, no emptied cache), except where the GPU has less
+    free memory than the step needs: a capture allocates from a pool of its own, which cannot take the cache's
+    free blocks, so the cache is emptied first. The warm-up is a real step; the first replay is skipped."""
+    from lab.fast import decode
+
+    calls = []
+
+    class Stream:
+        def wait_stream(self, other):
+            calls.append("wait")
+
+    class Graph:
+        def capture_begin(self):
+            calls.append("begin")
+
+        def capture_end(self):
+            calls.append("end")
+
+        def replay(self):
+            calls.append("replay")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *device: (free, 8 << 30))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *device: calls.append("synchronize"))
+    replay = decode._graph(lambda: calls.append("step"), room=1 << 30)
+    replay()
+    replay()
+    assert calls == ["wait", "step", "wait"] + ["empty"] * emptied + ["begin", "step", "end", "replay"]

@@ -196,9 +196,16 @@ def test_the_forked_prefill_and_decoding_never_wait_for_the_gpu(arch, monkeypatc
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
-def test_values_reach_the_device_as_given(device):
-    assert on_device([[3, 1], [4, 1]], device).tolist() == [[3, 1], [4, 1]]
-    assert on_device(torch.tensor([5, 9, 2], dtype=torch.int32), device).tolist() == [5, 9, 2]
+def test_integers_reach_the_device_as_given(device):
+    """Lists as int64 (as torch.tensor makes them), a tensor in its own dtype; anything but integers is refused
+    (numpy would cut floats to integers)."""
+    listed, given = on_device([[3, -1], [4, 1]], device), on_device(torch.tensor([5, 9, 2], dtype=torch.int32), device)
+    assert (listed.tolist(), listed.dtype, listed.device.type) == ([[3, -1], [4, 1]], torch.int64, device)
+    assert (given.tolist(), given.dtype, given.device.type) == ([5, 9, 2], torch.int32, device)
+    assert on_device([], device).dtype == torch.int64
+    for wrong in ([1.5, 2.0], [True, False], torch.tensor([0.5])):
+        with pytest.raises(TypeError):
+            on_device(wrong, device)
 
 
 @pytest.mark.parametrize("plan, shares", [(Plan(), True), (Plan(heads_off=((2, 1),)), True),

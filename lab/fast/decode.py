@@ -218,7 +218,8 @@ def run_steps(step, tokens: torch.Tensor, first_logits: torch.Tensor, step_logit
     return_logits, the (B, new, V) logits."""
     outputs, all_logits = [tokens.clone()], [first_logits.float()]
     if max_new_tokens > 1:
-        replay = _graph(step) if graph and tokens.device.type == "cuda" else step
+        room = LOGIT_COPIES * step_logits.numel() * 4 + CAPTURE_ROOM
+        replay = _graph(step, room) if graph and tokens.device.type == "cuda" else step
         for n in range(1, max_new_tokens):
             if stop_requested():  # the caller drops the batch
                 break
@@ -232,15 +233,22 @@ def run_steps(step, tokens: torch.Tensor, first_logits: torch.Tensor, step_logit
     return (generated, torch.stack(all_logits, 1)) if return_logits else generated
 
 
-def _graph(step):
+CAPTURE_ROOM = 1 << 30  # bytes free on the GPU, beyond the step's logits, under which a capture empties the cache
+
+
+def _graph(step, room: int):
     """Run `step` once (warm-up, a real step) and return a function replaying it as a CUDA graph. The capture
     does not wait for the GPU to finish the prefill (torch.cuda.graph synchronises and empties the allocator's
-    cache first: the GPU then idled while the host captured, about 25 ms a batch on RecurrentGemma-2B)."""
+    cache first: the GPU then idled while the host captured, about 25 ms a batch on RecurrentGemma-2B), unless
+    the GPU has under `room` bytes free: a capture allocates from a pool of its own, which cannot take the
+    cache's free blocks, so there the cache is emptied first (which waits for the GPU)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         step()
     torch.cuda.current_stream().wait_stream(side)
+    if torch.cuda.mem_get_info()[0] < room:
+        torch.cuda.empty_cache()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
         graph.capture_begin()
