@@ -31,8 +31,8 @@ def heatmap(rows: list[dict], value: str = "score") -> tuple[list[int], list[flo
 
 KIND_SHORT = {"attention": "attn"}
 PHASE_SHORT = {"generation": "gen only", "prefill": "prefill only"}
-RUN_COLUMNS = ("id", "needle", "MMLU", "plan", "probes", "trials", "status", "started", "model", "name")  # figures
-# first: at 80 columns the console's Runs tab showed only id and plan
+RUN_COLUMNS = ("id", "needle", "MMLU", "status", "plan", "probes", "trials", "started", "model", "name")  # figures
+# and status first: at 80 columns the console's Runs tab showed only id and plan, at 120 a long plan hid the status
 
 
 def short_plan(plan: dict) -> str:
@@ -100,6 +100,6 @@ def run_cells(run: dict, summary: dict, now: float | None = None) -> list[str]:
     """One run as the cells of RUN_COLUMNS (`summary`: summarize() of its trials)."""
     def accuracy(probe: str) -> str:
         return f"{100 * summary[probe]['accuracy']:.1f} %" if probe in summary else ""
-    return [str(run["id"]), accuracy("needle"), accuracy("mmlu"), short_plan(json.loads(run["plan"])),
-            " ".join(sorted(summary)), str(run["trials"]), run["status"], age((now or time.time()) - run["started"]),
-            run["model"], preset_name(run)]
+    return [str(run["id"]), accuracy("needle"), accuracy("mmlu"), run["status"], short_plan(json.loads(run["plan"])),
+            " ".join(sorted(summary)), str(run["trials"]), age((now or time.time()) - run["started"]), run["model"],
+            preset_name(run)]
