@@ -1,6 +1,7 @@
 """The console, driven by Textual's Pilot on a tiny random model (no GPU, no download)."""
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -1004,6 +1005,23 @@ async def test_the_needle_legend_sits_above_100_percent(tmp_path):
         chart.show([(f"run {i}", {"300": 1.0, "400": 0.5}) for i in range(3)])
         rows = chart.size.height - 5  # less the title, the x axis and its labels
         assert rows > 4 and chart.top - 100 >= 4 * (chart.top + 5) / rows
+
+
+@pytest.mark.parametrize("no_color", [False, True])
+async def test_without_colour_the_needle_lines_differ_by_their_marks(tmp_path, monkeypatch, no_color):
+    """Every run's line and legend entry was drawn in the same braille, so without colour (NO_COLOR, lab --color
+    mono) the runs could not be told apart; there each line gets a mark of its own, with colour braille stays."""
+    if no_color:
+        monkeypatch.setenv("NO_COLOR", "1")
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        chart = app.screen.query_one(NeedleChart)
+        chart.show([(f"run {i}", {"300": 1.0 - i / 4, "400": i / 4}) for i in range(3)])
+        drawn = re.sub(r"\x1b\[[0-9;]*m", "", chart.plt.build())  # the text, without its colour codes
+        legend = [line.split(" run ")[0].split()[-1] for line in drawn.splitlines() if " run " in line]
+        assert len(legend) == 3
+        assert len(set(legend)) == (3 if no_color else 1)
 
 
 async def test_a_preset_saved_as_a_new_file_is_named_after_it(tmp_path, monkeypatch):

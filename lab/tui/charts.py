@@ -20,6 +20,17 @@ def _fresh(widget: PlotextPlot, title: str):
     return plt
 
 
+MONO_MARKS = ("braille", "hd", "•", "+", "x", "o")  # without colour (NO_COLOR) lines differ by their marks
+
+
+def line_mark(app, line: int, single: bool = False) -> str:
+    """The mark of a chart's `line`-th line: braille where colours tell lines apart, else one of MONO_MARKS each
+    (the same braille in every line and legend entry left them apart by colour alone); a lone point gets a dot."""
+    if app.no_color:
+        return MONO_MARKS[line % len(MONO_MARKS)]
+    return "●" if single else "braille"
+
+
 def legend_room(lines: int, height: int) -> float:
     """The top of the y range (%) that keeps 100 % below the legend's rows (one per line, plus a margin), for a
     chart `height` rows high: points at 100 % were drawn over the legend."""
@@ -44,10 +55,9 @@ class NeedleChart(PlotextPlot):
         self.top = legend_room(len(self.labels), self.size.height)
         plt.ylim(-5, self.top)
         plt.yticks([0, 25, 50, 75, 100])
-        for name, by_length in series:
-            if by_length:
-                xs = [int(k) for k in by_length]
-                plt.plot(xs, [100 * v for v in by_length.values()], label=name[:30], marker="braille")
+        for line, (name, by_length) in enumerate((name, s) for name, s in series if s):
+            xs = [int(k) for k in by_length]
+            plt.plot(xs, [100 * v for v in by_length.values()], label=name[:30], marker=line_mark(self.app, line))
         lengths = sorted({int(k) for _, by_length in series for k in by_length})
         if lengths:
             plt.xticks(lengths)  # the lengths actually run

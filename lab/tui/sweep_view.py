@@ -23,7 +23,7 @@ from lab.store import Store
 from lab.sweeps import Options, detach, result
 from lab.sweeps.axes import AXES, BLOCK_AXES
 from lab.sweeps.report import condition_label, difference
-from lab.tui.charts import legend_room
+from lab.tui.charts import legend_room, line_mark
 from lab.tui.effects import Curve, curve, legend, probe_of, thinned
 
 POLL_S = 1.0  # how often a followed sweep's rows are read
@@ -81,11 +81,12 @@ class SweepChart(PlotextPlot):
             width = self.size.width - 8 if self.size.width > 20 else 60  # less the y axis and frame; 60 unshown
             xs, labels = zip(*thinned(drawn.ticks, width))
             plt.xticks(list(xs), list(labels))
-            for name, line_xs, ys in drawn.lines:
+            for line, (name, line_xs, ys) in enumerate(drawn.lines):
+                mark = line_mark(self.app, line, single=len(line_xs) == 1)
                 if len(line_xs) == 1:  # a line of one point draws nothing
-                    plt.scatter(line_xs, ys, label=name[:30], marker="●")
+                    plt.scatter(line_xs, ys, label=name[:30], marker=mark)
                 else:
-                    plt.plot(line_xs, ys, label=name[:30], marker="braille")
+                    plt.plot(line_xs, ys, label=name[:30], marker=mark)
         self.refresh()
 
     def on_resize(self) -> None:
