@@ -48,6 +48,19 @@ def test_plan_starts_each_prompt_inside_the_prefix_it_shares(monkeypatch):
     assert forks.saved == sum(forks.starts) - len(forks.trunk) > sum(map(len, rows)) // 3  # needles at 0-100 %
 
 
+def test_a_trunk_keeps_the_conv_inputs_before_each_tapped_position():
+    """The `width` inputs before each position, zeros before the first token; positions past the input kept none."""
+    from lab.fast.taps import Taps
+
+    inputs = torch.arange(1.0, 13.0).reshape(1, 2, 6)  # (batch, channels, time)
+    tapped = Taps((2, 6, 9))
+    tapped.keep_inputs("layer", inputs, 3)
+    kept = tapped.get("layer", "conv")
+    assert sorted(kept) == [2, 6]
+    assert kept[2].tolist() == [[[0.0, 1.0, 2.0], [0.0, 7.0, 8.0]]] and kept[2].is_contiguous()
+    assert kept[6].tolist() == [[[4.0, 5.0, 6.0], [10.0, 11.0, 12.0]]]
+
+
 def test_groups_cost_the_fewest_tokens():
     """Rows that must compute 10, 12 and 100 tokens, 16 tokens a forward: the first two together (12 each),
     the third alone; all in one forward where a forward costs 512. A row too short to compute the widest's

@@ -4,7 +4,7 @@ blocks lab.fast acts on.
 Inside `recording(taps)`, a batch-1 prompt forward keeps, per layer and position, the recurrent state there:
 Jamba's selective scans run in segments that end at the tapped positions (lab.fast.mamba), RecurrentGemma's
 RG-LRU kernel stores them in one pass (lab.fast.griffin); the convolution's inputs before each position are
-kept too (keep_inputs). Imports nothing from lab.fast.
+kept too (keep_inputs). Imports nothing from lab.fast but lab.fast.host.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
+
+from lab.fast.host import on_device
 
 
 class Taps:
@@ -33,11 +35,15 @@ class Taps:
         return list(zip([0] + ends[:-1], ends))
 
     def keep_inputs(self, layer, inputs: torch.Tensor, width: int) -> None:
-        """The `width` inputs (B, C, T) before each tapped position (zeros before the first token): a conv state."""
-        padded = F.pad(inputs, (width, 0))
-        for p in self.positions:
-            if p <= inputs.shape[-1]:
-                self.keep(layer, "conv", p, padded[..., p:p + width].clone())
+        """The `width` inputs (B, C, T) before each tapped position (zeros before the first token): a conv state.
+        One gather for every position (a copy per position kept the GPU waiting on the host in a trunk)."""
+        positions = [p for p in self.positions if p <= inputs.shape[-1]]
+        if not positions:
+            return
+        at = on_device(positions, inputs.device)[:, None] + torch.arange(width, device=inputs.device)
+        kept = F.pad(inputs, (width, 0))[..., at].movedim(-2, 0).contiguous()  # (positions, B, C, width)
+        for p, state in zip(positions, kept):
+            self.keep(layer, "conv", p, state)
 
 
 _active: ContextVar[Taps | None] = ContextVar("lab_fast_taps", default=None)
