@@ -150,8 +150,8 @@ def _from_states(self, input_states, position_ids, cache, tapping):
                                           prior=None if tapping is not None else prior)  # the trunk's: zeros
         keep = tuple(p for p in tapping.positions if p <= steps) if tapping is not None else ()
         out, state, kept = _rglru(self, conv, y, position_ids, state, keep)
-        for p, kept_state in zip(keep, kept if keep else ()):
-            tapping.keep(self, "lru", p, kept_state[None])
+        if keep:
+            tapping.keep_all(self, "lru", list(keep), kept[:, None])  # (taps, 1, width)
     else:  # the reference's convolution and RG-LRU, in segments ending at the taps
         inputs = torch.cat([prior.to(x.dtype), x.transpose(1, 2)], 2)  # (B, W, kernel + T)
         conv = F.conv1d(inputs, self.conv_1d.weight, self.conv_1d.bias, groups=self.lru_width).transpose(1, 2)

@@ -26,6 +26,10 @@ class Taps:
     def keep(self, layer, what: str, position: int, value: torch.Tensor) -> None:
         self.states.setdefault((layer, what), {})[position] = value
 
+    def keep_all(self, layer, what: str, positions: list[int], values: torch.Tensor) -> None:
+        """values (len(positions), ...): the state at each position, kept as views of it."""
+        self.states.setdefault((layer, what), {}).update(zip(positions, values.unbind(0)))
+
     def get(self, layer, what: str) -> dict[int, torch.Tensor]:
         return self.states.get((layer, what), {})
 
@@ -41,9 +45,7 @@ class Taps:
         if not positions:
             return
         at = on_device(positions, inputs.device)[:, None] + torch.arange(width, device=inputs.device)
-        kept = F.pad(inputs, (width, 0))[..., at].movedim(-2, 0).contiguous()  # (positions, B, C, width)
-        for p, state in zip(positions, kept):
-            self.keep(layer, "conv", p, state)
+        self.keep_all(layer, "conv", positions, F.pad(inputs, (width, 0))[..., at].movedim(-2, 0).contiguous())
 
 
 _active: ContextVar[Taps | None] = ContextVar("lab_fast_taps", default=None)
