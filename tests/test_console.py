@@ -1024,6 +1024,22 @@ async def test_without_colour_the_needle_lines_differ_by_their_marks(tmp_path, m
         assert len(set(legend)) == (3 if no_color else 1)
 
 
+@pytest.mark.parametrize("size, title", [((80, 24), "needle accuracy by length"),
+                                         ((120, 36), "needle accuracy by context length")])
+async def test_the_needle_chart_keeps_a_title_that_fits(tmp_path, size, title):
+    """plotext leaves out a title wider than the plot: at 80 columns the needle chart had none (a shorter one
+    now); the sweep chart's long titles are clipped to fit."""
+    from lab.tui.charts import chart_title
+
+    app = make_app(tmp_path)
+    async with app.run_test(size=size) as pilot:
+        await ready(app, pilot)
+        chart = app.screen.query_one(NeedleChart)
+        chart.show([("run", {"300": 1.0, "400": 0.5})])
+        assert re.sub(r"\x1b\[[0-9;]*m", "", chart.plt.build()).splitlines()[0].strip() == title
+    assert chart_title("one two three four", 13) == "one two…" and chart_title("one two", 0) == "one two"
+
+
 async def test_a_preset_saved_as_a_new_file_is_named_after_it(tmp_path, monkeypatch):
     """ctrl+s to k1.toml wrote name = "untitled" (or the opened preset's name) while the console showed k1.toml,
     and later runs were named after the old name (a new-user pass). The dialog offers a path in the current

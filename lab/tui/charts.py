@@ -11,12 +11,24 @@ from lab.tui.grid import heat
 from lab.tui.status import clip
 
 
-def _fresh(widget: PlotextPlot, title: str):
-    """The widget's own plot, emptied, with a title."""
+TITLE_MARGIN = 4  # plotext leaves out a title wider than the plot less this many cells
+
+
+def chart_title(title: str, width: int, short: str | None = None) -> str:
+    """`title`, or where it does not fit a chart `width` cells wide `short` (clipped if even that does not):
+    plotext leaves out a title too wide, so at 80 columns the needle chart had none."""
+    room = width - TITLE_MARGIN
+    if width <= 0 or len(title) <= room:
+        return title
+    return clip(short or title, room)
+
+
+def _fresh(widget: PlotextPlot, title: str, short: str | None = None):
+    """The widget's own plot, emptied, with a title that fits it."""
     plt = widget.plt
     plt.clear_data()
     plt.clear_figure()
-    plt.title(title)
+    plt.title(chart_title(title, widget.size.width, short))
     return plt
 
 
@@ -50,7 +62,7 @@ class NeedleChart(PlotextPlot):
     def show(self, series: list[tuple[str, dict[str, float]]]) -> None:
         self.series = series
         self.labels = [name for name, by_length in series if by_length]
-        plt = _fresh(self, "needle accuracy by context length")
+        plt = _fresh(self, "needle accuracy by context length", short="needle accuracy by length")
         plt.xlabel("tokens")
         self.top = legend_room(len(self.labels), self.size.height)
         plt.ylim(-5, self.top)
