@@ -111,6 +111,7 @@ def summary_tables(summary: dict) -> list[Table]:
 
 
 DROP_FIRST = ("probes", "name", "started", "trials", "model", "status")  # when a terminal is too narrow
+WRAPPED = {"plan": 24, "model": 24}  # columns rich wraps: counted this wide at most when columns are dropped
 
 
 def runs_table(runs: list[dict], summaries: dict[int, dict], path, width: int = 250) -> Table:
@@ -123,7 +124,7 @@ def runs_table(runs: list[dict], summaries: dict[int, dict], path, width: int = 
 
     def needed(name: str) -> int:
         i = RUN_COLUMNS.index(name)
-        return 3 + max([len(name)] + [len(row[i]) for row in rows])
+        return 3 + min(WRAPPED.get(name, width), max([len(name)] + [len(row[i]) for row in rows]))
     for name in DROP_FIRST:
         if sum(map(needed, keep)) + 1 <= width:
             break

@@ -1024,6 +1024,19 @@ async def test_without_colour_the_needle_lines_differ_by_their_marks(tmp_path, m
         assert len(set(legend)) == (3 if no_color else 1)
 
 
+def test_lone_points_keep_a_whole_cell_mark_without_colour():
+    """A sweep's line of one point (its first condition done) is drawn as a point: in mono it got the line's
+    braille mark, a speck of one dot (a review)."""
+    from types import SimpleNamespace
+
+    from lab.tui.charts import line_mark
+
+    mono, colour = SimpleNamespace(no_color=True), SimpleNamespace(no_color=False)
+    points = [line_mark(mono, line, single=True) for line in range(3)]
+    assert len(set(points)) == 3 and not {"braille", "hd"} & set(points)
+    assert line_mark(colour, 0, single=True) == "●" and line_mark(colour, 1) == "braille"
+
+
 @pytest.mark.parametrize("size, title", [((80, 24), "needle accuracy by length"),
                                          ((120, 36), "needle accuracy by context length")])
 async def test_the_needle_chart_keeps_a_title_that_fits(tmp_path, size, title):

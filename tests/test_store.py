@@ -390,6 +390,20 @@ def test_runs_table_prints_names_models_and_paths_as_text(tmp_path, capsys, monk
         assert name in out
 
 
+def test_runs_keeps_the_status_beside_a_long_plan(tmp_path, capsys, monkeypatch):
+    """rich wraps a long plan, so it is not counted whole when columns are dropped to fit: at 100 columns a
+    63-character plan left the status out (a review)."""
+    monkeypatch.setenv("COLUMNS", "100")
+    plan = {"off": [{"kind": "attention", "layers": [0, 1, 2, 3]}, {"kind": "mlp", "layers": [1, 2, 3, 4]}],
+            "heads_off": [[0, 1], [1, 2]], "sparsify": {"k": 2, "metric": "l2"},
+            "needle_attention": {"generation": "omit", "prefill": "keep"}}
+    with Store(tmp_path / "r.sqlite") as store:
+        store.open_run("f", "long", "random:jamba", plan, "", {})
+    assert main(["--db", str(tmp_path / "r.sqlite"), "runs"]) == 0
+    out = capsys.readouterr().out
+    assert "status" in out and "running" in out
+
+
 def _render(*tables) -> str:
     console = Console(file=io.StringIO(), width=250, color_system=None)
     for table in tables:

@@ -33,13 +33,15 @@ def _fresh(widget: PlotextPlot, title: str, short: str | None = None):
 
 
 MONO_MARKS = ("braille", "hd", "•", "+", "x", "o")  # without colour (NO_COLOR) lines differ by their marks
+MONO_POINTS = ("●", "◆", "•", "+", "x", "o")  # and lone points, a whole cell each (braille draws a speck)
 
 
 def line_mark(app, line: int, single: bool = False) -> str:
     """The mark of a chart's `line`-th line: braille where colours tell lines apart, else one of MONO_MARKS each
-    (the same braille in every line and legend entry left them apart by colour alone); a lone point gets a dot."""
+    (the same braille in every line and legend entry left them apart by colour alone); a lone point (`single`)
+    gets a whole-cell mark."""
     if app.no_color:
-        return MONO_MARKS[line % len(MONO_MARKS)]
+        return (MONO_POINTS if single else MONO_MARKS)[line % len(MONO_MARKS)]
     return "●" if single else "braille"
 
 
