@@ -23,7 +23,7 @@ def chart_title(title: str, width: int, short: str | None = None) -> str:
     return clip(short or title, room)
 
 
-def _fresh(widget: PlotextPlot, title: str, short: str | None = None):
+def fresh_plot(widget: PlotextPlot, title: str, short: str | None = None):
     """The widget's own plot, emptied, with a title that fits it."""
     plt = widget.plt
     plt.clear_data()
@@ -64,7 +64,7 @@ class NeedleChart(PlotextPlot):
     def show(self, series: list[tuple[str, dict[str, float]]]) -> None:
         self.series = series
         self.labels = [name for name, by_length in series if by_length]
-        plt = _fresh(self, "needle accuracy by context length", short="needle accuracy by length")
+        plt = fresh_plot(self, "needle accuracy by context length", short="needle accuracy by length")
         plt.xlabel("tokens")
         self.top = legend_room(len(self.labels), self.size.height)
         plt.ylim(-5, self.top)
@@ -87,7 +87,7 @@ class MMLUChart(PlotextPlot):
     labels: list[str] = []
 
     def show(self, series: list[tuple[str, dict[str, float]]]) -> None:
-        plt = _fresh(self, "MMLU accuracy by category")
+        plt = fresh_plot(self, "MMLU accuracy by category")
         series = [(n, s) for n, s in series if s]
         self.labels = [n for n, _ in series]
         if series:

@@ -23,7 +23,7 @@ from lab.store import Store
 from lab.sweeps import Options, detach, result
 from lab.sweeps.axes import AXES, BLOCK_AXES
 from lab.sweeps.report import condition_label, difference
-from lab.tui.charts import chart_title, legend_room, line_mark
+from lab.tui.charts import fresh_plot, legend_room, line_mark
 from lab.tui.effects import Curve, curve, legend, probe_of, thinned
 
 POLL_S = 1.0  # how often a followed sweep's rows are read
@@ -70,11 +70,7 @@ class SweepChart(PlotextPlot):
 
     def show(self, drawn: Curve | None) -> None:
         self.drawn = drawn
-        plt = self.plt
-        plt.clear_data()
-        plt.clear_figure()
-        plt.title(chart_title(drawn.title if drawn else "no sweep shown: start one from the grid (F1 lists the keys)",
-                              self.size.width))
+        plt = fresh_plot(self, drawn.title if drawn else "no sweep shown: start one from the grid (F1 lists the keys)")
         if drawn and drawn.lines:
             plt.xlabel(drawn.xlabel)
             plt.ylim(-5, legend_room(len(drawn.lines), self.size.height))
