@@ -80,7 +80,7 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int, haystac
                     needle_probe.run_batch(loaded, spec, batch, tracker)
             first, times = _passes(loaded, grid, passes)
             lab_s = median(times)
-            out = {"prompts": len(trials), "new_tokens": spec.max_new_tokens, **_seconds("lab_s", times),
+            out = {"prompts": len(trials), "new_tokens": spec.max_new_tokens, **_seconds("lab", times),
                    "lab_first_pass_s": round(first, 3),
                    "reference_s": None, "reference_measured_prompts": 0, "speedup": None}
             if haystack_per == "trial":
@@ -90,7 +90,7 @@ def bench_needle(loaded: Loaded, lengths, depths, reference_sample: int, haystac
                 plans = [fork.plan([t.ids for t in b], model_type) for b in batches] if shares_prefixes(loaded.model) \
                     else []
                 saved = sum(forks.saved for forks in plans if forks is not None)
-                out.update(**_seconds("whole_prompts_s", whole),
+                out.update(**_seconds("whole_prompts", whole),
                            shared_tokens=round(saved / sum(len(t.ids) for t in trials), 4))
         if not reference_sample:
             return out
@@ -141,11 +141,12 @@ def _passes(loaded: Loaded, run, timed: int) -> tuple[float, list[float]]:
     return first, [_timed(loaded, run) for _ in range(timed)]
 
 
-def _seconds(key: str, times: list[float]) -> dict:
-    """{key: the median of `times`}, and with several {key_range: [fastest, slowest]}."""
-    out = {key: round(median(times), 3)}
+def _seconds(path: str, times: list[float]) -> dict:
+    """{path_s: the median of `times`}, and with several {path_range_s: [fastest, slowest]} (lab.report's
+    _seconds prints them)."""
+    out = {f"{path}_s": round(median(times), 3)}
     if len(times) > 1:
-        out[f"{key[:-2]}_range_s"] = [round(min(times), 3), round(max(times), 3)]
+        out[f"{path}_range_s"] = [round(min(times), 3), round(max(times), 3)]
     return out
 
 
