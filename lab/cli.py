@@ -295,6 +295,9 @@ def _check_writable(name: str) -> None:
         raise LabError(f"--write {name}: cannot write there")
 
 
+MAX_PASSES = 100  # lab bench --passes: more would keep a GPU for hours on Jamba's grid
+
+
 def cmd_bench(args) -> int:
     from lab.bench import load_for_bench, parse_rows, run_bench
     from lab.report import bench_tables
@@ -302,8 +305,8 @@ def cmd_bench(args) -> int:
     rows = parse_rows(args.rows)
     if args.reference is not None and args.reference < 0:
         raise LabError(f"--reference {args.reference}: give a number of prompts >= 0 (0: lab's paths only)")
-    if args.passes < 1:
-        raise LabError(f"--passes {args.passes}: give a number of timed passes >= 1")
+    if not 1 <= args.passes <= MAX_PASSES:
+        raise LabError(f"--passes {args.passes}: give a number of timed passes from 1 to {MAX_PASSES}")
     loaded = load_for_bench(args.model, args.device, args.dtype)
     status = None
     if not args.json and sys.stderr.isatty():
