@@ -5,12 +5,14 @@ import re
 from dataclasses import replace
 
 import pytest
+from textual.app import App
 from textual.widgets import Input
 
 from lab import presets
 from lab.errors import LabError
 from lab.interventions import BlocksOff, Plan
 from lab.models import ModelSpec
+from lab.models.anatomy import Anatomy, Block, Layer
 from lab.probes.mmlu import MMLUSpec
 from lab.probes.needle import NeedleSpec
 from lab.runner import Finished, Progress
@@ -18,7 +20,7 @@ from lab.store import Store
 from lab.tui.app import LabApp
 from lab.tui.charts import NeedleChart
 from lab.tui.grid import LayerGrid
-from lab.tui.messages import ProbeEvent
+from lab.tui.messages import CellToggled, ProbeEvent
 
 SIZE = (120, 36)
 
@@ -485,6 +487,40 @@ async def test_grid_is_readable_without_colour(tmp_path):
         line = grid_text(grid)[3]
         assert "×ATT" in line and "k=3/4" in line
         assert "×" not in grid_text(grid)[1] and "k=" not in grid_text(grid)[1]  # layer 0: SSM on, no attention
+
+
+class WideGrid(App):
+    """A grid of three layers of 40 heads: wider than a 60-column terminal."""
+
+    def __init__(self):
+        super().__init__()
+        head_block = Block("attention", "full", "attn", heads=40, kv_heads=8, head_dim=4, out_proj="attn.o")
+        self.anatomy = Anatomy("jamba", tuple(Layer(i, "full_attention", (head_block,)) for i in range(3)))
+        self.toggled: list[CellToggled] = []
+
+    def compose(self):
+        yield LayerGrid(self.anatomy, Plan())
+
+    def on_cell_toggled(self, message: CellToggled) -> None:
+        self.toggled.append(message)
+
+
+async def test_the_cursor_stays_in_view_and_the_layer_labels_stay_put_in_a_wide_grid():
+    app = WideGrid()
+    async with app.run_test(size=(60, 10)) as pilot:
+        grid = app.query_one(LayerGrid)
+        grid.focus()
+        await pilot.press("down", *["right"] * 40)  # layer 1, head 39 (after the ATTN cell)
+        assert grid.current[1].head == 39
+        header, *rows = grid_text(grid)
+        assert header.startswith(" layer kind") and rows[1].lstrip().startswith("1 attn full")
+        assert header.rstrip().endswith("38") and rows[1].rstrip().endswith("●")  # the cursor's head, in view
+        await pilot.click(LayerGrid, offset=(len(rows[1].rstrip()) - 1, 2))  # that head, as drawn
+        assert (app.toggled[-1].layer, app.toggled[-1].head) == (1, 39)
+        await pilot.press(*["left"] * 40)  # back to the ATTN cell
+        header, *rows = grid_text(grid)
+        assert grid.scroll_x == 0 and "ATTN" in rows[1]
+        assert "blocks" not in header and " 0 1 2" in header  # one block: "blocks" would touch head 0's index
 
 
 async def test_escape_in_a_form_field_returns_to_the_grid(tmp_path):

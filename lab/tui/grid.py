@@ -106,8 +106,10 @@ class LayerGrid(ScrollView, can_focus=True):
 
     def _header(self, width: int) -> str:
         """Column titles, with head indices above the head cells of the first attention layer."""
-        chars = list(" layer kind".ljust(LABEL_WIDTH) + "blocks".ljust(width - LABEL_WIDTH))
         heads = next((cells for cells in self.rows if any(c.kind == "head" for c in cells)), [])
+        first_head = next((c.x for c in heads if c.kind == "head"), width)
+        blocks = "blocks"[:first_head - LABEL_WIDTH - 1]  # a space before the head indices
+        chars = list(" layer kind".ljust(LABEL_WIDTH) + blocks.ljust(width - LABEL_WIDTH))
         for cell in (c for c in heads if c.kind == "head"):
             index = str(cell.head)
             if len(index) == 1 or cell.head % 2 == 0:  # 10, 12, ...: every other one, so that they do not touch
@@ -147,13 +149,23 @@ class LayerGrid(ScrollView, can_focus=True):
         for row in {previous[0], cursor[0]}:
             self.refresh(Region(0, row + 1 - int(self.scroll_y), self.size.width, 1))
         self.scroll_to_region(Region(0, cursor[0] + 1, 1, 1), animate=False)
+        _, cell = self.current
+        if cell is not None:
+            self.scroll_to(x=self._scroll_showing(cell), animate=False)
+
+    def _scroll_showing(self, cell: Cell) -> int:
+        """The horizontal scroll nearest the current one that shows the cell right of the fixed labels."""
+        left, view = int(self.scroll_x), self.size.width - LABEL_WIDTH
+        if cell.x - LABEL_WIDTH < left:
+            return cell.x - LABEL_WIDTH
+        return max(left, cell.x + cell.width - LABEL_WIDTH - view)
 
     def on_click(self, event) -> None:
         offset = event.get_content_offset(self)
         if offset is None:
             return
         row = offset.y + int(self.scroll_y) - 1
-        x = offset.x + int(self.scroll_x)
+        x = offset.x + int(self.scroll_x) if offset.x >= LABEL_WIDTH else offset.x
         if 0 <= row < len(self.rows):
             for col, cell in enumerate(self.rows[row]):
                 if cell.x <= x < cell.x + cell.width:
@@ -170,7 +182,9 @@ class LayerGrid(ScrollView, can_focus=True):
             strip = Strip(self._segments(row))
         else:
             return Strip.blank(self.size.width, PLAIN)
-        return strip.crop(scroll_x, scroll_x + self.size.width).extend_cell_length(self.size.width, PLAIN)
+        labels = strip.crop(0, LABEL_WIDTH)  # the layer labels stay put while the cells scroll
+        cells = strip.crop(LABEL_WIDTH + scroll_x, scroll_x + self.size.width)
+        return Strip.join([labels, cells]).crop(0, self.size.width).extend_cell_length(self.size.width, PLAIN)
 
     def _segments(self, row: int) -> list[Segment]:
         """A layer's row: OFF is written with a symbol (×), not only in colour, so it reads in mono."""
