@@ -283,24 +283,58 @@ def test_a_plan_of_one_phase_decodes_in_one_graph(plan, arch, device, monkeypatc
         with apply_plan(loaded.model, loaded.anatomy, plan) as tracker:
             return [r["output"] for r in needle.run_batch(loaded, spec, trials, tracker)]
 
-    monkeypatch.setattr(decode, "_graph", lambda step, room: captured.append(1) or graph(step, room))
+    monkeypatch.setattr(decode, "_graph", lambda step, room, device: captured.append(1) or graph(step, room, device))
     first = answers()
     if device == "cuda":
-        monkeypatch.setattr(decode, "_graph", lambda step, room: step)
+        monkeypatch.setattr(decode, "_graph", lambda step, room, device: step)
     else:
         fast.apply(loaded.model, False)  # generate(), one length at a time
     assert captured == ([1] if device == "cuda" else [])
     assert any(first) and first == answers()
 
 
+def test_triton_launches_on_the_gpu_of_its_tensors(monkeypatch):
+    """Triton launches on the current GPU: a model on cuda:1 (or a layer a device_map put there), driven from a
+    thread whose current GPU is the first, gets its kernels launched on its own GPU."""
+    from lab.fast.state import on_its_gpu
+
+    current, entered = [0], []
+
+    @contextlib.contextmanager
+    def on(index):
+        entered.append(index)
+        before, current[0] = current[0], index
+        yield
+        current[0] = before
+
+    class Tensor:  # a CUDA tensor's device, without a GPU
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", on)
+    launched = on_its_gpu(lambda x, scale=1: (current[0], scale))
+    assert launched(Tensor(1), scale=2) == (1, 2) and current == [0]
+    assert launched(x=Tensor(1)) == (1, 1)  # by keyword too
+    assert launched(Tensor(0)) == (0, 1) and entered == [1, 1]  # already current: no switch
+    assert launched(torch.zeros(1)) == (0, 1) and entered == [1, 1]  # the CPU (Triton's interpreter)
+
+
 @pytest.mark.parametrize("free, emptied", [(3 << 30, False), (1 << 20, True)])
 def test_the_decoding_graph_is_captured_without_waiting_unless_memory_is_short(free, emptied, monkeypatch):
     """The capture does not wait for the GPU (no synchronise, no emptied cache), except where the GPU has less
     free memory than the step needs: a capture allocates from a pool of its own, which cannot take the cache's
-    free blocks, so the cache is emptied first. The warm-up is a real step; the first replay is skipped."""
+    free blocks, so the cache is emptied first. The warm-up is a real step; the first replay is skipped. All of it
+    on the step's GPU, which need not be the current one."""
     from lab.fast import decode
 
-    calls = []
+    calls, current = [], ["cuda:0"]
+
+    @contextlib.contextmanager
+    def on(device):
+        before, current[0] = current[0], str(device)
+        yield
+        current[0] = before
 
     class Stream:
         def wait_stream(self, other):
@@ -323,7 +357,12 @@ def test_the_decoding_graph_is_captured_without_waiting_unless_memory_is_short(f
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *device: (free, 8 << 30))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *device: calls.append("synchronize"))
-    replay = decode._graph(lambda: calls.append("step"), room=1 << 30)
+    monkeypatch.setattr(torch.cuda, "device", on)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: int(current[0][-1]))
+    replay = decode._graph(lambda: calls.append(f"step on {current[0]}"), room=1 << 30, device=torch.device("cuda:1"))
     replay()
+    monkeypatch.setattr(Graph, "replay", lambda self: calls.append(f"replay on {current[0]}"))
     replay()
-    assert calls == ["wait", "step", "wait"] + ["empty"] * emptied + ["begin", "step", "end", "replay"]
+    assert calls == (["wait", "step on cuda:1", "wait"] + ["empty"] * emptied
+                     + ["begin", "step on cuda:1", "end", "replay on cuda:1"])
+    assert current == ["cuda:0"]

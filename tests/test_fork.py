@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import threading
 
 import pytest
 import torch
@@ -206,6 +207,74 @@ def test_the_forked_prefill_and_decoding_never_wait_for_the_gpu(arch, monkeypatc
             DECODERS[arch].greedy(loaded.model, groups, 4, forks=forks)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+
+def _on(arch: str, device: str):
+    """The same random model wherever it goes: built on the CPU, then moved."""
+    loaded = load(ModelSpec(f"random:{arch}", device="cpu"))
+    loaded.model.to(device)
+    return loaded
+
+
+def _forked_and_whole(loaded, arch):
+    """The forked and the whole prefills' decoding logits, from a thread whose current GPU is the first (as a
+    console worker's): Triton launches its kernels on the current GPU, CUDA graphs capture on its streams."""
+    rows = _needle_rows()
+    forks = fork.plan(rows, arch)
+    device = loaded.device
+    groups = [g.to(device) for g in _groups(forks, rows)]
+    full = [torch.tensor([rows[i]], device=device) for group in forks.groups for i in group]
+    out = {}
+
+    def work():
+        with apply_plan(loaded.model, loaded.anatomy, Plan()):
+            out["forked"] = DECODERS[arch].greedy(loaded.model, groups, 6, return_logits=True, forks=forks)[1]
+            out["whole"] = DECODERS[arch].greedy(loaded.model, full, 6, return_logits=True)[1]
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    return out
+
+
+@two_gpus
+@pytest.mark.parametrize("arch", list(DECODERS))
+def test_a_model_on_the_second_gpu_computes_what_it_does_on_the_first(arch, monkeypatch):
+    """--device cuda:1: lab's kernels, the forked prefill and the decoding graph act on the model's GPU."""
+    _small(monkeypatch)
+    first, second = (_forked_and_whole(_on(arch, f"cuda:{i}"), arch) for i in (0, 1))
+    for kind in ("forked", "whole"):
+        assert second[kind].device.index == 1
+        torch.testing.assert_close(second[kind].cpu(), first[kind].cpu(), atol=1e-5, rtol=1e-5)
+
+
+@two_gpus
+@pytest.mark.parametrize("arch", list(DECODERS))
+def test_a_model_split_over_two_gpus_computes_what_it_does_on_one(arch):
+    """device_map: the layers on the second GPU run lab's kernels there (decoding is transformers' there)."""
+    from accelerate import dispatch_model
+
+    one, split = _on(arch, "cuda:0"), _on(arch, "cpu")
+    layers = len(split.anatomy.layers)
+    final_norm = "model.final_norm" if arch == "recurrent_gemma" else "model.final_layernorm"
+    dispatch_model(split.model, device_map={"model.embed_tokens": 0, "lm_head": 0, final_norm: 1,
+                                            **{f"model.layers.{i}": int(i >= layers // 2) for i in range(layers)}})
+    assert {p.device.index for p in split.model.model.layers[-1].parameters()} == {1}
+    prompt = torch.tensor([_needle_rows()[-1]])
+    logits = {}
+
+    def work():
+        with torch.inference_mode():
+            logits["one"] = one.model(prompt.to("cuda:0")).logits.cpu()
+            logits["split"] = split.model(prompt.to("cuda:0")).logits.cpu()
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    torch.testing.assert_close(logits["split"], logits["one"], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])

@@ -132,10 +132,10 @@ def test_jamba_cuda_graph_decoder_equals_the_eager_step(dtype, monkeypatch):
     groups = _groups("cuda")
     captured = []
     graph = decode._graph
-    monkeypatch.setattr(decode, "_graph", lambda step, room: captured.append(1) or graph(step, room))
+    monkeypatch.setattr(decode, "_graph", lambda step, room, device: captured.append(1) or graph(step, room, device))
     graphed = jamba_decode.greedy(model, groups, 12, return_logits=True)
     assert captured == ([1] if dtype == "bfloat16" else [])
-    monkeypatch.setattr(decode, "_graph", lambda step, room: step)
+    monkeypatch.setattr(decode, "_graph", lambda step, room, device: step)
     eager = jamba_decode.greedy(model, groups, 12, return_logits=True)
     assert torch.equal(graphed[0], eager[0])
     assert torch.allclose(graphed[1], eager[1], atol=1e-5 if dtype == "float32" else 1e-2)

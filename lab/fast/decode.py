@@ -219,7 +219,7 @@ def run_steps(step, tokens: torch.Tensor, first_logits: torch.Tensor, step_logit
     outputs, all_logits = [tokens.clone()], [first_logits.float()]
     if max_new_tokens > 1:
         room = LOGIT_COPIES * step_logits.numel() * 4 + CAPTURE_ROOM
-        replay = _graph(step, room) if graph and tokens.device.type == "cuda" else step
+        replay = _graph(step, room, tokens.device) if graph and tokens.device.type == "cuda" else step
         for n in range(1, max_new_tokens):
             if stop_requested():  # the caller drops the batch
                 break
@@ -236,32 +236,37 @@ def run_steps(step, tokens: torch.Tensor, first_logits: torch.Tensor, step_logit
 CAPTURE_ROOM = 1 << 30  # bytes free on the GPU, beyond the step's logits, under which a capture empties the cache
 
 
-def _graph(step, room: int):
-    """Run `step` once (warm-up, a real step) and return a function replaying it as a CUDA graph. The capture
-    does not wait for the GPU to finish the prefill (torch.cuda.graph synchronises and empties the allocator's
-    cache first: the GPU then idled while the host captured, about 25 ms a batch on RecurrentGemma-2B), unless
-    the GPU has under `room` bytes free: a capture allocates from a pool of its own, which cannot take the
-    cache's free blocks, so there the cache is emptied first (which waits for the GPU)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    if torch.cuda.mem_get_info()[0] < room:
-        torch.cuda.empty_cache()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side):
-        graph.capture_begin()
-        try:
+def _graph(step, room: int, device: torch.device):
+    """Run `step` once (warm-up, a real step) and return a function replaying it as a CUDA graph, all on the
+    step's GPU `device` (streams and graphs belong to the current GPU, which a worker thread leaves at the
+    first). The capture does not wait for the GPU to finish the prefill (torch.cuda.graph synchronises and
+    empties the allocator's cache first: the GPU then idled while the host captured, about 25 ms a batch on
+    RecurrentGemma-2B), unless the GPU has under `room` bytes free: a capture allocates from a pool of its own,
+    which cannot take the cache's free blocks, so there the cache is emptied first (which waits for the GPU)."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
             step()
-        finally:
-            graph.capture_end()
+        torch.cuda.current_stream().wait_stream(side)
+        if torch.cuda.mem_get_info()[0] < room:
+            torch.cuda.empty_cache()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            graph.capture_begin()
+            try:
+                step()
+            finally:
+                graph.capture_end()
     first = [True]
 
     def replay() -> None:
         if first[0]:  # the warm-up already made this step
             first[0] = False
-            return
-        graph.replay()
+        elif device.index == torch.cuda.current_device():  # (entering the device costs as much as a replay)
+            graph.replay()
+        else:
+            with torch.cuda.device(device):
+                graph.replay()
 
     return replay

@@ -1,4 +1,5 @@
-"""Which modules lab's fast paths act on, and whether a Triton kernel may run. Imports nothing from lab.fast.
+"""Which modules lab's fast paths act on, whether a Triton kernel may run, and on which GPU. Imports nothing
+from lab.fast.
 
 lab.fast.install() replaces a few transformers functions, once, by dispatchers that ask `acts_on(module)` on
 every call and otherwise run transformers' own code. A module of a model given to lab.fast.apply follows
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import weakref
 
 import torch
@@ -61,3 +63,20 @@ def triton_applies(first: torch.Tensor, *others: torch.Tensor | None) -> bool:
     tensors = [t for t in (first, *others) if t is not None]
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return first.is_cuda and not wants_grad and has_triton()
+
+
+def on_its_gpu(launcher):
+    """Run `launcher` (a function launching Triton kernels, its first parameter a tensor) with that tensor's GPU
+    as the current one: Triton launches on the current GPU's stream, which for a model on cuda:1 (or a layer
+    placed there by a device_map) is another GPU than the one holding the tensors."""
+    first_name = next(iter(inspect.signature(launcher).parameters))
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        device = (args[0] if args else kwargs[first_name]).device
+        if device.type != "cuda" or device.index == torch.cuda.current_device():  # (Triton's interpreter: the CPU)
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(device.index):
+            return launcher(*args, **kwargs)
+
+    return launch

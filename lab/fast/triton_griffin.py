@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from lab.fast.host import on_device
+from lab.fast.state import on_its_gpu
 from lab.fast.triton_scan import combine
 
 
@@ -39,6 +40,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, width, eps, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * width + cols, (x * scale * (1.0 + w)).to(out_ptr.dtype.element_ty), mask=inside)
 
 
+@on_its_gpu
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma's RMSNorm: x / rms(x) * (1 + weight), in float32, returned in x's dtype."""
     width = x.shape[-1]
@@ -81,6 +83,7 @@ def _causal_conv_kernel(x_ptr, w_ptr, b_ptr, prior_ptr, out_ptr, steps, width, s
              acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+@on_its_gpu
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, silu: bool = False,
                 prior: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise causal convolution over time of (B, T, D) x (channels contiguous, rows of any stride) with a
@@ -121,6 +124,7 @@ def _conv_step_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, new_state_ptr, wi
     tl.store(out_ptr + row * width + cols, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+@on_its_gpu
 def conv_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
               state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A decoding step of the depthwise causal convolution: (B, 1, D) x after the inputs `state` (B, D, taps - 1)
@@ -292,6 +296,7 @@ def rglru_chunk(batch: int, steps: int, width: int) -> int:
     return triton.cdiv(triton.cdiv(steps, parts), tile) * tile
 
 
+@on_its_gpu
 def rglru(x: torch.Tensor, gates: torch.Tensor, gate_x_bias: torch.Tensor, gate_a_bias: torch.Tensor,
           recurrent_param: torch.Tensor, reset: torch.Tensor, y: torch.Tensor, h0: torch.Tensor | None,
           keep: tuple[int, ...] = (), chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor,
@@ -344,6 +349,7 @@ def _gelu_mul_kernel(gate_ptr, up_ptr, out_ptr, count, BLOCK: tl.constexpr):
     tl.store(out_ptr + offsets, (_gelu_tanh(gate) * up).to(out_ptr.dtype.element_ty), mask=inside)
 
 
+@on_its_gpu
 def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(gate) * up in one pass."""
     out = torch.empty_like(gate)
@@ -374,6 +380,7 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, sx_t, sx_h, sc_t, so
              mask=inside)
 
 
+@on_its_gpu
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """transformers' rotary embedding of (B, T, H, D) x (head dims contiguous) by (B, T, R) cos and sin on its
     first R dims (RecurrentGemma's partial rotary: R = D / 2), the rest unchanged: a (B, T, H, D) tensor."""
@@ -478,6 +485,7 @@ class WindowParts:
     score: torch.Tensor | None = None  # (B, H, T) float32
 
 
+@on_its_gpu
 def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, window: int,
                      scale: float) -> torch.Tensor:
     """Causal attention within `window` keys and a boolean mask (B|1, 1, T, T) for (B, H, T, D) queries and
@@ -485,6 +493,7 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return window_attention_parts(query, key, value, mask, window, scale).out
 
 
+@on_its_gpu
 def window_attention_parts(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                            window: int, scale: float, needle: torch.Tensor | None = None,
                            metric: str | None = None) -> WindowParts:
@@ -516,6 +525,7 @@ def window_attention_parts(query: torch.Tensor, key: torch.Tensor, value: torch.
     return parts
 
 
+@on_its_gpu
 def continued_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, first: torch.Tensor,
                         window: int, scale: float) -> torch.Tensor:
     """Causal attention within `window` keys for (B, H, T, D) queries that are the last T of (B, KV, S, D) keys
@@ -594,6 +604,7 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 DECODE_PROGRAMS = 264  # rows x key heads x chunks: two programs a multiprocessor on an H100 / H200
 
 
+@on_its_gpu
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """One query token per row, (B, H, 1, D), against (B, KV, S, D) keys and values (a decoder's fixed buffers),

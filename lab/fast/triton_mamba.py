@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lab.fast.state import on_its_gpu
+
 from lab.fast.triton_scan import combine
 
 
@@ -95,6 +97,7 @@ def _scan_tiles_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_pt
 SCAN_CONFIG = dict(BLOCK_T=8, BLOCK_D=32, num_warps=4)
 
 
+@on_its_gpu
 def selective_scan(x, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial=None):
     """transformers' mamba_selective_scan contract, inputs (batch, channels, time), B and C (batch, state,
     time), from the state `initial` (batch, channels, state) or zeros: returns the output (batch, channels, time)
@@ -108,6 +111,7 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
 STEPPED_PROGRAMS = 1024  # programs of one warp from which stepping through time wins
 
 
+@on_its_gpu
 def scan_tiles(x, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial=None):
     """selective_scan's tiled kernel: output (batch, channels, time) memory."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -160,6 +164,7 @@ def _scan_steps_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_pt
 STEPS_CONFIG = dict(BLOCK_D=32, num_warps=1)
 
 
+@on_its_gpu
 def scan_steps(x, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial=None):
     """selective_scan one time step after another: the output is a (batch, channels, time) view of
     (batch, time, channels) memory, the layout the out-projection reads."""
@@ -198,6 +203,7 @@ def _state_update_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_
 STATE_UPDATE_CONFIG = dict(BLOCK_D=32, num_warps=4)
 
 
+@on_its_gpu
 def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None):
     """transformers' mamba_selective_state_update contract: one decoding step of x, dt, z (batch, channels) with
     B, C (batch, state), the state (batch, channels, state), contiguous, updated in place; returns the output

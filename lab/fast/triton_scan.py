@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lab.fast.state import on_its_gpu
+
 
 @triton.jit
 def combine(a_left, x_left, a_right, x_right):
@@ -43,6 +45,7 @@ def _scan_kernel(a_ptr, x_ptr, h0_ptr, out_ptr, last_ptr, steps, width,
     tl.store(last_ptr + row * width + cols, h, mask=in_width)
 
 
+@on_its_gpu
 def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """All states for (B, T, D) inputs as out_dtype, and the float32 last state (B, D)."""

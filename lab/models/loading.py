@@ -214,7 +214,7 @@ def _load_error(spec: ModelSpec, folder: Path | None, online: bool, error: Excep
 def _oom(spec: ModelSpec, config, device: str) -> LabError:
     free = ""
     if torch.cuda.is_available():
-        free_bytes, total = torch.cuda.mem_get_info()
+        free_bytes, total = torch.cuda.mem_get_info(device if device.startswith("cuda") else None)
         free = f"; {free_bytes / 2**30:.1f} of {total / 2**30:.1f} GiB free on the GPU"
     size = getattr(config, "num_parameters", None)
     hidden, layers = getattr(config, "hidden_size", 0), getattr(config, "num_hidden_layers", 0)
