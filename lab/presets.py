@@ -77,6 +77,8 @@ class Preset:
         """Identity of the results: what changes them (not batch sizes)."""
         data = self.to_dict()
         data.pop("version"), data.pop("name"), data.pop("description", None)
+        defaults = Plan()  # written out, as the console writes a plan: the same plan, one hash
+        data["plan"] = {"mode": defaults.mode, "phase": defaults.phase, **self.plan}
         # the flags were hashed before version 1 of the format; kept, so that stored runs keep their fingerprints
         data["model"].update({k: getattr(self.model, k) for k in COMMAND_LINE_ONLY})
         for key in PROBE_TABLES:
@@ -209,8 +211,15 @@ def load(name: str) -> Preset:
     return parse(text, str(path))
 
 
+def is_builtin(path: str | Path) -> bool:
+    """Whether `path` is one of lab's builtin preset files (shipped with the package, never written)."""
+    return Path(path).expanduser().resolve().parent == Path(str(BUILTIN_PRESETS)).resolve()
+
+
 def save(preset: Preset, path: str | Path) -> Path:
     path = Path(path).expanduser()
+    if is_builtin(path):
+        raise LabError(f"{path.name} is a builtin preset, which lab does not overwrite; save it under another path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(preset.to_toml(), encoding="utf-8")

@@ -131,6 +131,44 @@ async def test_save_and_reopen_preset(tmp_path):
     assert saved.needle.lengths == (300, 400)
 
 
+async def test_an_opened_preset_is_the_run_lab_run_makes_of_it(tmp_path):
+    """The console and `lab run` of one preset make one run (one fingerprint: the same prompts, and either resumes
+    the other), the preset's model settings included: the console read depths as floats (other passkeys than
+    the file's integers) and kept the loaded model's dtype."""
+    path = tmp_path / "p.toml"
+    path.write_text("[model]\nname = 'random:jamba'\ndtype = 'float32'\n[needle]\ntask = 'passkey'\n"
+                    "lengths = [300]\ndepths = [0, 50]\n")
+    app = make_app(tmp_path)  # random:jamba, dtype auto
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        app.screen.open_preset(str(path))
+        await ready(app, pilot)
+        assert app.screen.loaded.spec.dtype == "float32"  # loaded again as the preset says
+        needle_run = replace(app.screen.current_preset(), mmlu=None)  # what `n` runs
+        assert needle_run.fingerprint() == presets.load(str(path)).fingerprint()
+
+
+async def test_a_builtin_preset_is_saved_as_a_toml_file_that_does_not_shadow_it(tmp_path, monkeypatch):
+    """Saved under the name it was opened by, a builtin became a file without .toml in the working folder, which
+    `lab run <builtin>` then found first; and the builtin's own file is never written."""
+    monkeypatch.chdir(tmp_path)
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        app.screen.open_preset("toy-jamba-base")
+        await ready(app, pilot)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert app.screen.query_one("#path").value == str(tmp_path / "toy-jamba-base.toml")
+        app.screen.query_one("#path").value = str(presets.resolve("toy-jamba-base"))
+        await pilot.press("enter")
+        await pilot.pause()
+        assert any("builtin" in n.message for n in app._notifications)
+    assert presets.resolve("toy-jamba-base") != tmp_path / "toy-jamba-base"
+    with pytest.raises(LabError, match="builtin"):
+        presets.save(presets.load("toy-jamba-base"), presets.resolve("toy-jamba-base"))
+
+
 async def test_help_lists_binding_ids(tmp_path):
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:

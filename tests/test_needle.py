@@ -42,6 +42,21 @@ def test_needle_sits_at_depth_on_a_sentence_boundary(tok, task):
             assert target - 100 <= start - c0 <= target  # moved back by less than one sentence (< 100 bytes)
 
 
+def test_depths_written_as_floats_are_the_same_trials_and_the_same_run(tok):
+    """The console's form reads depths as floats (50.0), a preset file as integers (50): the same prompts, the
+    same results (fingerprint), the same depths stored."""
+    from lab import presets
+
+    ints = NeedleSpec(task="passkey", depths=(0, 50, 12.5))
+    floats = NeedleSpec(task="passkey", depths=(0.0, 50.0, 12.5))
+    assert floats.depths == (0, 50, 12.5) and [type(d) for d in floats.depths] == [int, int, float]
+    for depth_int, depth_float in zip(ints.depths, (0.0, 50.0, 12.5)):
+        a, b = (PromptBuilder(tok, ints).build(800, d, 0) for d in (depth_int, depth_float))
+        assert (a.ids, a.answer) == (b.ids, b.answer)
+    assert (presets.Preset(name="a", needle=ints).fingerprint()
+            == presets.Preset(name="a", needle=floats).fingerprint())
+
+
 def test_prompts_are_deterministic_and_vary_by_trial(tok):
     a = PromptBuilder(tok, NeedleSpec(task="passkey")).build(800, 50, 0)
     b = PromptBuilder(tok, NeedleSpec(task="passkey")).build(800, 50, 0)

@@ -283,3 +283,13 @@ def test_an_edited_haystack_file_is_another_experiment(tmp_path, capsys):
     hay.write_text("A different text about the harbour. " * 300)
     assert run_id() != first
     assert "haystack_text" not in json.dumps(presets.load("toy-recurrentgemma-base").to_dict())
+
+
+def test_a_plan_written_whole_or_with_its_defaults_left_out_is_one_run():
+    """A file's `[plan]` without mode and phase, and the console's plan (which writes them), are one plan: one
+    fingerprint, so either resumes the other's trials."""
+    sparse = presets.parse("[model]\nname = 'random:jamba'\n[plan]\nheads_off = [[2, 1]]\n[needle]\ntask = 'passkey'\n")
+    whole = replace(sparse, plan=Plan(heads_off=((2, 1),)).to_dict())
+    assert "mode" in whole.plan and "mode" not in sparse.plan
+    assert sparse.fingerprint() == whole.fingerprint()
+    assert sparse.fingerprint() != replace(sparse, plan=Plan(heads_off=((2, 0),)).to_dict()).fingerprint()

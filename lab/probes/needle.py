@@ -78,6 +78,9 @@ class NeedleSpec:
     format: str = "lab"  # ruler: RULER's niah prompts exactly (RULER tasks only; the depth axis only seeds the draw)
     haystack_per: str = "cell"  # generated text drawn per cell, or per trial: one text cut to every length and depth
 
+    def __post_init__(self):
+        object.__setattr__(self, "depths", tuple(map(canonical_depth, self.depths)))
+
     def validate(self) -> NeedleSpec:
         for name, allowed in (("task", TASKS), ("mode", MODES), ("jrt_form", JRT_FORMS),
                               ("length_counts", LENGTH_COUNTS), ("needle_wrap", tuple(NEEDLE_WRAPS)),
@@ -141,6 +144,12 @@ class Trial:
     values: list[str]  # what must appear in the output
     needle_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of the real needle
     contexts: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each context copy
+
+
+def canonical_depth(depth: float) -> float:
+    """A whole-number depth as an int (50.0 -> 50), as preset files write it: prompts are seeded by the depth's
+    text and results hashed with it, so the console's 50.0 and a file's 50 must be one depth."""
+    return int(depth) if isinstance(depth, float) and depth.is_integer() else depth
 
 
 def depth_label(depth: float) -> str:
@@ -243,7 +252,7 @@ class PromptBuilder:
 
     def build(self, length: int, depth: float, index: int) -> Trial:
         spec = self.spec
-        rng = random.Random(f"{spec.seed}/{spec.task}/{length}/{depth}/{index}")
+        rng = random.Random(f"{spec.seed}/{spec.task}/{length}/{canonical_depth(depth)}/{index}")
         real, distract, intro, question, answer_line, answer = self._needles(rng)
         copies = 2 if spec.jrt else 1
         pieces = self._pieces(intro, question, answer_line, copies)

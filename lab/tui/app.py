@@ -709,16 +709,24 @@ class MainScreen(Screen):
                 self.query_one(ProbeForm).mark_saved()
                 self._show_plan()
                 self.notify(f"saved {saved}", markup=False)
-        self.app.push_screen(PathDialog("save preset as", self.preset_path or str(Path.cwd() / "my-preset.toml")),
-                             chosen)
+        if self.preset_path is None or presets.is_builtin(self.preset_path):  # a builtin is saved as a copy here
+            suggested = str(Path.cwd() / (Path(self.preset_path).name if self.preset_path else "my-preset.toml"))
+        else:
+            suggested = self.preset_path
+        self.app.push_screen(PathDialog("save preset as", suggested), chosen)
 
     def open_preset(self, path: str) -> None:
         try:
             preset = presets.load(path)
+            path = str(presets.resolve(path))
         except LabError as error:
             self.notify(str(error), title="bad preset", severity="error", timeout=10)
             return
-        if preset.model.name != self.model_name:
+        current = self.loaded.spec if self.loaded else self.spec
+        if preset.model.name == current.name:  # the command line's flags stay with the model they were given for
+            preset = replace(preset, model=replace(preset.model, **{
+                flag: getattr(current, flag) for flag in presets.COMMAND_LINE_ONLY}))
+        if preset.model != current:  # another model, or the same one loaded otherwise (dtype, device, ...)
             if not self._busy():
                 self._switch_model(preset, path)
             return
