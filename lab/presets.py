@@ -14,12 +14,14 @@ from pathlib import Path
 
 import tomli_w
 
+from lab.digest import folder_digest
 from lab.errors import LabError
 from lab.interventions.plan import Plan
+from lab.models import loading
 from lab.models.spec import ModelSpec
 from lab.probes import haystack
 from lab.probes.heads import HeadsSpec
-from lab.probes.mmlu import MMLUSpec
+from lab.probes.mmlu import NAMED_SOURCES, MMLUSpec
 from lab.probes.needle import NeedleSpec
 
 if typing.TYPE_CHECKING:
@@ -77,6 +79,9 @@ class Preset:
         """Identity of the results: what changes them (not batch sizes)."""
         data = self.to_dict()
         data.pop("version"), data.pop("name"), data.pop("description", None)
+        model_contents = loading.contents(self.model.name)
+        if model_contents:  # other weights under the same name are another model
+            data["model"]["contents"] = model_contents
         defaults = Plan()  # written out, as the console writes a plan: the same plan, one hash
         data["plan"] = {"mode": defaults.mode, "phase": defaults.phase, **self.plan}
         # the flags were hashed before version 1 of the format; kept, so that stored runs keep their fingerprints
@@ -88,6 +93,8 @@ class Preset:
                     data[key].pop(name)
                 if data[key].get("haystack", "generated") != "generated":  # a user's text: what it says now
                     data[key]["haystack_text"] = haystack.text_digest(data[key]["haystack"])
+                if key == "mmlu" and data[key]["source"] not in NAMED_SOURCES:  # a folder: its files now
+                    data[key]["source_files"] = folder_digest(Path(data[key]["source"]))
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -229,3 +229,49 @@ def test_names_that_are_no_hub_id_are_one_line(name):
 def test_bad_config_values_are_one_line(model_dir, fields, reason):
     _edit_config(model_dir, **fields)
     _fails(str(model_dir), str(model_dir), reason)
+
+
+def test_a_model_directory_whose_weights_changed_is_another_run(tmp_path, monkeypatch):
+    """The run's identity held the directory's name only: other weights saved under it (or the same name in
+    another folder) resumed the old run's trials and printed their accuracy."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from lab import presets
+    from lab.probes.needle import NeedleSpec
+    from lab.runner import Started, run
+    from lab.store import Store
+
+    folder = _save(tmp_path / "a" / "m")
+    shutil.copytree(folder, tmp_path / "b" / "m")
+    monkeypatch.chdir(tmp_path / "a")
+    preset = presets.Preset(name="p", model=ModelSpec("m"), needle=NeedleSpec(
+        task="passkey", lengths=(300,), depths=(0,), max_new_tokens=8))
+    store = Store(tmp_path / "r.sqlite")
+    first = next(e for e in list(run(preset, store)) if isinstance(e, Started))
+    unchanged = preset.fingerprint()
+    again = next(e for e in list(run(preset, store)) if isinstance(e, Started))
+    assert (again.run_id, again.skipped) == (first.run_id, 1)  # the same files: the same run, resumed
+    monkeypatch.chdir(tmp_path / "b")
+    assert preset.fingerprint() != unchanged  # ./m is another folder here
+    monkeypatch.chdir(tmp_path / "a")
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(tiny_config("recurrent_gemma")).save_pretrained(folder)
+    assert preset.fingerprint() != unchanged
+    second = next(e for e in list(run(preset, store)) if isinstance(e, Started))
+    assert second.run_id != first.run_id and second.skipped == 0
+
+
+def test_large_files_are_known_by_size_and_time_small_ones_by_their_bytes(tmp_path, monkeypatch):
+    from lab import digest
+
+    (tmp_path / "w.safetensors").write_bytes(b"1234")
+    small = digest.folder_digest(tmp_path)
+    monkeypatch.setattr(digest, "READ_WHOLE", 2)  # every file here is "large" now
+    digest._file_digest.cache_clear()
+    large = digest.folder_digest(tmp_path)
+    assert large != small and digest.folder_digest(tmp_path) == large
+    (tmp_path / "w.safetensors").write_bytes(b"12345")
+    assert digest.folder_digest(tmp_path) != large
+    assert digest.folder_digest(tmp_path / "missing") == "unreadable"

@@ -293,3 +293,15 @@ def test_a_plan_written_whole_or_with_its_defaults_left_out_is_one_run():
     assert "mode" in whole.plan and "mode" not in sparse.plan
     assert sparse.fingerprint() == whole.fingerprint()
     assert sparse.fingerprint() != replace(sparse, plan=Plan(heads_off=((2, 0),)).to_dict()).fingerprint()
+
+
+def test_an_mmlu_folder_whose_questions_changed_is_another_run(tmp_path):
+    """mmlu.source named a folder by its name only: other questions under it resumed the old run's answers."""
+    (tmp_path / "mm" / "test").mkdir(parents=True)
+    questions = tmp_path / "mm" / "test" / "anatomy_test.csv"
+    questions.write_text("What is 1+1?,1,2,3,4,B\n")
+    preset = presets.Preset(name="p", mmlu=presets.MMLUSpec(source=str(tmp_path / "mm"), shots=0))
+    before = preset.fingerprint()
+    assert preset.fingerprint() == before
+    questions.write_text("What is 2+2?,1,2,3,4,D\n")
+    assert preset.fingerprint() != before

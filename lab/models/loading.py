@@ -11,6 +11,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
+from lab.digest import folder_digest
 from lab.errors import LabError
 from lab.models import configs
 from lab.models.anatomy import SUPPORTED, Anatomy, build_anatomy
@@ -86,6 +87,20 @@ def _folder(name: str) -> Path | None:
         return None
     raise LabError(f"unknown model {name!r}: not a builtin ({', '.join(BUILTINS)}), random:<type>, "
                    "config:<name>, directory or hub id")
+
+
+def contents(name: str) -> str | None:
+    """What a model spec's name stands for now, for a run's identity: a local directory's files (lab.digest), a
+    hub id's cached revision; None for builtins and random:/config: specs (lab's own, fixed by its version)."""
+    if name in BUILTINS or name.startswith(configs.PREFIXES):
+        return None
+    if Path(name).expanduser().is_dir():
+        return folder_digest(Path(name))
+    try:
+        found = _cached(name, "config.json") if _HUB_ID.match(name) else None
+    except ValueError:  # huggingface_hub's refusal of a malformed id
+        return None
+    return found.parent.name if found else None  # .../snapshots/<revision>/config.json
 
 
 def _cached(repo_id: str, filename: str) -> Path | None:

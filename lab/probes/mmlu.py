@@ -61,6 +61,9 @@ def category(subject: str) -> str:
     return next(name for name, subs in _CATEGORY.items() if sub in subs)
 
 
+NAMED_SOURCES = ("toy", "cais/mmlu")  # lab's toy questions and the HF dataset; anything else is a folder
+
+
 @dataclass(frozen=True)
 class MMLUSpec:
     source: str = "toy"  # toy | a folder in the original layout | cais/mmlu (HF cache)
