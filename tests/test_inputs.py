@@ -366,7 +366,9 @@ def test_mmlu_files_that_are_too_big_are_one_line(tmp_path, make, message):
 
 
 @pytest.mark.parametrize("changes, message", [({"trials": 9223372036854775807}, "above lab's limit of 1,000,000"),
-                                              ({"haystack": ""}, "needle.haystack is empty")])
+                                              ({"haystack": ""}, "needle.haystack is empty"),
+                                              ({"needle": " "}, "needle.needle is empty"),
+                                              ({"question": ""}, "needle.question is empty")])
 def test_absurd_grids_and_empty_haystacks_are_refused(changes, message):
     with pytest.raises(LabError, match=message):
         NeedleSpec(**changes).validate()
@@ -424,3 +426,18 @@ def test_small_input_mistakes_are_one_line(tmp_path, capsys):
         next(file_sentences(str(tmp_path / "essays")))
     assert main(["heads", "random:jamba", "--top", "-3"]) == 2
     assert capsys.readouterr().err.strip() == "lab: --top: -3 rows; give at least 1"
+
+
+def test_a_subject_named_twice_is_refused():
+    """Its questions made the same trial keys twice: computed twice, stored once, the run never done."""
+    with pytest.raises(LabError, match="mmlu.subjects: humanities__toy_treaties appears twice"):
+        mmlu.MMLUSpec(subjects=("humanities__toy_treaties", "humanities__toy_treaties")).validate()
+
+
+@pytest.mark.parametrize("controls", [-1, 100_000_000])
+def test_controls_out_of_range_are_one_line(controls):
+    """--controls 100000000 filled memory for minutes before the sweep began."""
+    from lab.sweeps.axes import Options
+
+    with pytest.raises(LabError, match=f"--controls: {controls} is out of range"):
+        Options("heads", controls=controls).validate()

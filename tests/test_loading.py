@@ -121,6 +121,23 @@ def test_missing_tokenizer_is_named(model_dir):
     _fails(str(model_dir), f"{model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json)")
 
 
+def test_a_tokenizer_without_a_vocabulary_is_refused(model_dir):
+    """A tokenizer_config.json alone loaded a tokenizer of five tokens that encoded every text as <unk>: every
+    trial scored 0 without a word."""
+    (model_dir / "tokenizer.json").unlink()
+    (model_dir / "tokenizer_config.json").write_text('{"tokenizer_class": "GemmaTokenizer", "unk_token": "<unk>"}')
+    _fails(str(model_dir), f"{model_dir}: its tokenizer encodes text as unknown tokens")
+
+
+def test_a_tokenizer_that_cannot_encode_is_refused(model_dir):
+    import json
+
+    data = json.loads((model_dir / "tokenizer.json").read_text())
+    data["model"]["vocab"] = {"a": 0}
+    (model_dir / "tokenizer.json").write_text(json.dumps(data))
+    _fails(str(model_dir), f"{model_dir}: its tokenizer cannot encode text")
+
+
 def test_custom_code_needs_trust_remote_code(model_dir):
     _edit_config(model_dir, model_type="my_hybrid", auto_map={"AutoConfig": "my_code.MyConfig"})
     _fails(str(model_dir), f"{model_dir} needs its own code (auto_map); pass --trust-remote-code if you trust it")

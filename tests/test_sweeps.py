@@ -157,7 +157,7 @@ def test_controls_are_random_sets_of_the_same_size_and_seeded(axis, options, siz
     ({"axis": "k", "metric": "l3"}, "--metric: 'l3'"),
     ({"axis": "k", "score": "retrieval"}, "--score does not apply to axis k"),
     ({"axis": "keep-top", "score": "mass"}, "--score: 'mass'"),
-    ({"axis": "heads", "controls": -1}, "--controls: -1 is negative"),
+    ({"axis": "heads", "controls": -1}, "--controls: -1 is out of range"),
 ])
 def test_bad_options_are_refused_without_a_model(options, message):
     with pytest.raises(LabError, match=message):

@@ -56,6 +56,20 @@ def check_tokenizer(folder: Path) -> None:
         raise LabError(f"{folder} has no tokenizer (tokenizer.json / tokenizer_config.json)")
 
 
+def check_tokenizer_encodes(name: str, tokenizer) -> None:
+    """Refuse a tokenizer that cannot encode text, or whose encoding loses it (a tokenizer_config.json without its
+    vocabulary encodes everything as <unk>): every trial would fail without a word."""
+    sample = "The passkey is 12345."
+    try:
+        ids = tokenizer.encode(sample, add_special_tokens=False)
+        back = tokenizer.decode(ids)
+    except Exception as error:  # the tokenizers library raises plain Exceptions
+        raise LabError(f"{name}: its tokenizer cannot encode text ({first_line(error)}); save it again") from None
+    if "12345" not in back.replace(" ", ""):
+        raise LabError(f"{name}: its tokenizer encodes text as unknown tokens ({sample!r} comes back as "
+                       f"{back[:40]!r}, {len(tokenizer)} tokens in its vocabulary); its vocabulary file is missing")
+
+
 def check_weights(folder: Path, allow_pickle: bool) -> None:
     """Every *.safetensors file readable (header complete, data covered); pickles only when allowed."""
     from safetensors import SafetensorError, safe_open

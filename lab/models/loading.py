@@ -16,7 +16,7 @@ from lab.errors import LabError
 from lab.models import configs
 from lab.models.anatomy import SUPPORTED, Anatomy, build_anatomy
 from lab.models.checks import (TOKENIZER_FILES, attention_error, check_attention, check_loading_info, check_tokenizer,
-                               check_weights, first_line, read_config)
+                               check_tokenizer_encodes, check_weights, first_line, read_config)
 from lab.models.spec import ModelSpec
 from lab.models.tiny import byte_tokenizer
 
@@ -195,6 +195,7 @@ def _from_pretrained(spec: ModelSpec, device: str, dtype):
         if folder is None and not any(_cached(spec.name, name) for name in TOKENIZER_FILES):
             missing = " (no tokenizer.json / tokenizer_config.json)"
             raise LabError(f"model {spec.name} has no tokenizer{missing}") if online else _not_cached(spec.name, missing)
+        check_tokenizer_encodes(str(folder or spec.name), tokenizer)
         model, info = AutoModelForCausalLM.from_pretrained(
             source, config=config, dtype=dtype, attn_implementation=spec.attn_implementation,
             use_safetensors=None if spec.allow_pickle else True, output_loading_info=True,

@@ -86,6 +86,9 @@ class MMLUSpec:
             raise LabError("mmlu: limit and batch_size must be >= 0 (batch_size 0: automatic)")
         if self.split not in ("test", "val", "validation", "dev"):
             raise LabError(f"mmlu.split: {self.split!r} is not test, val or dev")
+        twice = sorted({s for s in self.subjects if self.subjects.count(s) > 1})
+        if twice:  # its questions would make the same trial keys: run once, counted twice, never done
+            raise LabError(f"mmlu.subjects: {twice[0]} appears twice")
         return self
 
 

@@ -107,6 +107,9 @@ class NeedleSpec:
                            f"{MAX_TRIALS:,}; use fewer trials")
         if not self.haystack.strip():
             raise LabError('needle.haystack is empty: "generated", or a .txt file or folder')
+        for name in ("needle", "question"):  # the sentence task's: an empty answer is never recalled
+            if self.task == "sentence" and not getattr(self, name).strip():
+                raise LabError(f"needle.{name} is empty: the sentence task hides the needle and asks the question")
         if self.task in RULER_TASKS and self.keys > MAX_KEYS:
             raise LabError(f"needle.keys: {self.keys} is more than the {MAX_KEYS} keys task {self.task} has")
         self._check_distinct()

@@ -26,6 +26,9 @@ VALUED = ("k", "keep-top")  # the axes --values narrows
 KEEP_TOP = (5, 10, 15, 25)  # percentages keep-top sweeps without --values
 
 
+MAX_CONTROLS = 1000  # random sets per condition: more is a typo (each is a whole run of the probes)
+
+
 @dataclass(frozen=True)
 class Options:
     """What a sweep varies: the axis and its narrowing, controls and their seed."""
@@ -56,8 +59,9 @@ class Options:
             raise LabError(f"--score: {self.score!r} is not one of {', '.join(SCORES)}")
         if self.expert_mode is not None and self.expert_mode not in EXPERT_MODES:
             raise LabError(f"--expert-mode: {self.expert_mode!r} is not one of {', '.join(EXPERT_MODES)}")
-        if self.controls < 0:
-            raise LabError(f"--controls: {self.controls} is negative; give the number of random sets (0: none)")
+        if not 0 <= self.controls <= MAX_CONTROLS:
+            raise LabError(f"--controls: {self.controls} is out of range; give the number of random sets per "
+                           f"condition, 0 (none) to {MAX_CONTROLS}")
         for layer in self.layers or ():
             if not isinstance(layer, int):
                 raise LabError(f"--layers: {layer:g} is not a layer index")
