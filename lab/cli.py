@@ -47,6 +47,7 @@ def cmd_inspect(args) -> int:
 
 
 PIPED_WIDTH = 100_000  # piped output: wide enough that no table folds a cell or a title
+MIN_WIDTH = 40  # a narrower terminal (or $COLUMNS) is printed as if it had this width
 
 
 def _stdout():
@@ -54,7 +55,12 @@ def _stdout():
     keep whole paths and names on one line (for grep and friends)."""
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=PIPED_WIDTH)
+    if not (sys.stdout.isatty() or os.environ.get("COLUMNS")):
+        return Console(width=PIPED_WIDTH)
+    console = Console()
+    if console.width < MIN_WIDTH:  # rich's tables fail below a few columns ($COLUMNS=5), print nothing at 0
+        console = Console(width=MIN_WIDTH)
+    return console
 
 
 def _store(args, readonly: bool = False):

@@ -173,7 +173,10 @@ class Store:
         """sqlite3 and OS errors as one line naming the file."""
         try:
             yield
-        except (sqlite3.Error, OSError) as error:
+        except (sqlite3.Error, OSError, json.JSONDecodeError) as error:
+            if isinstance(error, json.JSONDecodeError):
+                raise LabError(f"cannot {action} the results database {self.path}: a stored row is not valid JSON "
+                               f"({error.msg}); the file was changed outside lab") from None
             if getattr(error, "sqlite_errorname", "") == "SQLITE_NOTADB":
                 raise LabError(f"{self.path} is not a lab results database (not an SQLite file)") from None
             raise LabError(f"cannot {action} the results database {self.path}: {_reason(error)}") from None
@@ -291,7 +294,7 @@ class Store:
         args = (run_id, probe) if probe else (run_id,)
         with self._errors("read"):
             rows = self.db.execute(query + " ORDER BY rowid", args).fetchall()
-        return [{"probe": r["probe"], **json.loads(r["data"])} for r in rows]
+            return [{"probe": r["probe"], **json.loads(r["data"])} for r in rows]
 
     def runs(self) -> list[dict]:
         with self._errors("read"):
@@ -349,7 +352,7 @@ class Store:
         with self._errors("read"):
             rows = self.db.execute("SELECT s.*, (SELECT COUNT(*) FROM sweep_runs l WHERE l.sweep_id = s.id) AS linked "
                                    "FROM sweeps s ORDER BY s.id").fetchall()
-        return [{**_as_listed(r), "options": json.loads(r["options"])} for r in rows]
+            return [{**_as_listed(r), "options": json.loads(r["options"])} for r in rows]
 
     def sweep(self, sweep_id: int) -> dict:
         """One sweep's row, with "runs": its linked conditions in order (label, value, control, run's plan...)."""
@@ -363,5 +366,5 @@ class Store:
             links = self.db.execute(
                 "SELECT l.position, l.run_id, l.label, l.value, l.control, r.plan, r.status FROM sweep_runs l "
                 "JOIN runs r ON r.id = l.run_id WHERE l.sweep_id = ? ORDER BY l.position", (sweep_id,)).fetchall()
-        runs = [{**dict(link), "value": json.loads(link["value"]), "plan": json.loads(link["plan"])} for link in links]
-        return {**_as_listed(row), "options": json.loads(row["options"]), "runs": runs}
+            runs = [{**dict(link), "value": json.loads(link["value"]), "plan": json.loads(link["plan"])} for link in links]
+            return {**_as_listed(row), "options": json.loads(row["options"]), "runs": runs}

@@ -115,6 +115,14 @@ def test_broken_config_json_says_what_is_wrong(model_dir, monkeypatch, content, 
     assert "HF cache" not in message
 
 
+@pytest.mark.parametrize("key, value", [("num_hidden_layers", 0), ("num_attention_heads", 0), ("hidden_size", 0),
+                                        ("head_dim", 0), ("vocab_size", 200)])
+def test_a_config_of_sizes_no_model_has_is_one_line(model_dir, key, value):
+    """ZeroDivisionError and AssertionError (a pad id past the vocabulary) from transformers were tracebacks."""
+    _edit_config(model_dir, **{key: value})
+    _fails(str(model_dir), f"model {model_dir}: its config.json describes no model that can be built")
+
+
 def test_missing_tokenizer_is_named(model_dir):
     (model_dir / "tokenizer.json").unlink()
     (model_dir / "tokenizer_config.json").unlink()

@@ -581,3 +581,28 @@ def test_a_sweep_whose_process_is_gone_lists_as_interrupted(tmp_path):
     with Store(db, readonly=True) as store:
         assert [s["status"] for s in store.sweeps()] == ["interrupted", "running"]
         assert store.sweep(gone)["status"] == "interrupted" and store.sweep(live)["status"] == "running"
+
+
+def test_a_trial_row_changed_outside_lab_is_one_line(tmp_path, capsys):
+    """A row whose JSON was damaged (an edit by hand, a bad copy) ended `lab runs` and `lab export` in a traceback."""
+    path = tmp_path / "r.sqlite"
+    with Store(path) as store:
+        run_id = store.open_run("f", "t", "random:jamba", {}, "", {})
+        store.add_trials(run_id, "needle", [{"key": "k", "exact": 1}])
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE trials SET data = '{bad'")
+    for command in (["runs"], ["export", str(run_id)]):
+        assert main([*command, "--db", str(path)]) != 0
+        err = capsys.readouterr().err
+        assert "a stored row is not valid JSON" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("columns", ["0", "1", "5"])
+def test_lab_runs_prints_in_a_terminal_too_narrow_for_its_table(tmp_path, capsys, monkeypatch, columns):
+    """$COLUMNS=5 ended in rich's "Sum of ratios must be > 0" traceback; 0 printed nothing."""
+    path = tmp_path / "r.sqlite"
+    with Store(path) as store:
+        store.open_run("f", "t", "random:jamba", {}, "", {})
+    monkeypatch.setenv("COLUMNS", columns)
+    assert main(["runs", "--db", str(path)]) == 0
+    assert "running" in capsys.readouterr().out  # the run's row

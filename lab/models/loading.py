@@ -28,7 +28,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9_][A-Za-z0-9_
 # what transformers, huggingface_hub and safetensors raise on a bad folder or config (a config value of the
 # wrong kind ends in AttributeError, a failed config check in StrictDataclassError)
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, ImportError, SafetensorError,
-               StrictDataclassError)
+               StrictDataclassError, ArithmeticError, AssertionError)
 
 
 @dataclass
@@ -218,6 +218,9 @@ def _load_error(spec: ModelSpec, folder: Path | None, online: bool, error: Excep
     attention = attention_error(spec.attn_implementation, error)
     if attention:
         return attention
+    if isinstance(error, (ArithmeticError, AssertionError)):  # a size of 0, a pad id past the vocabulary, ...
+        return LabError(f"model {folder or spec.name}: its config.json describes no model that can be built "
+                        f"({first_line(error)})")
     if folder is not None:
         return LabError(f"model {folder}: {first_line(error)}")
     if not online and isinstance(error, OSError):
