@@ -123,6 +123,16 @@ def test_a_config_of_sizes_no_model_has_is_one_line(model_dir, key, value):
     _fails(str(model_dir), f"model {model_dir}: its config.json describes no model that can be built")
 
 
+def test_a_config_of_fewer_layers_than_the_checkpoint_is_refused(model_dir):
+    """The checkpoint's extra layers were dropped without a word: the model ran cut short."""
+    import json
+
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    _edit_config(model_dir, num_hidden_layers=layers - 1)
+    _fails(str(model_dir), "the checkpoint has weights of layers the config does not build",
+           f"model.layers.{layers - 1}.", f"config.json says {layers - 1} layers")
+
+
 def test_missing_tokenizer_is_named(model_dir):
     (model_dir / "tokenizer.json").unlink()
     (model_dir / "tokenizer_config.json").unlink()

@@ -8,6 +8,7 @@ left at their random initialisation). These checks name the actual problem first
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from lab.errors import LabError
@@ -108,6 +109,17 @@ def check_loading_info(name: str, model, info: dict) -> None:
         raise LabError(f"model {name}: {_count(mismatched)} {verb} the wrong shape ({_few(shapes)})")
     if info["error_msgs"]:
         raise LabError(f"model {name}: the weights did not load: {info['error_msgs'][0].splitlines()[0]}")
+    layers = len(getattr(getattr(model, "model", model), "layers", ()))
+    beyond = sorted(key for key in info.get("unexpected_keys", ()) if _layer_index(key) >= layers > 0)
+    if beyond:  # a config.json of fewer layers than the checkpoint: the model would run cut short
+        raise LabError(f"model {name}: the checkpoint has weights of layers the config does not build ({_few(beyond)}); "
+                       f"config.json says {layers} layers")
+
+
+def _layer_index(key: str) -> int:
+    """N in a weight's name "...layers.N...", else -1."""
+    found = re.search(r"(?:^|\.)layers\.(\d+)\.", key)
+    return int(found.group(1)) if found else -1
 
 
 def _count(items: list) -> str:
