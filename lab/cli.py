@@ -252,6 +252,8 @@ def cmd_heads(args) -> int:
     spec = HeadsSpec(task=args.task, lengths=tuple(args.lengths), depths=tuple(args.depths), trials=args.trials,
                      max_new_tokens=args.max_new_tokens).validate()
     fraction = _percentage(args.keep) if args.keep else None
+    if args.write is not None and not args.write.strip():
+        raise LabError("--write: give the path of the preset file to write")
     if args.write:
         if fraction is None:
             raise LabError("--write needs --keep to choose the heads")

@@ -177,6 +177,7 @@ def test_heads_write_is_checked_before_scoring(tmp_path, capsys, monkeypatch):
     blocker.write_text("")
     assert "cannot write" in one_line_error(capsys, base + [str(blocker / "sub" / "keep.toml")])
     assert "--write needs --keep" in one_line_error(capsys, ["heads", "random:jamba", "--write", "k.toml"])
+    assert "--write: give the path" in one_line_error(capsys, base + [""])  # wrote nothing and said nothing
 
 
 # ---- 4. bounds -------------------------------------------------------------------------------------------
