@@ -3,6 +3,7 @@ painted on the grid as an effect map, re-attached by a console opened later, can
 
 import json
 import os
+import re
 import socket
 import sys
 from dataclasses import replace
@@ -342,14 +343,38 @@ async def test_a_real_detached_sweep_charts_live_and_is_cancelled_with_x_keeping
         assert any(f"sweep #{view.sweep_id} cancelled" in n for n in notes(app))
 
 
-def test_the_sweep_charts_legend_sits_above_100_percent():
-    """Points at 100 % were drawn over the legend."""
-    from lab.tui.charts import legend_room
+def y_labels(lines: list[str]) -> dict[int, int]:
+    """{row: value} of a drawn chart's y axis labels."""
+    return {row: int(line.split("┤")[0]) for row, line in enumerate(lines) if line[:4].strip() and "┤" in line}
 
-    for lines, height in ((1, 12), (3, 12), (3, 30)):
-        top, rows = legend_room(lines, height), height - 5
-        assert top - 100 >= (lines + 1) * (top + 5) / rows  # the legend's rows, in the y range's units
-    assert legend_room(3, 6) == 125.0  # no room to spare on a tiny chart: as before
+
+@pytest.mark.parametrize("size", [(80, 24), (100, 32), (120, 36), (160, 45)])
+async def test_the_sweep_charts_y_axis_reads_truly_with_100_percent_below_the_legend(tmp_path, size):
+    """At 100 x 32 the legend's room pushed the y range's top to about 180: 100 and 75 fell on one row, labelled
+    75, under a line at 100 %. The labels are evenly spaced, none hidden, 100 % on the 100 row, below the legend
+    where the chart is tall enough."""
+    from lab.tui.effects import Curve
+
+    app = make_app(tmp_path)
+    async with app.run_test(size=size) as pilot:
+        await ready(app, pilot)
+        await pilot.press("6")
+        await pilot.pause()
+        chart = app.screen.query_one(SweepChart)
+        chart.show(Curve("needle by heads", "condition", [(1.0, "L2h0"), (2.0, "L2h1"), (3.0, "L2h2")],
+                         [("heads", [1.0, 2.0, 3.0], [100.0, 90.0, 100.0]), ("base", [1.0, 3.0], [100.0, 100.0])]))
+        lines = chart.render().plain.splitlines()
+        labels = y_labels(lines)
+        rows, values = zip(*sorted(labels.items()))
+        assert values == tuple(range(100, -1, -100 // (len(values) - 1)))  # 100 to 0, evenly, none hidden
+        assert len(values) >= 3 and len({below - row for row, below in zip(rows, rows[1:])}) == 1  # evenly apart
+        top = rows[0]
+        points = [row for row, line in enumerate(lines) if re.search("[⠁-⣿]", re.sub("[⠁-⣿]+ (heads|base) ", "", line))]
+        assert points[0] == top  # the flat line at 100 %: no row above the 100 row holds a point
+        legend = [row for row, line in enumerate(lines) if re.search("[⠁-⣿] (heads|base) ", line)]
+        assert legend == [2, 3]  # below the title and the frame
+        if chart.size.height >= 12:
+            assert top > max(legend)
 
 
 async def test_a_condition_of_one_point_is_drawn(tmp_path):

@@ -45,13 +45,16 @@ def line_mark(app, line: int, single: bool = False) -> str:
     return "●" if single else "braille"
 
 
-def legend_room(lines: int, height: int) -> float:
-    """The top of the y range (%) that keeps 100 % below the legend's rows (one per line, plus a margin), for a
-    chart `height` rows high: points at 100 % were drawn over the legend."""
-    rows, taken = max(height - 5, 4), lines + 1  # the plot's rows, less title, x axis and its labels
-    if taken >= rows:
-        return 125.0
-    return max(125.0, (100 + 5 * taken / rows) / (1 - taken / rows) + 5)
+def y_axis(lines: int, height: int) -> tuple[float, list[int]]:
+    """The top of the y range (from 0 %) and its ticks, for a chart `height` rows high under a legend of `lines`
+    rows: each tick on the row of its value, 100 % below the legend and a row of margin. A short chart gives up the
+    margin, then the legend's room, then ticks, never the scale (a top pushed up put 100 and 75 on one row)."""
+    rows = max(height - 5, 2)  # the plot's rows, less title, x axis and its labels
+    taken = next((taken for taken in (lines + 1, lines) if rows - taken >= 5), 0)
+    free = max(rows - taken, 2)
+    step = 25 if free >= 5 else 50 if free >= 3 else 100
+    gaps = (free - 1) // (100 // step) * (100 // step)  # rows from 0 to 100 %: each tick on a row
+    return 100 * (rows - 1) / gaps, list(range(0, 101, step))
 
 
 class NeedleChart(PlotextPlot):
@@ -59,16 +62,15 @@ class NeedleChart(PlotextPlot):
 
     labels: list[str] = []
     series: list[tuple[str, dict[str, float]]] = []
-    top = 125.0  # the y range's top: room above 100 % for the legend
 
     def show(self, series: list[tuple[str, dict[str, float]]]) -> None:
         self.series = series
         self.labels = [name for name, by_length in series if by_length]
         plt = fresh_plot(self, "needle accuracy by context length", short="needle accuracy by length")
         plt.xlabel("tokens")
-        self.top = legend_room(len(self.labels), self.size.height)
-        plt.ylim(-5, self.top)
-        plt.yticks([0, 25, 50, 75, 100])
+        top, ticks = y_axis(len(self.labels), self.size.height)
+        plt.ylim(0, top)
+        plt.yticks(ticks)
         for line, (name, by_length) in enumerate((name, s) for name, s in series if s):
             xs = [int(k) for k in by_length]
             plt.plot(xs, [100 * v for v in by_length.values()], label=name[:30], marker=line_mark(self.app, line))

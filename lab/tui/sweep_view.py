@@ -23,7 +23,7 @@ from lab.store import Store
 from lab.sweeps import Options, detach, result
 from lab.sweeps.axes import AXES, BLOCK_AXES
 from lab.sweeps.report import condition_label, difference
-from lab.tui.charts import fresh_plot, legend_room, line_mark
+from lab.tui.charts import fresh_plot, line_mark, y_axis
 from lab.tui.effects import Curve, curve, legend, probe_of, thinned
 
 POLL_S = 1.0  # how often a followed sweep's rows are read
@@ -73,8 +73,9 @@ class SweepChart(PlotextPlot):
         plt = fresh_plot(self, drawn.title if drawn else "no sweep shown: start one from the grid (F1 lists the keys)")
         if drawn and drawn.lines:
             plt.xlabel(drawn.xlabel)
-            plt.ylim(-5, legend_room(len(drawn.lines), self.size.height))
-            plt.yticks([0, 25, 50, 75, 100])
+            top, ticks = y_axis(len(drawn.lines), self.size.height)
+            plt.ylim(0, top)
+            plt.yticks(ticks)
             width = self.size.width - 8 if self.size.width > 20 else 60  # less the y axis and frame; 60 unshown
             xs, labels = zip(*thinned(drawn.ticks, width))
             plt.xticks(list(xs), list(labels))
