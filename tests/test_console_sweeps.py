@@ -20,8 +20,9 @@ from lab.store import Store
 from lab.sweeps import Options, detach
 from lab.tui.app import LabApp
 from lab.tui.effects import DROP, GAIN, NEUTRAL, curve, effect_colour, effect_map, legend, thinned
-from lab.tui.grid import LayerGrid
-from lab.tui.sweep_view import SweepChart, SweepView, grid_sweep
+from lab.tui.grid import LayerGrid, heat
+from lab.tui.messages import ScoresReady
+from lab.tui.sweep_view import SweepChart, SweepUpdated, SweepView, grid_sweep
 
 from conftest import tiny
 
@@ -387,3 +388,26 @@ async def test_a_condition_of_one_point_is_drawn(tmp_path):
         chart = app.screen.query_one(SweepChart)
         chart.show(Curve("needle by k", "k", [(0.0, "0"), (1.0, "1")], [("k", [0.0], [0.0])]))
         assert "●" in chart.plt.build()
+
+
+async def test_a_score_overlay_shows_on_the_heads_a_shown_sweep_covers(tmp_path):
+    """A sweep's effect map was painted over the overlay, so o coloured none of the heads the sweep covered. The
+    overlay, chosen last, shows; switched off (o cycles to off), the effect map shows again."""
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app, pilot)
+        screen, grid = app.screen, app.screen.query_one(LayerGrid)
+        screen.post_message(SweepUpdated({"model": "random:recurrent_gemma", "axis": "heads", "base": None,
+                                          "conditions": [condition(f"L2.attn.h{h}", [2, h], 0.5, -0.5) for h in range(4)]}))
+        scores = {(layer, h): {"retrieval": h / 3, "entropy": 1.0, "needle_mass": 0.0} for layer in (2, 5) for h in range(4)}
+        screen.post_message(ScoresReady("heads", scores))
+        await pilot.pause()
+
+        def backgrounds() -> set:
+            return {s.style.bgcolor for s in grid.render_line(3) if s.style and s.style.bgcolor}  # layer 2's row
+
+        effect = Style(bgcolor=effect_colour(-0.5)).bgcolor
+        assert grid.effects and screen.overlay == "retrieval"
+        assert {Style(bgcolor=heat(h / 3)).bgcolor for h in range(4)} <= backgrounds() and effect not in backgrounds()
+        await pilot.press("o", "o", "o")  # entropy, needle_mass, off
+        assert screen.overlay is None and effect in backgrounds()

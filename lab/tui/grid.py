@@ -200,8 +200,6 @@ class LayerGrid(ScrollView, can_focus=True):
                 off = self.resolved.is_off(Site(row, "attention", cell.head))
                 text = "× " if off else "● "
                 cell_style = style("grid--head-dim" if attention_off else "grid--head-off" if off else "grid--head-on")
-                if self.overlay is not None and (row, cell.head) in self.overlay:
-                    cell_style = cell_style + Style(bgcolor=heat(self.overlay[(row, cell.head)]))
             else:
                 off = self.resolved.is_off(Site(row, cell.kind))
                 label = BLOCK_LABELS[cell.kind]
@@ -210,6 +208,8 @@ class LayerGrid(ScrollView, can_focus=True):
             site = Site(row, "attention" if cell.kind == "head" else cell.kind, cell.head)
             if site in self.effects:
                 cell_style = cell_style + Style(bgcolor=effect_colour(self.effects[site]))
+            if self.overlay is not None and (row, cell.head) in self.overlay:  # chosen last: over a sweep's map
+                cell_style = cell_style + Style(bgcolor=heat(self.overlay[(row, cell.head)]))
             if (row, col) == (cursor_row, cursor_col) and self.has_focus:
                 cell_style = cell_style + style("grid--cursor")
             segments.append(Segment(text[: cell.width - 1], cell_style))
