@@ -484,6 +484,31 @@ async def test_runs_tab_shows_this_models_runs_with_accuracies(tmp_path):
         assert str(table.get_row_at(1)[1]) == "random:bamba"
 
 
+async def test_picking_a_run_keeps_the_cursor_on_it(tmp_path):
+    """Enter on a run rebuilt the Runs table and sent the cursor back to the first row, so picking several
+    runs meant scrolling down again each time (a reviewer at 100 x 32). The cursor and the view stay; a run
+    added above moves the cursor down with its run."""
+    app = make_app(tmp_path)
+    for n in range(40):
+        app.store.open_run(f"run {n}", f"t · {n}", "random:jamba", {}, "", {})
+    async with app.run_test(size=(100, 32)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("4", "f", "down", "down", "down", "enter")
+        await pilot.pause()
+        table = app.screen.query_one("#runs")
+        assert app.screen.compare == {37} and table.cursor_row == 3
+        await pilot.press(*["down"] * 32, *["up"] * 12)  # row 23, the table scrolled down
+        await pilot.pause()
+        shown = table.scroll_y
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.screen.compare == {17, 37} and (table.cursor_row, table.scroll_y) == (23, shown) and shown > 0
+        app.store.open_run("newer", "t · newer", "random:bamba", {}, "", {})
+        await pilot.press("v")  # every model's runs: one more above
+        await pilot.pause()
+        assert str(table.get_row_at(table.cursor_row)[0]) == "▶ 17"  # the cursor stays on its run
+
+
 def test_lab_runs_lists_accuracies_at_80_columns(tmp_path, capsys, monkeypatch):
     from lab.cli import main
     from lab.store import Store

@@ -806,6 +806,10 @@ class MainScreen(Screen):
 
     def _refresh_runs(self) -> None:
         table = self.query_one("#runs", DataTable)
+        # clear() sends cursor and view to the top (picking runs meant scrolling down again): the run under the
+        # cursor stays there, unless it is the top row, which stays on the newest run
+        cursor_run = table.coordinate_to_cell_key(table.cursor_coordinate).row_key if table.cursor_row else None
+        scrolled = table.scroll_y
         table.clear(columns=True)  # widths from the rows shown now, not from every row shown before
         # every model's runs: the model second, where the pane shows it
         order = list(range(len(RUN_COLUMNS)))
@@ -818,6 +822,9 @@ class MainScreen(Screen):
                 cells = run_cells(run, self._summary(run))
                 cells[0] = ("▶ " if run["id"] in self.compare else "") + cells[0]
                 table.add_row(*(Text(cells[i]) for i in order), key=str(run["id"]))
+        if cursor_run in table.rows:
+            table.scroll_to(y=scrolled, animate=False)
+            table.move_cursor(row=table.get_row_index(cursor_run))
 
     def _compared(self, probe: str) -> list[dict]:
         """The runs every chart shows besides the current one: the base run (same model, empty plan), the
