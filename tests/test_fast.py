@@ -301,9 +301,9 @@ def test_triton_launches_on_the_gpu_of_its_tensors(monkeypatch):
     current, entered = [0], []
 
     @contextlib.contextmanager
-    def on(index):
-        entered.append(index)
-        before, current[0] = current[0], index
+    def on(device):
+        entered.append(device.index)
+        before, current[0] = current[0], device.index
         yield
         current[0] = before
 

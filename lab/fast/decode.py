@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from lab.fast import fork
-from lab.fast.state import enabled
+from lab.fast.state import current_gpu, enabled
 
 
 def supports(model) -> bool:
@@ -263,10 +263,8 @@ def _graph(step, room: int, device: torch.device):
     def replay() -> None:
         if first[0]:  # the warm-up already made this step
             first[0] = False
-        elif device.index == torch.cuda.current_device():  # (entering the device costs as much as a replay)
+            return
+        with current_gpu(device):
             graph.replay()
-        else:
-            with torch.cuda.device(device):
-                graph.replay()
 
     return replay

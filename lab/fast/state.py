@@ -9,6 +9,7 @@ never changes another's.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -73,10 +74,15 @@ def on_its_gpu(launcher):
 
     @functools.wraps(launcher)
     def launch(*args, **kwargs):
-        device = (args[0] if args else kwargs[first_name]).device
-        if device.type != "cuda" or device.index == torch.cuda.current_device():  # (Triton's interpreter: the CPU)
-            return launcher(*args, **kwargs)
-        with torch.cuda.device(device.index):
+        with current_gpu((args[0] if args else kwargs[first_name]).device):
             return launcher(*args, **kwargs)
 
     return launch
+
+
+def current_gpu(device: torch.device):
+    """A context in which `device` is the current GPU; nothing to do where it is already, or is no GPU (Triton's
+    interpreter runs on the CPU)."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)

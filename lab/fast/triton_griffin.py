@@ -485,7 +485,6 @@ class WindowParts:
     score: torch.Tensor | None = None  # (B, H, T) float32
 
 
-@on_its_gpu
 def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, window: int,
                      scale: float) -> torch.Tensor:
     """Causal attention within `window` keys and a boolean mask (B|1, 1, T, T) for (B, H, T, D) queries and

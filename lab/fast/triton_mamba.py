@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from lab.fast.state import on_its_gpu
-
 from lab.fast.triton_scan import combine
 
 
@@ -97,7 +96,6 @@ def _scan_tiles_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_pt
 SCAN_CONFIG = dict(BLOCK_T=8, BLOCK_D=32, num_warps=4)
 
 
-@on_its_gpu
 def selective_scan(x, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial=None):
     """transformers' mamba_selective_scan contract, inputs (batch, channels, time), B and C (batch, state,
     time), from the state `initial` (batch, channels, state) or zeros: returns the output (batch, channels, time)
