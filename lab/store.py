@@ -170,13 +170,13 @@ class Store:
 
     @contextmanager
     def _errors(self, action: str):
-        """sqlite3 and OS errors as one line naming the file."""
+        """sqlite3 and OS errors, and rows that are not JSON, as one line naming the file."""
         try:
             yield
-        except (sqlite3.Error, OSError, json.JSONDecodeError) as error:
-            if isinstance(error, json.JSONDecodeError):
-                raise LabError(f"cannot {action} the results database {self.path}: a stored row is not valid JSON "
-                               f"({error.msg}); the file was changed outside lab") from None
+        except json.JSONDecodeError as error:
+            raise LabError(f"cannot {action} the results database {self.path}: a stored row is not valid JSON "
+                           f"({error.msg}); the file was changed outside lab") from None
+        except (sqlite3.Error, OSError) as error:
             if getattr(error, "sqlite_errorname", "") == "SQLITE_NOTADB":
                 raise LabError(f"{self.path} is not a lab results database (not an SQLite file)") from None
             raise LabError(f"cannot {action} the results database {self.path}: {_reason(error)}") from None

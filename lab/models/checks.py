@@ -109,7 +109,7 @@ def check_loading_info(name: str, model, info: dict) -> None:
         raise LabError(f"model {name}: {_count(mismatched)} {verb} the wrong shape ({_few(shapes)})")
     if info["error_msgs"]:
         raise LabError(f"model {name}: the weights did not load: {info['error_msgs'][0].splitlines()[0]}")
-    layers = len(getattr(getattr(model, "model", model), "layers", ()))
+    layers = getattr(model.config, "num_hidden_layers", 0)
     beyond = sorted(key for key in info.get("unexpected_keys", ()) if _layer_index(key) >= layers > 0)
     if beyond:  # a config.json of fewer layers than the checkpoint: the model would run cut short
         raise LabError(f"model {name}: the checkpoint has weights of layers the config does not build ({_few(beyond)}); "
